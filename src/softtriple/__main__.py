@@ -1,0 +1,5 @@
+import sys
+
+from softtriple.cli import main
+
+sys.exit(main())

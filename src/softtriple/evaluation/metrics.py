@@ -1,0 +1,253 @@
+"""Retrieval and clustering metrics for metric learning: pure functions, arrays in, numbers out.
+
+Queries whose label no other gallery item shares ("lone" queries) cannot score; Recall@K counts
+them as misses (as the SoftTriple paper and its official code do), while precision@1, R-precision
+and MAP@R leave them out (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020) and
+``evaluate`` reports how many were left out.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from softtriple.evaluation.knn import ArrayLike, Backend, as_tensor, knn
+
+RETRIEVAL_METRICS = ("recall", "precision_at_1", "r_precision", "map_at_r")
+CLUSTER_METRICS = ("nmi", "ami")
+ALL_METRICS = RETRIEVAL_METRICS + CLUSTER_METRICS
+DEFAULT_METRICS = (*RETRIEVAL_METRICS, "nmi")
+
+
+def _labels(labels: ArrayLike, n: int, name: str) -> np.ndarray:
+    array = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+    if array.ndim != 1 or array.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), one per embedding; got {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must be integers; got dtype {array.dtype}")
+    return array
+
+
+def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray,
+                     self_search: bool) -> np.ndarray:
+    """R_i: how many gallery items (other than the query itself) share query i's label."""
+    values, counts = np.unique(gallery_labels, return_counts=True)
+    pos = np.clip(np.searchsorted(values, query_labels), 0, len(values) - 1)
+    r = np.where(values[pos] == query_labels, counts[pos], 0)
+    return r - 1 if self_search else r
+
+
+class Neighbours:
+    """The ranked gallery labels of each query and the counts every retrieval metric needs.
+
+    Args:
+        embeddings: (N, d) queries. labels: (N,) int.
+        gallery, gallery_labels: (M, d) and (M,), or None to search the queries among themselves.
+        k: neighbours to find; clipped (with a warning) to the gallery size.
+        backend: knn backend, ``"torch"`` or ``"faiss"``.
+    """
+
+    def __init__(self, embeddings: ArrayLike, labels: ArrayLike, k: int,
+                 gallery: ArrayLike | None = None, gallery_labels: ArrayLike | None = None,
+                 backend: Backend = "torch") -> None:
+        queries = as_tensor(embeddings, "embeddings")
+        if (gallery is None) != (gallery_labels is None):
+            raise ValueError("pass gallery and gallery_labels together, or neither")
+        self.query_labels = _labels(labels, queries.shape[0], "labels")
+        self_search = gallery is None
+        if self_search:
+            if queries.shape[0] < 2:
+                raise ValueError("need at least two embeddings to retrieve one from the other")
+            self.gallery_labels = self.query_labels
+            size = queries.shape[0] - 1
+        else:
+            assert gallery is not None and gallery_labels is not None
+            gallery_t = as_tensor(gallery, "gallery")
+            self.gallery_labels = _labels(gallery_labels, gallery_t.shape[0], "gallery_labels")
+            size = gallery_t.shape[0]
+            if size < 1:
+                raise ValueError("the gallery is empty")
+        if k > size:
+            warnings.warn(f"k={k} is larger than the gallery ({size} items); using k={size}",
+                          stacklevel=3)
+            k = size
+        self.k = k
+        self.relevant = _relevant_counts(self.query_labels, self.gallery_labels, self_search)
+        _, index = knn(queries, k, None if self_search else gallery, backend=backend)
+        ranked = self.gallery_labels[index.numpy()]  # (N, k)
+        self.matches = ranked == self.query_labels[:, None]  # (N, k) bool
+
+    @property
+    def has_positive(self) -> np.ndarray:
+        return self.relevant > 0
+
+
+def required_k(labels: ArrayLike, ks: Sequence[int] = (),
+               gallery_labels: ArrayLike | None = None) -> int:
+    """The neighbours needed for Recall@ks and MAP@R: max(ks) and the largest R."""
+    query = np.asarray(labels)
+    gallery = query if gallery_labels is None else np.asarray(gallery_labels)
+    r = _relevant_counts(query, gallery, gallery_labels is None)
+    return max([1, int(r.max(initial=0)), *ks])
+
+
+def recall_from(nb: Neighbours, ks: Sequence[int]) -> dict[int, float]:
+    hits = np.logical_or.accumulate(nb.matches, axis=1)  # hits[:, j]: a match in the top j+1
+    return {k: float(hits[:, min(k, nb.k) - 1].mean()) for k in ks}
+
+
+def precision_at_1_from(nb: Neighbours) -> float:
+    keep = nb.has_positive
+    return float(nb.matches[keep, 0].mean()) if keep.any() else float("nan")
+
+
+def _top_r(nb: Neighbours) -> tuple[np.ndarray, np.ndarray]:
+    """matches within each query's top R (R clipped to k), and R, for queries with R > 0."""
+    keep = nb.has_positive
+    r = np.minimum(nb.relevant[keep], nb.k)
+    within = np.arange(nb.k)[None, :] < r[:, None]
+    return nb.matches[keep] & within, r
+
+
+def r_precision_from(nb: Neighbours) -> float:
+    matches, r = _top_r(nb)
+    return float((matches.sum(axis=1) / r).mean()) if len(r) else float("nan")
+
+
+def map_at_r_from(nb: Neighbours) -> float:
+    matches, r = _top_r(nb)
+    if not len(r):
+        return float("nan")
+    precision = np.cumsum(matches, axis=1) / np.arange(1, nb.k + 1)[None, :]  # P(j)
+    return float(((precision * matches).sum(axis=1) / r).mean())
+
+
+def recall_at_k(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8),
+                gallery: ArrayLike | None = None, gallery_labels: ArrayLike | None = None,
+                backend: Backend = "torch") -> dict[int, float]:
+    """Recall@K in the metric-learning sense: the fraction of queries with *at least one* item of
+    their own class among their K nearest neighbours (not IR recall, which divides by the number
+    of relevant items). Without a gallery every item queries all the others, never itself.
+
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> recall_at_k(x, np.array([0, 0, 1, 1]), ks=(1,))
+    {1: 1.0}
+    """
+    nb = Neighbours(embeddings, labels, max(ks), gallery, gallery_labels, backend)
+    return recall_from(nb, ks)
+
+
+def precision_at_1(embeddings: ArrayLike, labels: ArrayLike, gallery: ArrayLike | None = None,
+                   gallery_labels: ArrayLike | None = None, backend: Backend = "torch") -> float:
+    """Fraction of queries (with at least one positive) whose nearest neighbour shares the label."""
+    return precision_at_1_from(Neighbours(embeddings, labels, 1, gallery, gallery_labels, backend))
+
+
+def r_precision(embeddings: ArrayLike, labels: ArrayLike, gallery: ArrayLike | None = None,
+                gallery_labels: ArrayLike | None = None, backend: Backend = "torch") -> float:
+    """Mean over queries of (positives among the top R) / R, R = the query's positive count."""
+    k = required_k(labels, (), gallery_labels)
+    return r_precision_from(Neighbours(embeddings, labels, k, gallery, gallery_labels, backend))
+
+
+def map_at_r(embeddings: ArrayLike, labels: ArrayLike, gallery: ArrayLike | None = None,
+             gallery_labels: ArrayLike | None = None, backend: Backend = "torch") -> float:
+    """MAP@R: mean over queries of (1/R) sum_{j<=R} P(j) [item j is a positive]."""
+    k = required_k(labels, (), gallery_labels)
+    return map_at_r_from(Neighbours(embeddings, labels, k, gallery, gallery_labels, backend))
+
+
+def mutual_information_scores(labels_true: np.ndarray,
+                              labels_pred: np.ndarray) -> tuple[float, float, float]:
+    """(MI, H(true), H(pred)) in nats, from the sparse contingency table."""
+    _, t = np.unique(labels_true, return_inverse=True)
+    _, p = np.unique(labels_pred, return_inverse=True)
+    n = len(t)
+    pair, joint = np.unique(t.astype(np.int64) * (p.max() + 1) + p, return_counts=True)
+    count_t, count_p = np.bincount(t), np.bincount(p)
+    nt, np_ = count_t[pair // (p.max() + 1)], count_p[pair % (p.max() + 1)]
+    mi = float(np.sum(joint / n * (np.log(joint * n) - np.log(nt.astype(float) * np_))))
+
+    def entropy(counts: np.ndarray) -> float:
+        prob = counts / n
+        return float(-np.sum(prob * np.log(prob)))
+
+    return max(mi, 0.0), entropy(count_t), entropy(count_p)
+
+
+def normalized_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> float:
+    """NMI = MI / mean(H(true), H(pred)) (arithmetic mean, scikit-learn's default)."""
+    true, pred = np.asarray(labels_true), np.asarray(labels_pred)
+    mi, h_true, h_pred = mutual_information_scores(true, pred)
+    if h_true == 0 and h_pred == 0:
+        return 1.0
+    denominator = (h_true + h_pred) / 2
+    return float(min(mi / denominator, 1.0)) if denominator > 0 else 0.0
+
+
+def kmeans(embeddings: ArrayLike, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """Cluster ids (N,) of L2-normalized embeddings: faiss k-means when installed, else sklearn."""
+    x = torch.nn.functional.normalize(as_tensor(embeddings, "embeddings").float(), dim=1).numpy()
+    if not 1 <= n_clusters <= x.shape[0]:
+        raise ValueError(f"n_clusters must be in [1, {x.shape[0]}]; got {n_clusters}")
+    try:
+        import faiss
+    except ImportError:
+        from sklearn.cluster import KMeans
+        return KMeans(n_clusters, n_init=1, random_state=seed).fit_predict(x)
+    km = faiss.Kmeans(x.shape[1], n_clusters, niter=20, seed=seed, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=10_000_000)
+    km.train(np.ascontiguousarray(x))
+    return km.index.search(np.ascontiguousarray(x), 1)[1][:, 0].astype(np.int64)
+
+
+def nmi(embeddings: ArrayLike, labels: ArrayLike, n_clusters: int | None = None,
+        seed: int = 0) -> float:
+    """NMI between the labels and a k-means clustering (n_clusters = number of labels)."""
+    y = _labels(labels, as_tensor(embeddings, "embeddings").shape[0], "labels")
+    clusters = kmeans(embeddings, n_clusters or len(np.unique(y)), seed)
+    return normalized_mutual_info(y, clusters)
+
+
+def evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8),
+             metrics: Sequence[str] = DEFAULT_METRICS, gallery: ArrayLike | None = None,
+             gallery_labels: ArrayLike | None = None, backend: Backend = "torch",
+             seed: int = 0) -> dict[str, Any]:
+    """All requested metrics from one neighbour search (and one k-means for NMI/AMI).
+
+    Returns:
+        ``{"recall@1": ..., "precision_at_1": ..., "r_precision": ..., "map_at_r": ...,
+        "nmi": ..., "queries": N, "lone_queries": left out of the R-based metrics}``.
+    """
+    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(ALL_METRICS)}")
+    out: dict[str, Any] = {}
+    if set(metrics) & set(RETRIEVAL_METRICS):
+        k = required_k(labels, ks if "recall" in metrics else (), gallery_labels)
+        nb = Neighbours(embeddings, labels, k, gallery, gallery_labels, backend)
+        if "recall" in metrics:
+            out.update({f"recall@{k}": v for k, v in recall_from(nb, ks).items()})
+        if "precision_at_1" in metrics:
+            out["precision_at_1"] = precision_at_1_from(nb)
+        if "r_precision" in metrics:
+            out["r_precision"] = r_precision_from(nb)
+        if "map_at_r" in metrics:
+            out["map_at_r"] = map_at_r_from(nb)
+        out["queries"] = len(nb.relevant)
+        out["lone_queries"] = int((~nb.has_positive).sum())
+    if set(metrics) & set(CLUSTER_METRICS):
+        y = _labels(labels, as_tensor(embeddings, "embeddings").shape[0], "labels")
+        clusters = kmeans(embeddings, len(np.unique(y)), seed)
+        if "nmi" in metrics:
+            out["nmi"] = normalized_mutual_info(y, clusters)
+        if "ami" in metrics:
+            from sklearn.metrics import adjusted_mutual_info_score
+            out["ami"] = float(adjusted_mutual_info_score(y, clusters))
+    return out

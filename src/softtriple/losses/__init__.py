@@ -1,0 +1,53 @@
+"""Losses for deep metric learning; every one maps ``(embeddings (B, d), labels (B,))`` to a scalar.
+
+``LOSSES`` maps a name to its class; ``build_loss(name, **kwargs)`` builds one and rejects
+unknown names and keyword arguments with a ValueError that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from softtriple.losses.softmax_norm import SoftMaxNormLoss
+from softtriple.losses.softtriple import HardTripleLoss, SoftTripleLoss
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "softtriple": SoftTripleLoss,
+    "hardtriple": HardTripleLoss,
+    "softmax_norm": SoftMaxNormLoss,
+}
+
+
+def loss_arguments(name: str) -> list[str]:
+    """The keyword arguments that ``LOSSES[name]`` accepts."""
+    params = inspect.signature(LOSSES[name].__init__).parameters
+    return [p for p in params if p != "self"]
+
+
+def build_loss(name: str, **kwargs: Any) -> nn.Module:
+    """Build the loss registered as ``name`` with ``kwargs``.
+
+    Raises:
+        ValueError: for an unknown name or keyword argument, listing the valid ones.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
+    valid = loss_arguments(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)} for loss {name!r}; "
+                         f"valid: {', '.join(valid)}")
+    return LOSSES[name](**kwargs)
+
+
+__all__ = [
+    "LOSSES",
+    "HardTripleLoss",
+    "SoftMaxNormLoss",
+    "SoftTripleLoss",
+    "build_loss",
+    "loss_arguments",
+]

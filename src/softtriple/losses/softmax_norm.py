@@ -1,0 +1,73 @@
+"""Normalized SoftMax with a margin: the paper's "SoftMax norm" baseline (one center per class)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softtriple.losses._checks import check_batch, check_count, check_positive
+
+
+def margin_cross_entropy(similarity: Tensor, labels: Tensor, la: float, margin: float) -> Tensor:
+    """Cross-entropy on the logits ``la * (S - delta * [c == y])``, averaged over the batch.
+
+    Args:
+        similarity: (B, C) class similarities S_{i,c}, each in [-1, 1].
+        labels: (B,) int64 class indices y_i.
+        la: the scale lambda.
+        margin: the margin delta, subtracted from the true class only.
+    """
+    logits = similarity * la  # (B, C)
+    if margin != 0:
+        logits = logits.scatter_add(
+            1, labels[:, None], logits.new_full((labels.shape[0], 1), -la * margin))
+    return F.cross_entropy(logits, labels)
+
+
+def init_centers(num_rows: int, embedding_dim: int) -> Tensor:
+    """(num_rows, d) weights initialized like ``nn.Linear`` (Kaiming-uniform, a = sqrt(5))."""
+    weight = torch.empty(num_rows, embedding_dim)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return weight
+
+
+class SoftMaxNormLoss(nn.Module):
+    """Normalized SoftMax with a margin ("SoftMax norm", Qian et al. 2019, eq. 4 with K = 1).
+
+    One center w_c per class; logits ``la * (x_i . w_c - delta [c == y_i])`` on L2-normalized
+    embeddings and centers, then cross-entropy.
+
+    Args:
+        num_classes: C, the number of training classes.
+        embedding_dim: d, the embedding width.
+        la: lambda, the scale of the logits.
+        margin: delta, the margin subtracted from the true class's similarity.
+
+    Shapes:
+        embeddings: (B, d) float; labels: (B,) int64 in [0, C); returns a scalar.
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, la: float = 20.0,
+                 margin: float = 0.01) -> None:
+        super().__init__()
+        check_count("num_classes", num_classes)
+        check_count("embedding_dim", embedding_dim)
+        check_positive("la", la)
+        check_positive("margin", margin, allow_zero=True)
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.la, self.margin = float(la), float(margin)
+        self.centers = nn.Parameter(init_centers(num_classes, embedding_dim))  # (C, d)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
+        dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)
+        x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d)
+        w = F.normalize(self.centers.to(dtype), dim=1)  # (C, d)
+        return margin_cross_entropy(x @ w.T, labels, self.la, self.margin)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+                f"la={self.la}, margin={self.margin}")

@@ -1,0 +1,138 @@
+"""SoftTriple loss (Qian et al., "SoftTriple Loss: Deep Metric Learning Without Triplet Sampling",
+ICCV 2019) and its hard-max variant HardTriple."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses.softmax_norm import init_centers, margin_cross_entropy
+
+
+def relaxed_class_similarity(x: Tensor, centers: Tensor, gamma: float) -> Tensor:
+    """The relaxed similarity S_{i,c} = sum_k softmax_k(s_{i,c,k} / gamma) s_{i,c,k} (paper eq. 7).
+
+    With ``gamma == 0`` this is the hard max over a class's centers (HardTriple).
+
+    Args:
+        x: (B, d) L2-normalized embeddings.
+        centers: (C, K, d) L2-normalized centers w_c^k.
+        gamma: the entropy weight gamma >= 0.
+
+    Returns:
+        (B, C) class similarities.
+    """
+    num_classes, k, d = centers.shape
+    s = (x @ centers.reshape(num_classes * k, d).T).view(-1, num_classes, k)  # (B, C, K)
+    if gamma == 0:
+        return s.amax(dim=2)
+    q = torch.softmax(s / gamma, dim=2)  # (B, C, K)
+    return (q * s).sum(dim=2)
+
+
+def center_regularizer(centers: Tensor) -> Tensor:
+    """R = sum_c sum_{t<s} sqrt(2 + 1e-5 - 2 w_c^t . w_c^s) / (C K (K - 1)), per class block.
+
+    Args:
+        centers: (C, K, d) L2-normalized centers, K >= 2.
+
+    Returns:
+        A scalar; memory O(C K^2), never a CK x CK matrix.
+    """
+    num_classes, k, _ = centers.shape
+    gram = centers @ centers.transpose(1, 2)  # (C, K, K)
+    t, s = torch.triu_indices(k, k, offset=1, device=centers.device)
+    dist = torch.sqrt((2.0 + 1e-5 - 2.0 * gram[:, t, s]).clamp_min(1e-12))  # (C, K(K-1)/2)
+    return dist.sum() / (num_classes * k * (k - 1))
+
+
+class SoftTripleLoss(nn.Module):
+    """SoftTriple loss: K centers per class, an entropy-smoothed max over them, a margin, and an
+    L2,1-style regularizer that merges redundant centers (Qian et al., ICCV 2019, eq. 8-10).
+
+    Embeddings and centers are L2-normalized inside, so callers may pass raw model outputs.
+
+    Args:
+        num_classes: C, the number of training classes.
+        embedding_dim: d, the embedding width.
+        centers_per_class: K, the centers per class (K = 1 is SoftMax norm).
+        la: lambda, the scale of the logits.
+        gamma: gamma, the entropy weight of the smoothed max; 0 selects the hard max (HardTriple).
+        tau: tau, the weight of the center regularizer (ignored when K = 1).
+        margin: delta, subtracted from the true class's similarity.
+
+    Shapes:
+        embeddings: (B, d) float; labels: (B,) int64 in [0, C); returns a scalar.
+        centers: nn.Parameter (C, K, d); row (c, k) is center k of class c.
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, centers_per_class: int = 10,
+                 la: float = 20.0, gamma: float = 0.1, tau: float = 0.2,
+                 margin: float = 0.01) -> None:
+        super().__init__()
+        check_count("num_classes", num_classes)
+        check_count("embedding_dim", embedding_dim)
+        check_count("centers_per_class", centers_per_class)
+        check_positive("la", la)
+        check_positive("gamma", gamma, allow_zero=True)
+        check_positive("tau", tau, allow_zero=True)
+        check_positive("margin", margin, allow_zero=True)
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.centers_per_class = centers_per_class
+        self.la, self.gamma = float(la), float(gamma)
+        self.tau, self.margin = float(tau), float(margin)
+        weight = init_centers(num_classes * centers_per_class, embedding_dim)
+        self.centers = nn.Parameter(weight.view(num_classes, centers_per_class, embedding_dim))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
+        dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)
+        x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d)
+        w = F.normalize(self.centers.to(dtype), dim=2)  # (C, K, d), normalized once per step
+        similarity = relaxed_class_similarity(x, w, self.gamma)  # (B, C)
+        loss = margin_cross_entropy(similarity, labels, self.la, self.margin)
+        if self.tau > 0 and self.centers_per_class > 1:
+            loss = loss + self.tau * center_regularizer(w)
+        return loss
+
+    @torch.no_grad()
+    def effective_centers(self, threshold: float) -> Tensor:
+        """Centers left per class after merging those closer than ``threshold``.
+
+        Two centers of a class are linked when their cosine similarity exceeds ``threshold``;
+        linked groups (connected components, so merging is transitive) count as one center.
+
+        Args:
+            threshold: cosine similarity in [-1, 1] above which two centers are one.
+
+        Returns:
+            (C,) int64 tensor of counts in [1, K]; ``.float().mean()`` gives the average.
+        """
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold is a cosine similarity in [-1, 1]; got {threshold}")
+        w = F.normalize(self.centers.float(), dim=2)
+        k = self.centers_per_class
+        eye = torch.eye(k, dtype=torch.bool, device=w.device)
+        reach = (w @ w.transpose(1, 2) > threshold) | eye  # (C, K, K)
+        for _ in range(max(1, k.bit_length())):  # transitive closure by repeated squaring
+            reach = (reach.float() @ reach.float()) > 0
+        # a center starts a new group when it reaches no center of lower index
+        lower = torch.tril(torch.ones(k, k, dtype=torch.bool, device=w.device), diagonal=-1)
+        return (~(reach & lower).any(dim=2)).sum(dim=1)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+                f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
+                f"tau={self.tau}, margin={self.margin}")
+
+
+class HardTripleLoss(SoftTripleLoss):
+    """HardTriple (Qian et al. 2019, eq. 6): SoftTriple with the hard max over a class's centers,
+    i.e. ``SoftTripleLoss(..., gamma=0)``; same arguments without ``gamma``."""
+
+    def __init__(self, num_classes: int, embedding_dim: int, centers_per_class: int = 10,
+                 la: float = 20.0, tau: float = 0.2, margin: float = 0.01) -> None:
+        super().__init__(num_classes, embedding_dim, centers_per_class, la=la, gamma=0.0,
+                         tau=tau, margin=margin)

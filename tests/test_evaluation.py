@@ -1,0 +1,181 @@
+"""Retrieval metrics against brute-force numpy, pytorch-metric-learning and scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from softtriple.evaluation import (
+    evaluate,
+    knn,
+    map_at_r,
+    nmi,
+    normalized_mutual_info,
+    precision_at_1,
+    r_precision,
+    recall_at_k,
+)
+
+
+def brute_force(q, ql, g=None, gl=None, ks=(1, 2, 4, 8)):
+    """Full similarity matrix, stable descending sort (ties: lower index first)."""
+    self_search = g is None
+    g, gl = (q, ql) if self_search else (g, gl)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    sims = (qn.astype(np.float64) @ gn.T.astype(np.float64))
+    out = {f"recall@{k}": 0.0 for k in ks}
+    p1, rp, mapr, counted = 0.0, 0.0, 0.0, 0
+    for i in range(len(q)):
+        order = np.argsort(-sims[i], kind="stable")
+        if self_search:
+            order = order[order != i]
+        rel = gl[order] == ql[i]
+        for k in ks:
+            out[f"recall@{k}"] += rel[:k].any() / len(q)
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        counted += 1
+        p1 += rel[0]
+        rp += rel[:r].sum() / r
+        mapr += sum(rel[:j + 1].sum() / (j + 1) for j in range(r) if rel[j]) / r
+    out.update(precision_at_1=p1 / counted, r_precision=rp / counted, map_at_r=mapr / counted)
+    return out
+
+
+def _data(seed, n=60, d=4, classes=7, ties=False):
+    rng = np.random.default_rng(seed)
+    if ties:  # unit rows of +-0.5: every similarity is exact, so ties are exact in any order
+        x = (rng.integers(0, 2, size=(n, 4)) - 0.5).astype(np.float32)
+    else:
+        x = rng.standard_normal((n, d)).astype(np.float32)
+    return x, rng.integers(0, classes, size=n)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_equal_brute_force(seed, ties):
+    x, y = _data(seed, ties=ties)
+    expected = brute_force(x, y)
+    got = evaluate(x, y, metrics=("recall", "precision_at_1", "r_precision", "map_at_r"))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    assert recall_at_k(x, y)[4] == pytest.approx(expected["recall@4"])
+    assert precision_at_1(x, y) == pytest.approx(expected["precision_at_1"])
+    assert r_precision(x, y) == pytest.approx(expected["r_precision"])
+    assert map_at_r(x, y) == pytest.approx(expected["map_at_r"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ties", [False, True])
+def test_query_gallery_split_equals_brute_force(seed, ties):
+    q, ql = _data(seed, n=25, ties=ties)
+    g, gl = _data(seed + 100, n=40, ties=ties)
+    expected = brute_force(q, ql, g, gl)
+    got = evaluate(q, ql, gallery=g, gallery_labels=gl,
+                   metrics=("recall", "precision_at_1", "r_precision", "map_at_r"))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.parametrize("block", [1, 7, 16, 1000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_knn_blocks_match_stable_sort(block, ties):
+    x, _ = _data(3, n=50, ties=ties)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = xn @ xn.T
+    np.fill_diagonal(sims, -np.inf)
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :9]
+    _, index = knn(x, 9, block=block)
+    np.testing.assert_array_equal(index.numpy(), expected)
+    _, index_g = knn(x[:20], 9, gallery=x, block=block)
+    sims_g = xn[:20] @ xn.T
+    np.testing.assert_array_equal(index_g.numpy(),
+                                  np.argsort(-sims_g, axis=1, kind="stable")[:, :9])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_knn_dtypes_and_torch_input(dtype):
+    x, _ = _data(4, n=40, d=8)
+    s_np, i_np = knn(x.astype(dtype), 5)
+    _, i_t = knn(torch.from_numpy(x.astype(dtype)), 5)
+    np.testing.assert_array_equal(i_np.numpy(), i_t.numpy())
+    assert s_np.shape == (40, 5) and bool((s_np[:, :-1] >= s_np[:, 1:]).all())
+
+
+def test_faiss_backend_agrees_with_torch():
+    pytest.importorskip("faiss")
+    x, y = _data(5, n=400, d=16, classes=20)
+    for gallery in (None, x[100:]):
+        s1, i1 = knn(x[:100] if gallery is not None else x, 10, gallery=gallery)
+        s2, i2 = knn(x[:100] if gallery is not None else x, 10, gallery=gallery, backend="faiss")
+        np.testing.assert_array_equal(i1.numpy(), i2.numpy())
+        np.testing.assert_allclose(s1.numpy(), s2.numpy(), atol=1e-5)
+    assert evaluate(x, y, backend="faiss", metrics=("recall", "map_at_r")) == \
+        evaluate(x, y, metrics=("recall", "map_at_r"))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_equals_pytorch_metric_learning_accuracy_calculator(seed):
+    ac_mod = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    x, y = _data(seed, n=200, d=8, classes=15)
+    y[0] = 99  # one lone query, left out by both
+    calc = ac_mod.AccuracyCalculator(include=("precision_at_1", "r_precision",
+                                              "mean_average_precision_at_r"),
+                                     k="max_bin_count", device=torch.device("cpu"))
+    # the peer ranks by L2 distance on raw rows: normalized rows rank as cosine similarity does
+    xt, yt = torch.nn.functional.normalize(torch.from_numpy(x), dim=1), torch.from_numpy(y)
+    peer = calc.get_accuracy(xt, yt)
+    ours = evaluate(x, y, metrics=("precision_at_1", "r_precision", "map_at_r"))
+    assert ours["precision_at_1"] == pytest.approx(peer["precision_at_1"], abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(peer["r_precision"], abs=1e-6)
+    assert ours["map_at_r"] == pytest.approx(peer["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["lone_queries"] == 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nmi_equals_sklearn(seed):
+    from sklearn.metrics import normalized_mutual_info_score
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 1 + seed * 3, size=300) + 1000
+    b = rng.integers(0, 2 + seed, size=300) * 7
+    assert normalized_mutual_info(a, b) == pytest.approx(normalized_mutual_info_score(a, b),
+                                                         abs=1e-10)
+    assert normalized_mutual_info(a, a) == pytest.approx(1.0)
+
+
+def test_nmi_clusters_separated_data_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((5, 16)) * 10
+    y = np.repeat(np.arange(5), 40)
+    x = centers[y] + rng.standard_normal((200, 16))
+    # k-means from a random start sometimes merges two clusters (NMI about 0.87)
+    assert np.mean([nmi(x, y, seed=s) for s in range(6)]) > 0.9
+    noise = rng.standard_normal((200, 16))
+    assert nmi(noise, y, seed=3) == nmi(noise, y, seed=3)
+    assert nmi(noise, y, seed=3) < 0.3
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: recall_at_k(np.ones((5, 3)), np.arange(4)), r"labels must have shape \(5,\)"),
+    (lambda: recall_at_k(np.ones((5, 3)), np.zeros((5, 1), int)), r"labels must have shape"),
+    (lambda: recall_at_k(np.ones((1, 3)), np.arange(1)), "at least two"),
+    (lambda: recall_at_k(np.array([[1.0, np.nan], [1, 2]]), np.arange(2)), "1 row.*NaN"),
+    (lambda: recall_at_k(np.ones((3, 2)), np.arange(3.0)), "integers"),
+    (lambda: recall_at_k(np.ones(3), np.arange(3)), "2-D"),
+    (lambda: knn(np.ones((3, 2)), 3), r"k must be in \[1, 2\]"),
+    (lambda: evaluate(np.ones((3, 2)), np.arange(3), metrics=("mapr",)), "valid: recall"),
+    (lambda: recall_at_k(np.ones((3, 2)), np.arange(3), gallery=np.ones((2, 2))), "together"),
+])
+def test_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_k_larger_than_gallery_is_clipped_with_warning():
+    x, y = _data(0, n=5)
+    with pytest.warns(UserWarning, match="using k=4"):
+        result = recall_at_k(x, y, ks=(1, 8))
+    assert result[8] == recall_at_k(x, y, ks=(4,))[4]
