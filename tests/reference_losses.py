@@ -57,4 +57,113 @@ def log_sum_exp(values: list[Tensor]) -> Tensor:
     return top + torch.log(sum(torch.exp(v - top) for v in values))
 
 
-__all__ = ["log_sum_exp", "softmax_norm_reference", "softtriple_reference"]
+
+def _dist(a: Tensor, b: Tensor) -> Tensor:
+    return torch.sqrt(((a - b) ** 2).sum())
+
+
+def proxy_nca_reference(x: Tensor, labels: Tensor, proxies: Tensor, scale: float,
+                        exclude_positive: bool) -> Tensor:
+    """Movshovitz-Attias et al. eq. 9 with squared distances of unit vectors."""
+    total = x.new_zeros(())
+    for i in range(len(x)):
+        xi = _unit(x[i])
+        d = [scale * ((xi - _unit(proxies[z])) ** 2).sum() for z in range(len(proxies))]
+        y = int(labels[i])
+        others = [-d[z] for z in range(len(d)) if z != y or not exclude_positive]
+        total = total + d[y] + log_sum_exp(others)
+    return total / len(x)
+
+
+def npair_reference(x: Tensor, labels: Tensor, l2_reg: float) -> Tensor:
+    """Sohn eq. 6 with each class's first two occurrences as the pair."""
+    pairs: dict[int, list[int]] = {}
+    for i, label in enumerate(labels.tolist()):
+        pairs.setdefault(label, [])
+        if len(pairs[label]) < 2:
+            pairs[label].append(i)
+    full = [v for v in pairs.values() if len(v) == 2]
+    total = x.new_zeros(())
+    for a, p in full:
+        inner = 1.0 + sum(torch.exp(torch.dot(x[a], x[q]) - torch.dot(x[a], x[p]))
+                          for b, q in full if b != a)
+        total = total + torch.log(inner)
+    loss = total / len(full)
+    reg = sum(torch.dot(x[a], x[a]) + torch.dot(x[p], x[p]) for a, p in full) / len(full)
+    return loss + 0.25 * l2_reg * reg
+
+
+def lifted_reference(x: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """Song et al. 2016 eq. 4."""
+    n = len(x)
+    y = labels.tolist()
+    total, count = x.new_zeros(()), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            if y[i] != y[j]:
+                continue
+            terms = [margin - _dist(x[i], x[k]) for k in range(n) if y[k] != y[i]]
+            terms += [margin - _dist(x[j], x[k]) for k in range(n) if y[k] != y[j]]
+            jij = log_sum_exp(terms) + _dist(x[i], x[j])
+            total = total + torch.clamp(jij, min=0) ** 2
+            count += 1
+    return total / (2 * count)
+
+
+def triplet_semihard_reference(x: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """FaceNet eq. 1 on unit vectors, squared distances, one semi-hard negative per (a, p)."""
+    u = [_unit(v) for v in x]
+    y = labels.tolist()
+    losses = []
+    for a in range(len(x)):
+        for p in range(len(x)):
+            if a == p or y[a] != y[p]:
+                continue
+            d_ap = ((u[a] - u[p]) ** 2).sum()
+            negs = [((u[a] - u[k]) ** 2).sum() for k in range(len(x)) if y[k] != y[a]]
+            farther = [d for d in negs if float(d) > float(d_ap)]
+            d_an = min(farther, key=float) if farther else max(negs, key=float)
+            losses.append(torch.clamp(d_ap - d_an + margin, min=0))
+    return sum(losses) / len(losses)
+
+
+def nmi_reference(a: list[int], b: list[int]) -> float:
+    n = len(a)
+    import math
+    pa = {v: a.count(v) / n for v in set(a)}
+    pb = {v: b.count(v) / n for v in set(b)}
+    mi = 0.0
+    for u in pa:
+        for v in pb:
+            joint = sum(1 for s, t in zip(a, b, strict=True) if s == u and t == v) / n
+            if joint > 0:
+                mi += joint * math.log(joint / (pa[u] * pb[v]))
+    h = [-sum(p * math.log(p) for p in d.values()) for d in (pa, pb)]
+    if h[0] == 0 and h[1] == 0:
+        return 1.0
+    return mi / ((h[0] + h[1]) / 2)
+
+
+def clustering_objective_reference(x: Tensor, labels: Tensor, medoids: list[int],
+                                   gamma: float) -> Tensor:
+    """F(X, S) + gamma (1 - NMI(g(S), y)) of Song et al. 2017 with unit vectors."""
+    u = [_unit(v) for v in x]
+    f = x.new_zeros(())
+    assign = []
+    for i in range(len(x)):
+        d = [_dist(u[i], u[j]) for j in medoids]
+        best = min(range(len(d)), key=lambda m: float(d[m]))
+        f = f - d[best]
+        assign.append(medoids[best])
+    return f + gamma * (1.0 - nmi_reference(labels.tolist(), assign))
+
+
+def clustering_oracle_reference(x: Tensor, labels: Tensor) -> Tensor:
+    u = [_unit(v) for v in x]
+    y = labels.tolist()
+    total = x.new_zeros(())
+    for k in set(y):
+        members = [i for i in range(len(x)) if y[i] == k]
+        scores = [-sum(_dist(u[i], u[j]) for i in members) for j in members]
+        total = total + max(scores, key=float)
+    return total

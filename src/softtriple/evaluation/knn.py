@@ -69,14 +69,39 @@ def select_topk(sims: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return kept_sims.gather(1, order), kept_index.gather(1, order)
 
 
-def _merge(best: tuple[Tensor, Tensor] | None, sims: Tensor, index: Tensor,
-           k: int) -> tuple[Tensor, Tensor]:
-    """Running top-k: merge a new tile (b, m) with indices into the current best (b, k)."""
-    if index.dim() == 1:
-        index = index.expand_as(sims)
+def tile_topk(tile: Tensor, offset: int, k: int) -> tuple[Tensor, Tensor]:
+    """The exact top-k set of each row of a (b, m) tile whose columns are offset..offset+m-1.
+
+    One ``topk`` of k + 1 finds the k best; only rows where the k-th and (k+1)-th values tie (so
+    that topk's pick among equals is arbitrary) are redone by ``select_topk``.
+
+    Returns:
+        (b, min(k, m)) similarities and gallery indices, in no particular order.
+    """
+    b, m = tile.shape
+    k = min(k, m)
+    if m == k:
+        return tile, torch.arange(offset, offset + m).expand(b, m)
+    sims, pos = tile.topk(k + 1, dim=1, sorted=True)  # (b, k + 1)
+    ambiguous = (sims[:, k] == sims[:, k - 1]).nonzero()[:, 0]
+    sims, pos = sims[:, :k].contiguous(), pos[:, :k].contiguous()
+    if len(ambiguous):
+        exact_sims, exact_pos = select_topk(tile[ambiguous], torch.arange(m), k)
+        sims[ambiguous], pos[ambiguous] = exact_sims, exact_pos
+    return sims, pos + offset
+
+
+def merge_topk(best: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor],
+               k: int) -> tuple[Tensor, Tensor]:
+    """Merge two candidate sets (b, k1) and (b, k2) into the best k, ranked by (similarity desc,
+    index asc); indices are distinct across the two sets."""
+    sims, index = new
     if best is not None:
         sims, index = torch.cat([best[0], sims], dim=1), torch.cat([best[1], index], dim=1)
-    return select_topk(sims, index, min(k, sims.shape[1]))
+    order = torch.argsort(index, dim=1)
+    sims, index = sims.gather(1, order), index.gather(1, order)
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+    return sims.gather(1, order), index.gather(1, order)
 
 
 def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
@@ -120,8 +145,7 @@ def _knn_gallery(q: Tensor, g: Tensor, k: int, block: int) -> tuple[Tensor, Tens
         best = None
         for g_start in range(0, g.shape[0], block):
             tile = q[start:start + block] @ g[g_start:g_start + block].T  # (b, b')
-            columns = torch.arange(g_start, g_start + tile.shape[1])
-            best = _merge(best, tile, columns, k)
+            best = merge_topk(best, tile_topk(tile, g_start, k), k)
         assert best is not None
         sims_out.append(best[0])
         index_out.append(best[1])
@@ -139,9 +163,9 @@ def _knn_self(x: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
             tile = rows @ x[b:b + block].T  # (b_i, b_j), serves rows i and (transposed) rows j
             if i == j:
                 tile.fill_diagonal_(float("-inf"))  # never retrieve yourself
-            best[i] = _merge(best[i], tile, torch.arange(b, b + tile.shape[1]), k)
+            best[i] = merge_topk(best[i], tile_topk(tile, b, k), k)
             if j != i:
-                best[j] = _merge(best[j], tile.T, torch.arange(a, a + tile.shape[0]), k)
+                best[j] = merge_topk(best[j], tile_topk(tile.T.contiguous(), a, k), k)
     sims = torch.cat([pair[0] for pair in best if pair is not None])
     index = torch.cat([pair[1] for pair in best if pair is not None])
     return sims, index

@@ -11,13 +11,23 @@ from typing import Any
 
 from torch import nn
 
+from softtriple.losses.clustering import ClusteringLoss
+from softtriple.losses.lifted import LiftedStructureLoss
+from softtriple.losses.npair import NPairLoss
+from softtriple.losses.proxy_nca import ProxyNCALoss
 from softtriple.losses.softmax_norm import SoftMaxNormLoss
 from softtriple.losses.softtriple import HardTripleLoss, SoftTripleLoss
+from softtriple.losses.triplet import TripletLoss
 
 LOSSES: dict[str, type[nn.Module]] = {
     "softtriple": SoftTripleLoss,
     "hardtriple": HardTripleLoss,
     "softmax_norm": SoftMaxNormLoss,
+    "proxy_nca": ProxyNCALoss,
+    "npair": NPairLoss,
+    "lifted": LiftedStructureLoss,
+    "triplet": TripletLoss,
+    "clustering": ClusteringLoss,
 }
 
 
@@ -45,9 +55,14 @@ def build_loss(name: str, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "LOSSES",
+    "ClusteringLoss",
     "HardTripleLoss",
+    "LiftedStructureLoss",
+    "NPairLoss",
+    "ProxyNCALoss",
     "SoftMaxNormLoss",
     "SoftTripleLoss",
+    "TripletLoss",
     "build_loss",
     "loss_arguments",
 ]
