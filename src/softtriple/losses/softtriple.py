@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._fused import center_regularizer_fused, smoothed_max_similarity
 from softtriple.losses.softmax_norm import init_centers, margin_cross_entropy
 
 
@@ -62,15 +63,24 @@ class SoftTripleLoss(nn.Module):
         gamma: gamma, the entropy weight of the smoothed max; 0 selects the hard max (HardTriple).
         tau: tau, the weight of the center regularizer (ignored when K = 1).
         margin: delta, subtracted from the true class's similarity.
+        compiled: fuse the element-wise work with torch.compile: about 1.2x faster per step at
+            Stanford Online Products scale on a CPU, after a one-off compile of several seconds
+            (needs a C++ compiler); see docs/PERFORMANCE.md.
 
     Shapes:
         embeddings: (B, d) float; labels: (B,) int64 in [0, C); returns a scalar.
         centers: nn.Parameter (C, K, d); row (c, k) is center k of class c.
+
+    With gamma > 0 the class similarity runs through a fused, class-chunked autograd function
+    (``_fused.py``, ``chunk`` classes at a time); ``relaxed_class_similarity`` is the simple
+    reference it is tested against, and serves gamma = 0.
     """
+
+    chunk: int = 1024
 
     def __init__(self, num_classes: int, embedding_dim: int, centers_per_class: int = 10,
                  la: float = 20.0, gamma: float = 0.1, tau: float = 0.2,
-                 margin: float = 0.01) -> None:
+                 margin: float = 0.01, compiled: bool = False) -> None:
         super().__init__()
         check_count("num_classes", num_classes)
         check_count("embedding_dim", embedding_dim)
@@ -83,6 +93,7 @@ class SoftTripleLoss(nn.Module):
         self.centers_per_class = centers_per_class
         self.la, self.gamma = float(la), float(gamma)
         self.tau, self.margin = float(tau), float(margin)
+        self.compiled = bool(compiled)
         weight = init_centers(num_classes * centers_per_class, embedding_dim)
         self.centers = nn.Parameter(weight.view(num_classes, centers_per_class, embedding_dim))
 
@@ -90,11 +101,15 @@ class SoftTripleLoss(nn.Module):
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
         dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)
         x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d)
-        w = F.normalize(self.centers.to(dtype), dim=2)  # (C, K, d), normalized once per step
-        similarity = relaxed_class_similarity(x, w, self.gamma)  # (B, C)
+        centers = self.centers.to(dtype)  # (C, K, d)
+        if self.gamma > 0:  # the fused path normalizes the centers inside its product
+            similarity = smoothed_max_similarity(x, centers, self.gamma, self.chunk,
+                                                 self.compiled)  # (B, C)
+        else:
+            similarity = relaxed_class_similarity(x, F.normalize(centers, dim=2), 0.0)
         loss = margin_cross_entropy(similarity, labels, self.la, self.margin)
         if self.tau > 0 and self.centers_per_class > 1:
-            loss = loss + self.tau * center_regularizer(w)
+            loss = loss + self.tau * center_regularizer_fused(centers)
         return loss
 
     @torch.no_grad()
@@ -125,7 +140,7 @@ class SoftTripleLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
                 f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
-                f"tau={self.tau}, margin={self.margin}")
+                f"tau={self.tau}, margin={self.margin}, compiled={self.compiled}")
 
 
 class HardTripleLoss(SoftTripleLoss):
