@@ -1,35 +1,259 @@
-"""The ``softtriple`` command line."""
+"""The ``softtriple`` command line: train, evaluate, embed, search, data, demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from softtriple import __version__
+
+EXAMPLES = """examples:
+  softtriple data prepare digits
+  softtriple train --config configs/digits.yaml --set schedule.epochs=5 --out runs/digits
+  softtriple train --resume runs/digits --set schedule.epochs=10
+  softtriple evaluate runs/digits --json
+  softtriple embed runs/digits --out runs/digits/test.npz
+  softtriple search runs/digits/test.npz --query-index 0 -k 5
+  torchrun --nproc_per_node=2 -m softtriple train --config configs/digits.yaml
+"""
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    for key, value in metrics.items():
+        print(f"  {key:<16}{value:.4f}" if isinstance(value, float) else f"  {key:<16}{value}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from softtriple.training import Trainer, load_config
+    from softtriple.training import distributed as dist
+
+    if args.resume:
+        run = Path(args.resume)
+        config = load_config(args.config or run / "config.yaml", args.set)
+        config.run.out = str(run)
+    else:
+        config = load_config(args.config, args.set)
+        if args.out:
+            config.run.out = args.out
+    results = Trainer(config, resume=args.resume).train()
+    if dist.is_main():
+        print(f"run folder: {results['run']}")
+        _print_metrics(results["metrics"])
+    dist.teardown()
+    return 0
+
+
+def _embed(checkpoint: str, split: str) -> tuple[Any, Any, list[str], Any]:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from softtriple.data import ImageDataset, eval_transform
+    from softtriple.training import model_from_checkpoint
+    from softtriple.training.data import load_table
+
+    model, config, _ = model_from_checkpoint(checkpoint)
+    table = load_table(config.data).split(split)
+    labels = table.encoded_labels()[0]
+    dataset = ImageDataset(table, labels,
+                           eval_transform(config.data.image_size, model.mean, model.std))
+    parts = []
+    with torch.no_grad():
+        for images, _, _ in DataLoader(dataset, batch_size=config.evaluation.batch_size,
+                                       num_workers=config.data.workers):
+            parts.append(model(images).numpy())
+    return np.concatenate(parts), labels, [str(p) for p in table.paths], config
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from softtriple.evaluation import evaluate
+
+    embeddings, labels, _, config = _embed(args.checkpoint, args.split)
+    metrics = evaluate(embeddings, labels, ks=config.evaluation.ks,
+                       metrics=args.metrics or config.evaluation.metrics, seed=config.run.seed)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.checkpoint}: {args.split} split, {len(labels)} images")
+        _print_metrics(metrics)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    embeddings, labels, paths, _ = _embed(args.checkpoint, args.split)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, embeddings=embeddings, labels=labels, paths=np.array(paths))
+    tmp.replace(out)
+    print(f"wrote {out}: {embeddings.shape[0]} embeddings of width {embeddings.shape[1]}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from softtriple.search import EmbeddingIndex
+
+    index = EmbeddingIndex.load(args.embeddings)
+    if args.query_index is not None:
+        query, exclude = index.embeddings[args.query_index], args.query_index
+        print(f"query: #{args.query_index} {index.paths[args.query_index]}")
+    elif args.query_embedding:
+        query, exclude = np.load(args.query_embedding).reshape(-1), None
+    else:
+        if not args.checkpoint:
+            raise ValueError("--image needs --checkpoint, the model that made the embeddings")
+        query, exclude = index.embed_image(args.checkpoint, args.image), None
+        print(f"query: {args.image}")
+    for rank, (i, score) in enumerate(index.search(query, args.k, exclude=exclude), 1):
+        print(f"{rank:>3}  {score:.4f}  label {int(index.labels[i]):>5}  {index.paths[i]}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from softtriple.data import read_table
+    from softtriple.data.builtin import BUILTINS, default_root, prepare, prepared
+
+    root = Path(args.root) if getattr(args, "root", None) else default_root()
+    if args.data_command == "summary":
+        table = read_table(args.format, args.path)
+        summary = table.summary()
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"{args.format} data at {table.root}")
+            for split, row in summary.items():
+                print(f"  {split:<6}{row['images']:>8} images {row['classes']:>7} classes   "
+                      f"per class min {row['min_per_class']} median "
+                      f"{row['median_per_class']:g} max {row['max_per_class']}")
+                if row["single_image_classes"]:
+                    print(f"        {row['single_image_classes']} class(es) have one image: "
+                          f"kept for training, but as queries they have no positive")
+    elif args.data_command == "prepare":
+        folder = prepare(args.name, root, force=args.force)
+        made = prepared(args.name, root) or {}
+        print(f"{args.name}: {made.get('images')} images, {made.get('classes')} classes "
+              f"in {folder}")
+    else:
+        for name, builtin in BUILTINS.items():
+            where = str(root / name) if prepared(name, root) else "not prepared"
+            print(f"  {name:<15}{where:<50}{builtin.description}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from softtriple import demo
+
+    demo.main()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="softtriple",
-        description="Deep metric learning with the SoftTriple loss (Qian et al., ICCV 2019).")
+        prog="softtriple", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Deep metric learning with the SoftTriple loss (Qian et al., ICCV 2019): "
+                    "train embedding models, evaluate retrieval on held-out classes, embed and "
+                    "search images.")
     parser.add_argument("--version", action="version", version=f"softtriple {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser(
+
+    train = commands.add_parser(
+        "train", help="train an embedding model (single process or under torchrun)",
+        description="Train an embedding model with a metric-learning loss and evaluate it on the "
+                    "held-out classes. Settings come from the defaults, then --config, then each "
+                    "--set in order. Under torchrun every process takes a share of each global "
+                    "batch (DistributedDataParallel; gloo on CPU, nccl on GPU).")
+    train.add_argument("--config", help="YAML file of settings (see configs/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting, e.g. --set loss.name=proxy_nca "
+                            "--set schedule.epochs=5 (repeatable)")
+    train.add_argument("--out", help="run folder (default: run.out, runs/latest)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its last completed epoch; the config must be "
+                            "the run's own (only epochs, workers and progress may change)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a checkpoint on its data set's held-out classes",
+        description="Embed the test split of the checkpoint's data set and print Recall@K, "
+                    "MAP@R, NMI and the other configured metrics.")
+    evaluate.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
+    evaluate.add_argument("--split", default="test", choices=("train", "test"))
+    evaluate.add_argument("--metrics", nargs="+", help="override evaluation.metrics")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    embed = commands.add_parser(
+        "embed", help="write the embeddings of a split to a .npz file",
+        description="Embed every image of a split with a checkpoint's model; the .npz holds "
+                    "embeddings (N, d), labels (N,) and paths (N,).")
+    embed.add_argument("checkpoint", help="a run folder or a .pt checkpoint")
+    embed.add_argument("--out", required=True, help="output .npz file")
+    embed.add_argument("--split", default="test", choices=("train", "test"))
+    embed.set_defaults(func=cmd_embed)
+
+    search = commands.add_parser(
+        "search", help="nearest neighbours of a query among embedded images (faiss)",
+        description="Build a faiss inner-product index over an embeddings file from "
+                    "'softtriple embed' and print the top-k images for a query: an item of the "
+                    "file, an embedding (.npy), or an image embedded with --checkpoint.")
+    search.add_argument("embeddings", help=".npz written by softtriple embed")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--query-index", type=int, help="use item i of the file as the query")
+    query.add_argument("--query-embedding", help=".npy file with one embedding")
+    query.add_argument("--image", help="an image file, embedded with --checkpoint")
+    search.add_argument("--checkpoint", help="the model that made the embeddings (for --image)")
+    search.add_argument("-k", type=int, default=8, help="neighbours to show (default 8)")
+    search.set_defaults(func=cmd_search)
+
+    data = commands.add_parser("data", help="inspect data sets and build the built-in ones",
+                               description="Summaries of data sets on disk and the built-in "
+                                           "data sets made offline from installed packages.")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    summary = data_commands.add_parser(
+        "summary", help="images and classes per split of a data set on disk",
+        description="Read a data set in one of the known formats and print, per split, the "
+                    "images, classes and images per class.")
+    summary.add_argument("--format", required=True,
+                         choices=("cub", "cars", "sop", "folder", "csv"))
+    summary.add_argument("path", help="the data set's root folder (or CSV file)")
+    summary.add_argument("--json", action="store_true", help="print JSON")
+    prepare_parser = data_commands.add_parser(
+        "prepare", help="build a built-in data set", description="Build a built-in data set "
+        "into ROOT/NAME (image folders and manifest.json); does nothing when it is up to date.")
+    prepare_parser.add_argument("name", help="digits or fashion-mnist")
+    prepare_parser.add_argument("--root", help="where data sets live ($SOFTTRIPLE_DATA or ./data)")
+    prepare_parser.add_argument("--force", action="store_true", help="rebuild")
+    listing = data_commands.add_parser("list", help="built-in data sets and where they are",
+                                       description="List the built-in data sets.")
+    listing.add_argument("--root", help="where data sets live ($SOFTTRIPLE_DATA or ./data)")
+    data.set_defaults(func=cmd_data)
+
+    demo = commands.add_parser(
         "demo", help="train a small embedding on scikit-learn digits and show retrieval gains",
         description="Train an MLP embedding with SoftTripleLoss on digits 0-4 and print "
                     "Recall@1/2/4/8, MAP@R and NMI on the unseen digits 5-9, before and after.")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from softtriple import demo
-        demo.main()
-        return 0
-    parser.print_help(sys.stderr)
-    return 2
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except (ValueError, FloatingPointError) as error:  # our one-line errors: no traceback
+        print(f"softtriple {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

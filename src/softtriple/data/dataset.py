@@ -1,0 +1,60 @@
+"""A torch Dataset over an ImageTable split, with one-line errors for unreadable images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from softtriple.data.table import DataError, ImageTable
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image as RGB, or raise DataError naming the file."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("P", "LA", "RGBA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")  # flatten transparency onto white
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return image.convert("RGB")
+    except FileNotFoundError as error:
+        raise DataError(f"image {path} is missing; restore it or remove it from the list") \
+            from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"image {path} is corrupt or not an image ({error.__class__.__name__}); "
+                        f"replace it or remove it from the list") from error
+
+
+def verify_images(table: ImageTable) -> None:
+    """Open every image's header and decode it; raise DataError naming the first bad one."""
+    for path in table.paths:
+        load_image(path)
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label, index) triples of an ImageTable.
+
+    Args:
+        table: the images (one split, usually).
+        labels: (N,) int64 labels to return (e.g. ``table.encoded_labels()[0]``).
+        transform: PIL image -> tensor (C, H, W).
+    """
+
+    def __init__(self, table: ImageTable, labels: np.ndarray,
+                 transform: Callable[[Image.Image], Any]) -> None:
+        if len(labels) != len(table):
+            raise DataError(f"{len(labels)} labels for {len(table)} images")
+        self.table, self.labels, self.transform = table, np.asarray(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image = load_image(self.table.paths[index])
+        return self.transform(image), int(self.labels[index]), index

@@ -1,0 +1,39 @@
+"""The embedding model: backbone features -> global average pooling -> Linear -> L2-normalize."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softtriple.models.backbones import Backbone
+
+
+class EmbeddingModel(nn.Module):
+    """x (B, 3, H, W) -> unit embeddings (B, embedding_dim).
+
+    Args:
+        backbone: a Backbone (features and their width).
+        embedding_dim: d.
+        freeze_bn: keep every BatchNorm of the backbone in eval mode (running statistics fixed)
+            while training, as the official SoftTriple code's ``--freeze_BN`` does.
+    """
+
+    def __init__(self, backbone: Backbone, embedding_dim: int, freeze_bn: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone.features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.embedding = nn.Linear(backbone.out_channels, embedding_dim)
+        self.mean, self.std = backbone.mean, backbone.std
+        self.embedding_dim, self.freeze_bn = embedding_dim, freeze_bn
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.pool(self.backbone(x)).flatten(1)  # (B, C)
+        return F.normalize(self.embedding(features), dim=1)  # (B, d)

@@ -1,0 +1,41 @@
+"""Checkpoints: written atomically (write, then rename), read with ``weights_only=True`` only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated or does not fit."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save to ``path`` through a temporary file and an atomic rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, target)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The state saved by save_checkpoint, or CheckpointError naming the file and the fix."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "checkpoints" / "last.pt"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {file} not found; pass a run folder or a .pt file "
+                              f"written by softtriple train")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, wrong format, pickled objects: several types
+        raise CheckpointError(f"checkpoint {file} is truncated or corrupt "
+                              f"({error.__class__.__name__}); use an earlier copy or retrain"
+                              ) from error
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{file} is not a softtriple checkpoint (no model or config)")
+    return state

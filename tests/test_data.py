@@ -1,0 +1,172 @@
+"""Readers of the benchmarks' on-disk formats on miniature copies, built-in data, bad data."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from softtriple.cli import main
+from softtriple.data import DataError, ImageDataset, eval_transform, read_table, verify_images
+from softtriple.data.builtin import folder_checksum, prepare
+
+
+def _image(path: Path, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(path)
+
+
+def make_cub(root: Path, per_class: int = 2) -> Path:
+    base = root / "CUB_200_2011"
+    images, labels = [], []
+    for c in range(1, 201):
+        for j in range(per_class):
+            rel = f"{c:03d}.Bird_{c}/Bird_{c}_{j}.jpg"
+            _image(base / "images" / rel, c * 10 + j)
+            n = len(images) + 1
+            images.append(f"{n} {rel}")
+            labels.append(f"{n} {c}")
+    (base / "images.txt").write_text("\n".join(images) + "\n")
+    (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    return base
+
+
+def make_cars(root: Path) -> Path:
+    from scipy.io import savemat
+    base = root / "cars196"
+    records = []
+    for c in range(1, 197):
+        for j in range(2):
+            rel = f"car_ims/{c:03d}{j}.jpg"
+            _image(base / rel, c + j)
+            records.append((rel, 0, 0, 5, 5, c, j))  # the file's test flag is not our split
+    dtype = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"),
+             ("bbox_y2", "O"), ("class", "O"), ("test", "O")]
+    annotations = np.array(records, dtype=dtype)
+    names = np.array([f"Car {c}" for c in range(1, 197)], dtype=object)
+    savemat(base / "cars_annos.mat", {"annotations": annotations[None, :],
+                                      "class_names": names[None, :]})
+    return base
+
+
+def make_sop(root: Path) -> Path:
+    base = root / "Stanford_Online_Products"
+    for split, classes in (("train", range(1, 6)), ("test", range(6, 10))):
+        lines = ["image_id class_id super_class_id path"]
+        for c in classes:
+            for j in range(3 if c != 9 else 1):  # class 9 has a single image
+                rel = f"bicycle_final/{c}_{j}.JPG"
+                _image(base / rel, c * 3 + j)
+                lines.append(f"{len(lines)} {c} 1 {rel}")
+        (base / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return base
+
+
+def test_cub_split_and_counts(tmp_path):
+    table = read_table("cub", make_cub(tmp_path))
+    summary = table.summary()
+    assert summary["train"]["images"] == 200 and summary["train"]["classes"] == 100
+    assert summary["test"]["images"] == 200 and summary["test"]["classes"] == 100
+    assert set(table.split("train").labels) == set(range(1, 101))
+    assert set(table.split("test").labels) == set(range(101, 201))
+
+
+def test_cars_split_from_a_real_mat_file(tmp_path):
+    table = read_table("cars", make_cars(tmp_path))
+    assert set(table.split("train").labels) == set(range(1, 99))
+    assert set(table.split("test").labels) == set(range(99, 197))
+    assert len(table) == 392 and table.class_names[1] == "Car 1"
+
+
+def test_sop_and_single_image_classes(tmp_path, capsys):
+    base = make_sop(tmp_path)
+    table = read_table("sop", base)
+    assert table.summary()["test"] == {"images": 10, "classes": 4, "min_per_class": 1,
+                                       "median_per_class": 3.0, "max_per_class": 3,
+                                       "single_image_classes": 1}
+    assert main(["data", "summary", "--format", "sop", str(base), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train"]["images"] == 15 and printed["test"]["classes"] == 4
+    assert main(["data", "summary", "--format", "sop", str(base)]) == 0
+    assert "1 class(es) have one image" in capsys.readouterr().out
+
+
+def test_folder_and_csv(tmp_path):
+    for c in "abcd":
+        for j in range(2):
+            _image(tmp_path / "f" / c / f"{j}.png", j)
+    table = read_table("folder", tmp_path / "f")
+    assert table.class_names == {0: "a", 1: "b", 2: "c", 3: "d"}
+    assert list(table.split("train").labels) == [0, 0, 1, 1]
+    csv = tmp_path / "f" / "images.csv"
+    csv.write_text("path,label,split\na/0.png,1,train\nb/0.png,2,test\nb/1.png,2,test\n")
+    table = read_table("csv", csv)
+    assert list(table.splits) == ["train", "test", "test"]
+
+
+@pytest.mark.parametrize("setup,fmt,message", [
+    (lambda p: p / "absent", "cub", "does not exist"),
+    (lambda p: p, "cub", "images.txt not found: is .* a CUB-200-2011 folder"),
+    (lambda p: p, "cars", "cars_annos.mat not found"),
+    (lambda p: p, "sop", "Ebay_train.txt not found"),
+    (lambda p: p, "imagenet", "unknown data format 'imagenet'; valid: cub"),
+])
+def test_bad_roots(tmp_path, setup, fmt, message):
+    with pytest.raises(DataError, match=message):
+        read_table(fmt, setup(tmp_path))
+
+
+def test_label_file_naming_an_absent_image(tmp_path):
+    base = make_cub(tmp_path, per_class=1)
+    (base / "images" / "005.Bird_5" / "Bird_5_0.jpg").unlink()
+    with pytest.raises(DataError, match="1 listed image.*missing, e.g. .*Bird_5_0.jpg"):
+        read_table("cub", base)
+
+
+def test_duplicate_paths(tmp_path):
+    base = make_sop(tmp_path)
+    listing = base / "Ebay_test.txt"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join([*lines, lines[1]]) + "\n")
+    with pytest.raises(DataError, match="listed twice"):
+        read_table("sop", base)
+
+
+def test_classes_in_both_splits(tmp_path):
+    base = make_sop(tmp_path)
+    listing = base / "Ebay_test.txt"
+    listing.write_text(listing.read_text().replace(" 6 1 ", " 1 1 "))
+    with pytest.raises(DataError, match="appear in both train and test"):
+        read_table("sop", base)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    base = make_sop(tmp_path)
+    bad = base / "bicycle_final" / "2_1.JPG"
+    bad.write_bytes(b"not a jpeg")
+    table = read_table("sop", base)
+    with pytest.raises(DataError, match="2_1.JPG is corrupt or not an image"):
+        verify_images(table)
+    dataset = ImageDataset(table, np.zeros(len(table), dtype=np.int64), eval_transform(8))
+    with pytest.raises(DataError, match="2_1.JPG"):
+        dataset[[str(p) for p in table.paths].index(str(bad))]
+
+
+def test_digits_builtin_is_idempotent(tmp_path):
+    folder = prepare("digits", tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["images"] == 1797 and manifest["classes"] == 10
+    assert manifest["sources"][0]["package"] == "scikit-learn"
+    stamp = (folder / "manifest.json").stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prepare("digits", tmp_path) == folder
+    assert (folder / "manifest.json").stat().st_mtime_ns == stamp
+    assert manifest["checksum"] == folder_checksum(folder)
+    table = read_table("folder", folder)
+    assert sorted(set(table.split("train").labels)) == [0, 1, 2, 3, 4]

@@ -1,0 +1,115 @@
+"""The trainer: config handling, exact resume, two-process gloo training, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from softtriple.training import CheckpointError, ConfigError, Trainer, load_config
+from softtriple.training.checkpoint import load_checkpoint
+
+TINY = ["model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16",
+        "data.workers=0", "data.batch_size=16", "schedule.max_steps_per_epoch=4",
+        "schedule.milestones=[2]", "evaluation.metrics=[recall, map_at_r]",
+        "run.progress=false", "loss.args={centers_per_class: 2}"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    os.environ["SOFTTRIPLE_DATA"] = str(root)
+    from softtriple.data.builtin import prepare
+    prepare("digits", root)
+    return root
+
+
+def tiny(out: Path, *extra: str):
+    return load_config(None, [*TINY, f"run.out={out}", *extra])
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown config key schedule.epoch; valid: "
+                                          "schedule.epochs"):
+        load_config(None, ["schedule.epoch=3"])
+    with pytest.raises(ConfigError, match="must be a int"):
+        load_config(None, ["schedule.epochs=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["schedule.epochs"])
+
+
+def test_yaml_then_overrides(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("schedule:\n  epochs: 7\nloss:\n  name: proxy_nca\n  args: {scale: 3}\n")
+    config = load_config(file, ["schedule.epochs=9", "optimizer.lr=1"])
+    assert config.schedule.epochs == 9 and config.loss.name == "proxy_nca"
+    assert config.loss.args == {"scale": 3} and config.optimizer.lr == 1.0
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(run)
+    return {**state["model"], **{f"loss.{k}": v for k, v in state["loss"].items()}}
+
+
+def test_resume_ends_exactly_like_an_uninterrupted_run(data_root, tmp_path):
+    full = Trainer(tiny(tmp_path / "full", "schedule.epochs=3")).train()
+    Trainer(tiny(tmp_path / "cut", "schedule.epochs=2")).train()
+    resumed = Trainer(tiny(tmp_path / "cut", "schedule.epochs=3"), resume=tmp_path / "cut").train()
+    assert resumed["metrics"] == full["metrics"]
+    assert resumed["steps"] == full["steps"] == 12
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
+    files = {p.name for p in (tmp_path / "full").iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoints", "tensorboard"} <= files
+
+
+def test_resume_with_a_different_config_is_refused(data_root, tmp_path):
+    Trainer(tiny(tmp_path / "run", "schedule.epochs=1")).train()
+    with pytest.raises(ConfigError, match="differs in optimizer.lr"):
+        Trainer(tiny(tmp_path / "run", "schedule.epochs=2", "optimizer.lr=0.5"),
+                resume=tmp_path / "run")
+
+
+def test_truncated_checkpoint_is_named(data_root, tmp_path):
+    Trainer(tiny(tmp_path / "run", "schedule.epochs=1")).train()
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="last.pt is truncated or corrupt"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_missing_and_misfitting_weights(data_root, tmp_path):
+    from softtriple.models import WeightsError, build_backbone
+    with pytest.raises(WeightsError, match="weights file .*nope.pt not found"):
+        build_backbone("resnet18", str(tmp_path / "nope.pt"))
+    torch.save(build_backbone("small_cnn").features.state_dict(), tmp_path / "small.pt")
+    with pytest.raises(WeightsError, match="do not fit this backbone"):
+        build_backbone("resnet18", str(tmp_path / "small.pt"))
+    build_backbone("small_cnn", str(tmp_path / "small.pt"))  # its own weights fit
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(data_root, tmp_path):
+    common = [*TINY, "schedule.epochs=2", "model.freeze_bn=true", "data.augment=false",
+              "evaluation.before_training=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", [sys.executable, "-m", "softtriple"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run",
+                                    "--nproc_per_node=2", "--master_port=29533", "-m",
+                                    "softtriple"])):
+        args = [*launcher, "train", "--out", str(tmp_path / name)]
+        for item in common:
+            args += ["--set", item]
+        subprocess.run(args, check=True, env=env, capture_output=True, timeout=300)
+    one, two = _params(tmp_path / "one"), _params(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())["metrics"]
+    assert r1["recall@1"] == pytest.approx(r2["recall@1"], abs=0.01)
