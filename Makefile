@@ -14,7 +14,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,faiss]'
 	touch $(STAMP)
 
+# the demo renders its data from Debian font packages: install the missing ones (as root, or
+# with sudo), then run the main job
 demo: $(STAMP)
+	@missing=$$($(BIN)/python -c "from softtriple.data.builtin.glyphs import missing_packages; \
+	print(' '.join(missing_packages()))"); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "make demo needs: apt-get install $$missing (as root)"; exit 1; fi; \
+	  echo "installing $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null || \
+	  { $$sudo apt-get update -q >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null; }; \
+	fi
 	$(BIN)/softtriple demo
 
 test: $(STAMP)

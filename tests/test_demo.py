@@ -1,17 +1,35 @@
+"""The demo's job, shrunk to seconds, and its settings equal to configs/glyphs.yaml."""
+
+from pathlib import Path
+
+import pytest
+
 from softtriple import demo
 from softtriple.cli import main
+from softtriple.data.builtin import glyphs
+from softtriple.training import load_config
+
+needs_fonts = pytest.mark.skipif(bool(glyphs.missing_packages()),
+                                 reason="Debian CJK font packages not installed")
 
 
-def test_demo_training_improves_map_at_r_on_unseen_digits():
-    results = demo.run()
-    assert set(results) == {"raw pixels", "before", "after"}
-    assert results["after"]["map_at_r"] > results["before"]["map_at_r"] + 0.01
-    assert results["after"]["recall@1"] > results["before"]["recall@1"]
+def test_demo_settings_are_configs_glyphs_yaml():
+    shipped = load_config(Path(__file__).parent.parent / "configs" / "glyphs.yaml")
+    assert shipped.to_dict() == demo.demo_config().to_dict()
 
 
-def test_cli_help_lists_demo(capsys):
-    try:
-        main(["--help"])
-    except SystemExit as stop:
-        assert stop.code == 0
-    assert "demo" in capsys.readouterr().out
+@needs_fonts
+def test_demo_runs_and_reports_three_columns(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SOFTTRIPLE_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(glyphs, "characters", lambda: glyphs.__dict__["_all_characters"]()[:40])
+    quick = ["data.max_classes=12", "schedule.epochs=1", "schedule.max_steps_per_epoch=2",
+             "data.workers=0", "data.image_size=32", "run.progress=false",
+             f"run.out={tmp_path / 'run'}", "evaluation.metrics=[recall, map_at_r, nmi]"]
+    args = ["demo"]
+    for item in quick:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for word in ("raw pixels", "pretrained", "trained", "recall@1", "run folder"):
+        assert word in out
+    assert (tmp_path / "run" / "results.json").is_file()

@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   softtriple evaluate runs/digits --json
   softtriple embed runs/digits --out runs/digits/test.npz
   softtriple search runs/digits/test.npz --query-index 0 -k 5
+  softtriple report runs/digits
   torchrun --nproc_per_node=2 -m softtriple train --config configs/digits.yaml
 """
 
@@ -147,11 +148,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from softtriple.analysis.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from softtriple import demo
 
-    demo.main()
-    return 0
+    return demo.main(args.set)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=8, help="neighbours to show (default 8)")
     search.set_defaults(func=cmd_search)
 
+    report = commands.add_parser(
+        "report", help="plots and an HTML report of a finished run",
+        description="Write RUN_DIR/plots/ (training curves, a retrieval gallery, an embedding "
+                    "map, effective centers and the images each center attracts) and "
+                    "RUN_DIR/report.html, a static page that opens from disk. train runs this "
+                    "at its end unless run.report is false.")
+    report.add_argument("run", metavar="RUN_DIR", help="a run folder written by softtriple train")
+    report.set_defaults(func=cmd_report)
+
     data = commands.add_parser("data", help="inspect data sets and build the built-in ones",
                                description="Summaries of data sets on disk and the built-in "
                                            "data sets made offline from installed packages.")
@@ -227,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_parser = data_commands.add_parser(
         "prepare", help="build a built-in data set", description="Build a built-in data set "
         "into ROOT/NAME (image folders and manifest.json); does nothing when it is up to date.")
-    prepare_parser.add_argument("name", help="digits or fashion-mnist")
+    prepare_parser.add_argument("name", help="digits, fashion-mnist or glyphs")
     prepare_parser.add_argument("--root", help="where data sets live ($SOFTTRIPLE_DATA or ./data)")
     prepare_parser.add_argument("--force", action="store_true", help="rebuild")
     listing = data_commands.add_parser("list", help="built-in data sets and where they are",
@@ -236,9 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=cmd_data)
 
     demo = commands.add_parser(
-        "demo", help="train a small embedding on scikit-learn digits and show retrieval gains",
-        description="Train an MLP embedding with SoftTripleLoss on digits 0-4 and print "
-                    "Recall@1/2/4/8, MAP@R and NMI on the unseen digits 5-9, before and after.")
+        "demo", help="the main job: fine-tune EfficientNet-Lite0 with SoftTriple on glyphs",
+        description="Prepare the built-in glyphs data set, fine-tune the ImageNet-pretrained "
+                    "EfficientNet-Lite0 with SoftTripleLoss on 300 characters (about 6 minutes "
+                    "on 2 CPU cores) and print Recall@1/2/4/8, MAP@R and NMI on 300 held-out "
+                    "characters: raw pixels, pretrained features, and after training. The "
+                    "settings are configs/glyphs.yaml's.")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a setting, e.g. --set schedule.epochs=2")
     demo.set_defaults(func=cmd_demo)
     return parser
 

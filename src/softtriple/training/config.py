@@ -36,6 +36,7 @@ class DataConfig:
     images_per_class: int = 2  # M, for class_balanced
     workers: int = 2  # DataLoader worker processes
     train_fraction: float = 0.5  # class split of folder and csv data without a split column
+    max_classes: int = 0  # 0: all; else the first N classes (sorted) of each split, for CPU runs
 
 
 @dataclass
@@ -76,6 +77,7 @@ class RunConfig:
     device: str = "auto"  # auto, cpu or cuda
     threads: int = 0  # torch CPU threads; 0: torch's default
     progress: bool = True  # tqdm progress bars
+    report: bool = True  # write plots/ and report.html at the end (softtriple report)
 
 
 @dataclass
@@ -152,6 +154,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(values, dict):
             raise ConfigError(f"{file} must hold a mapping of sections")
         _merge(config, values, "")
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Config, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+    """Apply each ``key=value`` in order (in place) and return ``config``."""
     for text in overrides:
         _merge(config, parse_override(text), "")
     return config

@@ -41,6 +41,14 @@ def load_table(config: DataConfig) -> ImageTable:
     else:
         table = read_table(config.format, config.root)
     table.check_disjoint()
+    if config.max_classes:
+        keep = np.zeros(len(table), dtype=bool)
+        for split in ("train", "test"):
+            in_split = table.splits == split
+            first = np.unique(table.labels[in_split])[:config.max_classes]
+            keep |= in_split & np.isin(table.labels, first)
+        table = ImageTable([p for p, k in zip(table.paths, keep, strict=True) if k],
+                           table.labels[keep], table.splits[keep], table.root, table.class_names)
     return table
 
 

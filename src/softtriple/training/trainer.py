@@ -27,7 +27,8 @@ from softtriple.training.checkpoint import CheckpointError, load_checkpoint, sav
 from softtriple.training.config import Config, ConfigError, config_from_dict, dump_config
 from softtriple.training.data import Loaders, build_loaders
 
-RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("data", "workers"),
+RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
+               ("data", "workers"),
                ("schedule", "epochs")}  # keys a resumed run may change
 
 
@@ -123,6 +124,7 @@ class Trainer:
         if self.state is not None:
             self._restore(self.state)
         self.writer: Any = None
+        self.last_embeddings = np.zeros((0, config.model.embedding_dim), dtype=np.float32)
 
     # ----------------------------------------------------------------- state
     def _restore(self, state: dict[str, Any]) -> None:
@@ -178,6 +180,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         embeddings = self.embed_test()
+        self.last_embeddings = embeddings
         labels = self.loaders.test_table.encoded_labels()[0]
         metrics: dict[str, Any] = {}
         if dist.is_main():
@@ -265,11 +268,19 @@ class Trainer:
         results = {"epochs": self.epoch, "steps": self.step, "metrics": metrics,
                    "run": str(self.out)}
         if dist.is_main():
+            table = self.loaders.test_table
+            tmp_npz = self.out / "test_embeddings.tmp.npz"
+            np.savez(tmp_npz, embeddings=self.last_embeddings, labels=table.encoded_labels()[0],
+                     paths=np.array([str(p) for p in table.paths]))
+            tmp_npz.replace(self.out / "test_embeddings.npz")
             tmp = self.out / "results.json.tmp"
             tmp.write_text(json.dumps(results, indent=2) + "\n")
             tmp.replace(self.out / "results.json")
             if self.writer is not None:
                 self.writer.close()
+            if self.config.run.report:
+                from softtriple.analysis.report import write_report
+                write_report(self.out)
         return results
 
 

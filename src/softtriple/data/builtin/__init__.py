@@ -52,9 +52,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _registry() -> dict[str, Builtin]:
-    from softtriple.data.builtin import digits, fashion_mnist
+    from softtriple.data.builtin import digits, fashion_mnist, glyphs
 
-    return {b.name: b for b in (digits.BUILTIN, fashion_mnist.BUILTIN)}
+    return {b.name: b for b in (digits.BUILTIN, fashion_mnist.BUILTIN, glyphs.BUILTIN)}
 
 
 BUILTINS = _registry()
@@ -78,5 +78,7 @@ def prepare(name: str, root: Path | None = None, force: bool = False) -> Path:
     body = BUILTINS[name].build(folder)
     body.update(name=name, train_fraction=BUILTINS[name].train_fraction,
                 checksum=folder_checksum(folder))
+    from softtriple.data.builtin.preview import make_preview
+    make_preview(folder)
     write_json_atomic(folder / "manifest.json", body)
     return folder

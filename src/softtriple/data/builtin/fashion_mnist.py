@@ -13,7 +13,7 @@ from PIL import Image
 from softtriple.data.builtin import Builtin
 from softtriple.data.table import DataError
 
-PACKAGE_DIR = Path("/usr/share/dataset-fashion-mnist")
+PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL = "apt-get install dataset-fashion-mnist"
 
 
@@ -26,7 +26,7 @@ def _idx(path: Path) -> np.ndarray:
 
 
 def _find(pattern: str) -> Path:
-    for base in (PACKAGE_DIR, Path("/usr/share/fashion-mnist")):
+    for base in (PACKAGE_DIR,):
         hits = sorted(base.rglob(pattern)) if base.is_dir() else []
         if hits:
             return hits[0]

@@ -1,0 +1,1 @@
+"""Analysis of a run: effective centers and the pictures of ``softtriple report``."""

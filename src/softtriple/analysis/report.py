@@ -1,0 +1,110 @@
+"""``softtriple report RUN_DIR``: the pictures of a run in RUN_DIR/plots and one static
+report.html (opens from disk, no server) with them, the resolved config and the final metrics."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softtriple.analysis import plots
+from softtriple.losses import SoftTripleLoss
+
+CENTER_THRESHOLD = 0.9  # cosine similarity above which two centers of a class count as one
+
+
+def _test_embeddings(run: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    path = run / "test_embeddings.npz"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: the run has not finished; train it to the end "
+                         f"(or resume it) first")
+    data = np.load(path)
+    return data["embeddings"], data["labels"], [str(p) for p in data["paths"]]
+
+
+def _center_assignments(run: Path, classes: int = 3) -> tuple[np.ndarray, int, list[Any]] | None:
+    """Effective centers per class and, for a few training classes, the images each center
+    attracts most; None when the run's loss has no (C, K, d) centers."""
+    from softtriple.training import model_from_checkpoint
+    from softtriple.training.data import load_table
+    from softtriple.training.trainer import build_objective_loss
+
+    model, config, state = model_from_checkpoint(run)
+    loss = build_objective_loss(config, int(state["num_classes"]))
+    loss.load_state_dict(state["loss"])
+    if not isinstance(loss, SoftTripleLoss):
+        return None
+    counts = loss.effective_centers(CENTER_THRESHOLD).numpy()
+    centers = torch.nn.functional.normalize(loss.centers.detach(), dim=2)  # (C, K, d)
+    table = load_table(config.data).split("train")
+    labels, original = table.encoded_labels()
+    from softtriple.data import ImageDataset, eval_transform
+    picked = np.argsort(-counts, kind="stable")[:classes]  # the classes that kept most centers
+    out = []
+    for c in picked:
+        idx = np.flatnonzero(labels == c)
+        dataset = ImageDataset(table, labels, eval_transform(config.data.image_size, model.mean,
+                                                             model.std))
+        with torch.no_grad():
+            x = model(torch.stack([dataset[int(i)][0] for i in idx]))
+        sims = x @ centers[c].T  # (n_c, K)
+        owner = sims.argmax(dim=1)
+        per_center = []
+        for k in range(centers.shape[1]):
+            mine = (owner == k).nonzero()[:, 0]
+            order = mine[sims[mine, k].argsort(descending=True)]
+            if len(order):
+                per_center.append([str(table.paths[idx[int(i)]]) for i in order])
+        name = table.class_names.get(int(original[c]), str(int(original[c])))
+        out.append((name, per_center))
+    return counts, centers.shape[1], out
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float)
+                   else f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
+                   for k, v in metrics.items())
+    return f"<table>{rows}</table>"
+
+
+def write_report(run: str | Path) -> Path:
+    """Write RUN/plots/*.png and RUN/report.html; return the HTML path."""
+    run_dir = Path(run)
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    embeddings, labels, paths = _test_embeddings(run_dir)
+    figures: list[tuple[str, Path]] = []
+    figures.append(("Training curves", plots.plot_curves(plots.read_history(run_dir), out)))
+    figures.append(("Retrieval on held-out classes (blue: query; green: same class; red: "
+                    "another class)", plots.plot_gallery(embeddings, labels, paths, out)))
+    figures.append(("Embedding map of held-out classes",
+                    plots.plot_embedding_map(embeddings, labels, out)))
+    centers = _center_assignments(run_dir)
+    if centers is not None:
+        counts, k, assignments = centers
+        figures.append(("Effective centers per training class",
+                        plots.plot_effective_centers(counts, k, CENTER_THRESHOLD, out)))
+        figures.append(("What each center learned", plots.plot_center_images(assignments, out)))
+    results = json.loads((run_dir / "results.json").read_text())
+    config_text = (run_dir / "config.yaml").read_text()
+    body = "".join(f"<h2>{html.escape(title)}</h2><img src=\"plots/{path.name}\" alt=\""
+                   f"{html.escape(title)}\">" for title, path in figures)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>softtriple run {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}img{{max-width:100%}}
+td{{padding:2px 12px}}pre{{background:#f4f4f4;padding:1em}}</style></head><body>
+<h1>softtriple run: {html.escape(str(run_dir))}</h1>
+<h2>Final metrics on held-out classes</h2>{_metrics_table(results["metrics"])}
+{body}
+<h2>Resolved configuration</h2><pre>{html.escape(config_text)}</pre>
+</body></html>
+"""
+    path = run_dir / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
