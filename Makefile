@@ -5,28 +5,34 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test sources setup clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,faiss]'
+	$(BIN)/pip install --quiet -e '.[dev,faiss,emoji]'
 	touch $(STAMP)
 
-# the demo renders its data from Debian font packages: install the missing ones (as root, or
-# with sudo), then run the main job
-demo: $(STAMP)
-	@missing=$$($(BIN)/python -c "from softtriple.data.builtin.glyphs import missing_packages; \
-	print(' '.join(missing_packages()))"); \
+# the built-in data sets are rendered from packages: `make sources` installs the missing Debian
+# ones (as root, or with sudo) and the npm one; CI runs it too, so that the tests that render
+# glyphs and emoji run there
+sources: $(STAMP)
+	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import glyphs, emoji; \
+	print(' '.join(glyphs.missing_packages() + emoji.debian_packages_missing()))"); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo=sudo; \
-	  else echo "make demo needs: apt-get install $$missing (as root)"; exit 1; fi; \
+	  else echo "needs: apt-get install $$missing (as root)"; exit 1; fi; \
 	  echo "installing $$missing"; \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null || \
 	  { $$sudo apt-get update -q >/dev/null && \
 	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null; }; \
 	fi
+	@$(BIN)/python -c "from softtriple.data.builtin.emoji import twemoji_dir; \
+	raise SystemExit(twemoji_dir() is None)" || \
+	npm install --silent --prefix $${SOFTTRIPLE_DATA:-data}/npm emoji-datasource-twitter@16.0.0
+
+demo: sources
 	$(BIN)/softtriple demo
 
 test: $(STAMP)

@@ -170,3 +170,29 @@ def test_digits_builtin_is_idempotent(tmp_path):
     assert manifest["checksum"] == folder_checksum(folder)
     table = read_table("folder", folder)
     assert sorted(set(table.split("train").labels)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(bool(__import__("softtriple.data.builtin.emoji", fromlist=["x"])
+                         .missing_sources()), reason="emoji sources not installed (make sources)")
+def test_emoji_builder_on_a_subset(tmp_path):
+    from softtriple.data.builtin import emoji
+    manifest = emoji.build(tmp_path, limit=25)
+    assert manifest["classes"] >= 15
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    for folder in folders:
+        files = sorted(f.stem for f in folder.glob("*.png"))
+        assert len(files) >= emoji.MIN_SOURCES
+        assert set(files) <= {"twemoji", "emojione", "noto", "openmoji", "symbola"}
+    with Image.open(folders[0] / "twemoji.png") as image:
+        assert image.size == (emoji.SIZE, emoji.SIZE) and image.mode == "RGB"
+        assert np.asarray(image).std() > 10
+
+
+def test_glyphs_builder_on_a_subset(tmp_path):
+    from softtriple.data.builtin import glyphs
+    if glyphs.missing_packages():
+        pytest.skip("Debian CJK fonts not installed (make sources)")
+    manifest = glyphs.build(tmp_path, limit=30)
+    assert manifest["classes"] == 30 and len(manifest["sources"]) == 10
+    for folder in (p for p in tmp_path.iterdir() if p.is_dir()):
+        assert len(list(folder.glob("*.png"))) >= glyphs.MIN_FONTS

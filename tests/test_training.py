@@ -23,10 +23,12 @@ TINY = ["model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    os.environ["SOFTTRIPLE_DATA"] = str(root)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SOFTTRIPLE_DATA", str(root))
     from softtriple.data.builtin import prepare
     prepare("digits", root)
-    return root
+    yield root
+    patch.undo()
 
 
 def tiny(out: Path, *extra: str):

@@ -26,9 +26,12 @@ def _test_embeddings(run: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return data["embeddings"], data["labels"], [str(p) for p in data["paths"]]
 
 
-def _center_assignments(run: Path, classes: int = 3) -> tuple[np.ndarray, int, list[Any]] | None:
-    """Effective centers per class and, for a few training classes, the images each center
-    attracts most; None when the run's loss has no (C, K, d) centers."""
+def _center_assignments(run: Path, classes: int = 3,
+                        candidates: int = 40) -> tuple[np.ndarray, int, list[Any]] | None:
+    """Effective centers per class and, for the training classes (of up to ``candidates``
+    sampled) whose images spread over the most centers, the images each center attracts most;
+    None when the run's loss has no (C, K, d) centers."""
+    from softtriple.data import ImageDataset, eval_transform
     from softtriple.training import model_from_checkpoint
     from softtriple.training.data import load_table
     from softtriple.training.trainer import build_objective_loss
@@ -42,13 +45,13 @@ def _center_assignments(run: Path, classes: int = 3) -> tuple[np.ndarray, int, l
     centers = torch.nn.functional.normalize(loss.centers.detach(), dim=2)  # (C, K, d)
     table = load_table(config.data).split("train")
     labels, original = table.encoded_labels()
-    from softtriple.data import ImageDataset, eval_transform
-    picked = np.argsort(-counts, kind="stable")[:classes]  # the classes that kept most centers
-    out = []
-    for c in picked:
+    dataset = ImageDataset(table, labels, eval_transform(config.data.image_size, model.mean,
+                                                         model.std))
+    rng = np.random.default_rng(config.run.seed)
+    sampled = rng.choice(len(original), min(candidates, len(original)), replace=False)
+    found = []
+    for c in sampled:
         idx = np.flatnonzero(labels == c)
-        dataset = ImageDataset(table, labels, eval_transform(config.data.image_size, model.mean,
-                                                             model.std))
         with torch.no_grad():
             x = model(torch.stack([dataset[int(i)][0] for i in idx]))
         sims = x @ centers[c].T  # (n_c, K)
@@ -60,8 +63,9 @@ def _center_assignments(run: Path, classes: int = 3) -> tuple[np.ndarray, int, l
             if len(order):
                 per_center.append([str(table.paths[idx[int(i)]]) for i in order])
         name = table.class_names.get(int(original[c]), str(int(original[c])))
-        out.append((name, per_center))
-    return counts, centers.shape[1], out
+        found.append((len(per_center), name, per_center))
+    found.sort(key=lambda item: -item[0])  # stable: ties keep the sampled order
+    return counts, centers.shape[1], [(name, groups) for _, name, groups in found[:classes]]
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:

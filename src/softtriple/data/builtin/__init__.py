@@ -52,9 +52,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _registry() -> dict[str, Builtin]:
-    from softtriple.data.builtin import digits, fashion_mnist, glyphs
+    from softtriple.data.builtin import digits, emoji, fashion_mnist, glyphs
 
-    return {b.name: b for b in (digits.BUILTIN, fashion_mnist.BUILTIN, glyphs.BUILTIN)}
+    return {b.name: b for b in (digits.BUILTIN, emoji.BUILTIN, fashion_mnist.BUILTIN,
+                                glyphs.BUILTIN)}
 
 
 BUILTINS = _registry()
