@@ -7,7 +7,6 @@ tensorboard/ (events), checkpoints/last.pt (atomic, every epoch), results.json (
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
 import time
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from softtriple.evaluation import evaluate
-from softtriple.losses import LOSSES, build_loss
+from softtriple.losses import LOSSES, build_loss, loss_arguments
 from softtriple.models import EmbeddingModel, build_backbone
 from softtriple.training import distributed as dist
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -51,7 +50,7 @@ def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
 def build_objective_loss(config: Config, num_classes: int) -> nn.Module:
     if config.loss.name not in LOSSES:
         raise ConfigError(f"unknown loss.name {config.loss.name!r}; valid: {', '.join(LOSSES)}")
-    params = inspect.signature(LOSSES[config.loss.name]).parameters
+    params = loss_arguments(config.loss.name)
     sized = {"num_classes": num_classes, "embedding_dim": config.model.embedding_dim}
     kwargs = {k: v for k, v in sized.items() if k in params} | dict(config.loss.args)
     return build_loss(config.loss.name, **kwargs)
