@@ -23,10 +23,10 @@ DEMO_CONFIG: dict[str, Any] = {
                       "margin": 0.01}},
     "optimizer": {"lr": 1.0e-3, "loss_lr": 1.0e-2, "eps": 0.01, "weight_decay": 1.0e-4},
     "schedule": {"epochs": 8, "milestones": [6], "gamma": 0.1},
-    "evaluation": {"every": 4, "metrics": ["recall", "map_at_r", "nmi"]},
+    "evaluation": {"every": 4, "metrics": ["recall", "map_at_r", "nmi", "ami"]},
     "run": {"out": "runs/glyphs"},
 }
-SHOWN = ("recall@1", "recall@2", "recall@4", "recall@8", "map_at_r", "nmi")
+SHOWN = ("recall@1", "recall@2", "recall@4", "recall@8", "map_at_r", "nmi", "ami")
 
 
 def demo_config(overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
@@ -44,7 +44,7 @@ def raw_pixels(trainer: Trainer) -> dict[str, Any]:
             rows.append(255 - np.asarray(image.convert("L").resize((32, 32)), np.float32).ravel())
     x = np.stack(rows)
     return evaluate(x - x.mean(axis=1, keepdims=True), table.encoded_labels()[0],
-                    metrics=("recall", "map_at_r", "nmi"))
+                    metrics=("recall", "map_at_r", "nmi", "ami"))
 
 
 def run(overrides: list[str] = ()) -> dict[str, dict[str, float]]:  # type: ignore[assignment]

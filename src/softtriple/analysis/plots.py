@@ -32,7 +32,7 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> Path:
     axes[1].set(title="learning rates", xlabel="epoch", yscale="log")
     evals = [h for h in history if "test/recall@1" in h]
     for key, label in (("test/recall@1", "Recall@1"), ("test/nmi", "NMI"),
-                       ("test/map_at_r", "MAP@R")):
+                       ("test/ami", "AMI"), ("test/map_at_r", "MAP@R")):
         points = [(h["epoch"], h[key]) for h in evals if key in h]
         if points:
             axes[2].plot(*zip(*points, strict=True), "o-", label=label)

@@ -8,6 +8,7 @@ tensorboard/ (events), checkpoints/last.pt (atomic, every epoch), results.json (
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -57,10 +58,15 @@ def build_objective_loss(config: Config, num_classes: int) -> nn.Module:
 
 
 def _device(name: str) -> torch.device:
+    """The device of this process; under torchrun, GPU number LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device is cuda but no GPU is visible; use auto or cpu")
+    if name == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 
