@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from softtriple.atomic import write_json
 from softtriple.data.builtin import BUILTINS, default_root, prepared
 from softtriple.data.formats import read_folder
 from softtriple.evaluation import evaluate
@@ -47,10 +48,7 @@ def main() -> None:
         results[name] = {"test_images": len(table), "test_classes": len(set(table.labels)),
                          "pixels": f"{SIZE}x{SIZE} grey", **metrics}
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    write_json(RESULTS, results)
 
 
 if __name__ == "__main__":

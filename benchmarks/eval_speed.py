@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from softtriple.atomic import write_json
+
 SHAPES = {  # name: (images, dim, classes, min images per class, max images per class)
     "cub": (5924, 512, 100, 59, 60),
     "cars": (8131, 512, 98, 82, 83),
@@ -118,10 +120,7 @@ def main() -> None:
                           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
               "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/eval_speed.py",
               "rows": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = args.json.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_path.replace(args.json)  # atomic
+    write_json(args.json, report)
     print(f"wrote {args.json}")
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from softtriple.atomic import write_json
+
 CONFIGS = [(32, 64, 100, 10), (256, 512, 100, 10), (256, 512, 11318, 10)]  # (B, d, C, K)
 PEER_REGULARIZER_MAX_CLASSES = 2000  # its CK x CK masks: 51 GB of float32 at C = 11,318
 RESULTS = Path(__file__).parent / "results" / "loss_speed.json"
@@ -140,10 +142,7 @@ def main() -> None:
                           "pytorch_metric_learning": pytorch_metric_learning.__version__},
               "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/loss_speed.py",
               "rows": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.json)
+    write_json(args.json, report)
     print(f"wrote {args.json}")
 
 

@@ -11,7 +11,6 @@ benchmarks/results/train_speed.json; docs/PERFORMANCE.md quotes it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from softtriple.atomic import write_json
 from softtriple.training import Trainer, load_config
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
@@ -70,10 +70,7 @@ def main() -> None:
                           "threads": torch.get_num_threads()},
               "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_speed.py"}
     print(f"bare loop {bare:.1f} img/s, trainer {ours:.1f} img/s, ratio {ours / bare:.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = RESULTS.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_path.replace(RESULTS)
+    write_json(RESULTS, report)
 
 
 if __name__ == "__main__":

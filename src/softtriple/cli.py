@@ -87,11 +87,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     embeddings, labels, paths, _ = _embed(args.checkpoint, args.split)
+    from softtriple.atomic import atomic_path
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, embeddings=embeddings, labels=labels, paths=np.array(paths))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        np.savez(tmp, embeddings=embeddings, labels=labels, paths=np.array(paths))
     print(f"wrote {out}: {embeddings.shape[0]} embeddings of width {embeddings.shape[1]}")
     return 0
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from softtriple.analysis import plots
+from softtriple.atomic import write_text
 from softtriple.losses import SoftTripleLoss
 
 CENTER_THRESHOLD = 0.9  # cosine similarity above which two centers of a class count as one
@@ -108,7 +109,5 @@ td{{padding:2px 12px}}pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 </body></html>
 """
     path = run_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_text(path, page)
     return path

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from softtriple.atomic import atomic_path, write_json
 from softtriple.evaluation import evaluate
 from softtriple.losses import LOSSES, build_loss, loss_arguments
 from softtriple.models import EmbeddingModel, build_backbone
@@ -274,13 +275,11 @@ class Trainer:
                    "run": str(self.out)}
         if dist.is_main():
             table = self.loaders.test_table
-            tmp_npz = self.out / "test_embeddings.tmp.npz"
-            np.savez(tmp_npz, embeddings=self.last_embeddings, labels=table.encoded_labels()[0],
-                     paths=np.array([str(p) for p in table.paths]))
-            tmp_npz.replace(self.out / "test_embeddings.npz")
-            tmp = self.out / "results.json.tmp"
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
-            tmp.replace(self.out / "results.json")
+            with atomic_path(self.out / "test_embeddings.npz") as tmp:
+                np.savez(tmp, embeddings=self.last_embeddings,
+                         labels=table.encoded_labels()[0],
+                         paths=np.array([str(p) for p in table.paths]))
+            write_json(self.out / "results.json", results)
             if self.writer is not None:
                 self.writer.close()
             if self.config.run.report:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from softtriple.atomic import write_json
 from softtriple.data.table import DataError
 
 
@@ -43,12 +44,6 @@ def folder_checksum(folder: Path) -> str:
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _registry() -> dict[str, Builtin]:
@@ -81,5 +76,5 @@ def prepare(name: str, root: Path | None = None, force: bool = False) -> Path:
                 checksum=folder_checksum(folder))
     from softtriple.data.builtin.preview import make_preview
     make_preview(folder)
-    write_json_atomic(folder / "manifest.json", body)
+    write_json(folder / "manifest.json", body)
     return folder
