@@ -115,3 +115,9 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(data_root
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())["metrics"]
     assert r1["recall@1"] == pytest.approx(r2["recall@1"], abs=0.01)
+
+
+def test_batch_larger_than_the_training_split_is_a_clear_error(data_root, tmp_path):
+    from softtriple.data import DataError
+    with pytest.raises(DataError, match="fewer than one batch of 4096; lower data.batch_size"):
+        Trainer(tiny(tmp_path / "run", "data.batch_size=4096"))

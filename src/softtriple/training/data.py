@@ -88,6 +88,9 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
                                             world, rank)
     else:
         sampler = ShardedBatchSampler(len(train_table), local, seed, world, rank)
+    if len(sampler) == 0:
+        raise DataError(f"the training split has {len(train_table)} images, fewer than one batch "
+                        f"of {config.batch_size}; lower data.batch_size")
     train_set = ImageDataset(train_table, train_labels,
                              train_transform(config.image_size, config.flip, mean, std)
                              if config.augment else eval_transform(config.image_size, mean, std))
