@@ -44,3 +44,14 @@ def test_bninception_state_dict_uses_caffe_key_names():
     for key in ("conv1_7x7_s2.weight", "conv1_7x7_s2_bn.running_var", "inception_3a_1x1.bias",
                 "inception_3c_double_3x3_2_bn.weight", "inception_5b_pool_proj.weight"):
         assert key in keys
+
+
+def test_freeze_backbone_trains_only_the_embedding_layer():
+    model = EmbeddingModel(build_backbone("small_cnn"), 8, freeze_backbone=True).train()
+    stats = [m.running_mean.clone() for m in model.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.embedding.weight.grad is not None
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(
+        stats, (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)), strict=True))

@@ -16,15 +16,20 @@ class EmbeddingModel(nn.Module):
         embedding_dim: d.
         freeze_bn: keep every BatchNorm of the backbone in eval mode (running statistics fixed)
             while training, as the official SoftTriple code's ``--freeze_BN`` does.
+        freeze_backbone: train only the embedding layer (and the loss); the backbone's weights
+            get no gradient and its BatchNorm statistics stay fixed.
     """
 
-    def __init__(self, backbone: Backbone, embedding_dim: int, freeze_bn: bool = False) -> None:
+    def __init__(self, backbone: Backbone, embedding_dim: int, freeze_bn: bool = False,
+                 freeze_backbone: bool = False) -> None:
         super().__init__()
         self.backbone = backbone.features
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.embedding = nn.Linear(backbone.out_channels, embedding_dim)
         self.mean, self.std = backbone.mean, backbone.std
-        self.embedding_dim, self.freeze_bn = embedding_dim, freeze_bn
+        self.embedding_dim = embedding_dim
+        self.freeze_bn = freeze_bn or freeze_backbone
+        self.backbone.requires_grad_(not freeze_backbone)
 
     def train(self, mode: bool = True) -> EmbeddingModel:
         super().train(mode)

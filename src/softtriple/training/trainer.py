@@ -46,7 +46,8 @@ class Objective(nn.Module):
 
 def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
     backbone = build_backbone(config.model.backbone, config.model.weights, pretrained)
-    return EmbeddingModel(backbone, config.model.embedding_dim, config.model.freeze_bn)
+    return EmbeddingModel(backbone, config.model.embedding_dim, config.model.freeze_bn,
+                          config.model.freeze_backbone)
 
 
 def build_objective_loss(config: Config, num_classes: int) -> nn.Module:
@@ -118,7 +119,8 @@ class Trainer:
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None)
         opt = config.optimizer
-        groups = [{"params": list(self.model.parameters()), "lr": opt.lr, "name": "network"}]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": trainable, "lr": opt.lr, "name": "network"}]
         if list(self.loss.parameters()):
             groups.append({"params": list(self.loss.parameters()), "lr": opt.loss_lr,
                            "name": "loss"})
