@@ -13,26 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from softtriple.atomic import write_json
+from softtriple.data.baseline import raw_pixels
 from softtriple.data.builtin import BUILTINS, default_root, prepared
 from softtriple.data.formats import read_folder
 from softtriple.evaluation import evaluate
 
 SIZE = 32
 RESULTS = Path(__file__).parent / "results" / "data_baseline.json"
-
-
-def pixels(paths: list[Path]) -> np.ndarray:
-    rows = []
-    for path in paths:
-        with Image.open(path) as image:
-            grey = np.asarray(image.convert("L").resize((SIZE, SIZE)), dtype=np.float32)
-        rows.append((255 - grey).ravel())
-    x = np.stack(rows)
-    return x - x.mean(axis=1, keepdims=True)
 
 
 def main() -> None:
@@ -44,7 +32,8 @@ def main() -> None:
             print(f"{name}: not prepared (softtriple data prepare {name})")
             continue
         table = read_folder(default_root() / name, BUILTINS[name].train_fraction).split("test")
-        metrics = evaluate(pixels(table.paths), table.labels, metrics=("recall", "map_at_r"))
+        metrics = evaluate(raw_pixels(table.paths, SIZE), table.labels,
+                           metrics=("recall", "map_at_r"))
         results[name] = {"test_images": len(table), "test_classes": len(set(table.labels)),
                          "pixels": f"{SIZE}x{SIZE} grey", **metrics}
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})

@@ -196,3 +196,13 @@ def test_glyphs_builder_on_a_subset(tmp_path):
     assert manifest["classes"] == 30 and len(manifest["sources"]) == 10
     for folder in (p for p in tmp_path.iterdir() if p.is_dir()):
         assert len(list(folder.glob("*.png"))) >= glyphs.MIN_FONTS
+
+
+def test_raw_pixels_are_mean_free_ink_vectors(tmp_path):
+    from softtriple.data.baseline import raw_pixels
+    _image(tmp_path / "a.png", 1)
+    Image.new("L", (10, 10), 255).save(tmp_path / "blank.png")
+    x = raw_pixels([tmp_path / "a.png", tmp_path / "blank.png"], size=8)
+    assert x.shape == (2, 64) and x.dtype == np.float32
+    np.testing.assert_allclose(x.mean(axis=1), 0, atol=1e-4)
+    assert np.all(x[1] == 0)  # white paper has no ink

@@ -48,11 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _embed(checkpoint: str, split: str) -> tuple[Any, Any, list[str], Any]:
-    import numpy as np
-    import torch
     from torch.utils.data import DataLoader
 
     from softtriple.data import ImageDataset, eval_transform
+    from softtriple.models import embed
     from softtriple.training import model_from_checkpoint
     from softtriple.training.data import load_table
 
@@ -61,12 +60,9 @@ def _embed(checkpoint: str, split: str) -> tuple[Any, Any, list[str], Any]:
     labels = table.encoded_labels()[0]
     dataset = ImageDataset(table, labels,
                            eval_transform(config.data.image_size, model.mean, model.std))
-    parts = []
-    with torch.no_grad():
-        for images, _, _ in DataLoader(dataset, batch_size=config.evaluation.batch_size,
-                                       num_workers=config.data.workers):
-            parts.append(model(images).numpy())
-    return np.concatenate(parts), labels, [str(p) for p in table.paths], config
+    loader = DataLoader(dataset, batch_size=config.evaluation.batch_size,
+                        num_workers=config.data.workers)
+    return embed(model, loader), labels, [str(p) for p in table.paths], config
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

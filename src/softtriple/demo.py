@@ -7,8 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
+from softtriple.data.baseline import raw_pixels
 from softtriple.data.builtin import glyphs, prepare
 from softtriple.evaluation import evaluate
 from softtriple.training import Trainer
@@ -33,17 +32,10 @@ def demo_config(overrides: list[str] = ()) -> Config:  # type: ignore[assignment
     return apply_overrides(config_from_dict(DEMO_CONFIG), overrides)
 
 
-def raw_pixels(trainer: Trainer) -> dict[str, Any]:
+def raw_pixel_metrics(trainer: Trainer) -> dict[str, Any]:
     """The raw-pixel baseline on the same held-out images (32 x 32 grey)."""
-    from PIL import Image
-
     table = trainer.loaders.test_table
-    rows = []
-    for path in table.paths:
-        with Image.open(path) as image:
-            rows.append(255 - np.asarray(image.convert("L").resize((32, 32)), np.float32).ravel())
-    x = np.stack(rows)
-    return evaluate(x - x.mean(axis=1, keepdims=True), table.encoded_labels()[0],
+    return evaluate(raw_pixels(table.paths), table.encoded_labels()[0],
                     metrics=("recall", "map_at_r", "nmi", "ami"))
 
 
@@ -54,7 +46,7 @@ def run(overrides: list[str] = ()) -> dict[str, dict[str, float]]:  # type: igno
     results = trainer.train()
     before = {k.removeprefix("test/"): v for k, v in trainer.history[0].items()
               if k.startswith("test/")}
-    return {"raw pixels": raw_pixels(trainer), "pretrained": before,
+    return {"raw pixels": raw_pixel_metrics(trainer), "pretrained": before,
             "trained": results["metrics"], "run": {"folder": results["run"]}}
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from softtriple.models.backbones import Backbone
 
@@ -42,3 +45,13 @@ class EmbeddingModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         features = self.pool(self.backbone(x)).flatten(1)  # (B, C)
         return F.normalize(self.embedding(features), dim=1)  # (B, d)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> np.ndarray:
+    """Embeddings (N, d) float32 of every (image, label, index) batch of ``loader``, in order,
+    with ``model`` in eval mode."""
+    model.eval()
+    parts = [model(images.to(device)).float().cpu().numpy() for images, _, _ in loader]
+    width = getattr(model, "embedding_dim", 0)
+    return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)

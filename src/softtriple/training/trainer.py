@@ -22,7 +22,7 @@ from tqdm import tqdm
 from softtriple.atomic import atomic_path, write_json
 from softtriple.evaluation import evaluate
 from softtriple.losses import LOSSES, build_loss, loss_arguments
-from softtriple.models import EmbeddingModel, build_backbone
+from softtriple.models import EmbeddingModel, build_backbone, embed
 from softtriple.training import distributed as dist
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from softtriple.training.config import Config, ConfigError, config_from_dict, dump_config
@@ -176,15 +176,9 @@ class Trainer:
                     self.writer.add_scalar(key, value, record.get("step", self.step))
 
     # ----------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def embed_test(self) -> np.ndarray:
         """Embeddings (N_test, d) of the held-out classes, gathered from every rank."""
-        self.model.eval()
-        parts = []
-        for images, _, _ in self.loaders.test:
-            parts.append(self.model(images.to(self.device)).float().cpu().numpy())
-        local = np.concatenate(parts) if parts else np.zeros((0, self.model.embedding_dim))
-        return np.concatenate(dist.gather(local))
+        return np.concatenate(dist.gather(embed(self.model, self.loaders.test, self.device)))
 
     def evaluate(self) -> dict[str, Any]:
         embeddings = self.embed_test()
