@@ -167,3 +167,25 @@ def clustering_oracle_reference(x: Tensor, labels: Tensor) -> Tensor:
         scores = [-sum(_dist(u[i], u[j]) for i in members) for j in members]
         total = total + max(scores, key=float)
     return total
+
+
+def proxy_anchor_reference(x: Tensor, labels: Tensor, proxies: Tensor, alpha: float,
+                           margin: float) -> Tensor:
+    """Kim et al. 2020 eq. 4, one proxy and one embedding at a time."""
+    xs = [_unit(x[i]) for i in range(len(x))]
+    positive_proxies = sorted({int(y) for y in labels})
+    pos = x.new_zeros(())
+    neg = x.new_zeros(())
+    for c in range(len(proxies)):
+        p = _unit(proxies[c])
+        pos_sum, neg_sum = x.new_zeros(()), x.new_zeros(())
+        for i, xi in enumerate(xs):
+            s = (xi * p).sum()
+            if int(labels[i]) == c:
+                pos_sum = pos_sum + torch.exp(-alpha * (s - margin))
+            else:
+                neg_sum = neg_sum + torch.exp(alpha * (s + margin))
+        if c in positive_proxies:
+            pos = pos + torch.log(1 + pos_sum)
+        neg = neg + torch.log(1 + neg_sum)
+    return pos / len(positive_proxies) + neg / len(proxies)

@@ -16,6 +16,7 @@ from reference_losses import (
     clustering_oracle_reference,
     lifted_reference,
     npair_reference,
+    proxy_anchor_reference,
     proxy_nca_reference,
     triplet_semihard_reference,
 )
@@ -24,6 +25,7 @@ from softtriple.losses import (
     ClusteringLoss,
     LiftedStructureLoss,
     NPairLoss,
+    ProxyAnchorLoss,
     ProxyNCALoss,
     TripletLoss,
     build_loss,
@@ -69,6 +71,34 @@ def test_proxy_nca_full_softmax_equals_pytorch_metric_learning():
         peer.proxies.copy_(ours.proxies)
     x = _x(len(y))
     assert float(ours(x, y)) == pytest.approx(float(peer(x, y)), rel=1e-9)
+
+
+@pytest.mark.parametrize("labels", BATCHES)
+@pytest.mark.parametrize("alpha,margin", [(32.0, 0.1), (4.0, 0.0), (10.0, 0.3)])
+def test_proxy_anchor_equals_reference(labels, alpha, margin):
+    y = torch.tensor(labels)
+    loss_fn = ProxyAnchorLoss(8, 6, alpha=alpha, margin=margin).double()
+    x1 = _x(len(y)).requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    p2 = loss_fn.proxies.detach().clone().requires_grad_(True)
+    ours, ref = loss_fn(x1, y), proxy_anchor_reference(x2, y, p2, alpha, margin)
+    ours.backward()
+    ref.backward()
+    assert float(ours) == pytest.approx(float(ref), rel=1e-9)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(loss_fn.proxies.grad, p2.grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("labels", BATCHES)
+def test_proxy_anchor_equals_pytorch_metric_learning(labels):
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    y = torch.tensor(labels)
+    ours = ProxyAnchorLoss(7, 6).double()
+    peer = pml.ProxyAnchorLoss(7, 6, margin=0.1, alpha=32).double()
+    with torch.no_grad():
+        peer.proxies.copy_(ours.proxies)
+    x = _x(len(y), seed=3)
+    assert float(ours(x, y)) == pytest.approx(float(peer(x, y)), rel=1e-7)
 
 
 @pytest.mark.parametrize("labels", BATCHES)
@@ -142,6 +172,7 @@ def test_clustering_inference_is_close_to_the_exhaustive_maximum(seed):
 
 @pytest.mark.parametrize("make", [
     lambda: ProxyNCALoss(4, 3).double(),
+    lambda: ProxyAnchorLoss(4, 3, alpha=4.0).double(),
     lambda: NPairLoss(),
     lambda: LiftedStructureLoss(),
 ])
@@ -172,7 +203,8 @@ def test_degenerate_batches_give_zero_with_one_warning(name, labels, reason):
 
 
 def test_proxy_losses_with_single_class_batches_are_finite():
-    for loss_fn in (ProxyNCALoss(3, 6), build_loss("softtriple", num_classes=3, embedding_dim=6)):
+    for loss_fn in (ProxyNCALoss(3, 6), ProxyAnchorLoss(3, 6),
+                    build_loss("softtriple", num_classes=3, embedding_dim=6)):
         loss = loss_fn(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
         assert torch.isfinite(loss)
 

@@ -18,13 +18,14 @@ EXAMPLES = """examples:
   softtriple embed runs/digits --out runs/digits/test.npz
   softtriple search runs/digits/test.npz --query-index 0 -k 5
   softtriple report runs/digits
+  softtriple compare configs/compare/glyphs_head.yaml --dry-run
   torchrun --nproc_per_node=2 -m softtriple train --config configs/digits.yaml
 """
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
     for key, value in metrics.items():
-        print(f"  {key:<16}{value:.4f}" if isinstance(value, float) else f"  {key:<16}{value}")
+        print(f"  {key:<19}{value:.4f}" if isinstance(value, float) else f"  {key:<19}{value}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -70,7 +71,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     embeddings, labels, _, config = _embed(args.checkpoint, args.split)
     metrics = evaluate(embeddings, labels, ks=config.evaluation.ks,
-                       metrics=args.metrics or config.evaluation.metrics, seed=config.run.seed)
+                       metrics=args.metrics or config.evaluation.metrics, seed=config.run.seed,
+                       kmeans_settings=config.evaluation.kmeans)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -149,6 +151,28 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print(f"wrote {write_report(args.run)}")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from softtriple import compare
+
+    suite = compare.load_suite(args.suite)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
+    if args.dry_run:
+        for run in compare.runs(suite):
+            print(f"{run.status:<8}{run.variant.label:<24}seed {run.seed:<4}{run.folder}")
+            if args.verbose:
+                print("        " + " ".join(compare.train_command(suite, run, 0)[3:]))
+        return 0
+    failures = [] if args.summarize_only else compare.run_suite(suite, args.jobs)
+    summary = compare.summarize(suite)
+    print(f"wrote {suite.out / 'summary.md'}, summary.json and plots/ "
+          f"({len(summary['runs'])} finished runs)")
+    print(compare.summary_markdown(summary))
+    for failure in failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -246,6 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
                                        description="List the built-in data sets.")
     listing.add_argument("--root", help="where data sets live ($SOFTTRIPLE_DATA or ./data)")
     data.set_defaults(func=cmd_data)
+
+    compare_parser = commands.add_parser(
+        "compare", help="run a suite of runs (variants x seeds) and summarize it",
+        description="Train every (variant, seed) of a suite file as a run folder under the "
+                    "suite's out folder, skipping finished runs and resuming interrupted ones, "
+                    "then write summary.json, summary.md (mean +- std over seeds, the best in "
+                    "bold) and plots/. Rerunning a finished suite only summarizes it again.",
+        epilog="examples:\n  softtriple compare configs/compare/glyphs_head.yaml --dry-run\n"
+               "  softtriple compare configs/compare/glyphs_head.yaml --jobs 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare_parser.add_argument("suite", help="a suite YAML file (see configs/compare/)")
+    compare_parser.add_argument("--jobs", type=int, default=1,
+                                help="runs at a time, each with cores/jobs threads (default 1)")
+    compare_parser.add_argument("--dry-run", action="store_true",
+                                help="list the runs and their status (new, partial, done)")
+    compare_parser.add_argument("--verbose", action="store_true",
+                                help="with --dry-run, print each run's train arguments")
+    compare_parser.add_argument("--summarize-only", action="store_true",
+                                help="train nothing; summarize the finished runs")
+    compare_parser.set_defaults(func=cmd_compare)
 
     demo = commands.add_parser(
         "demo", help="the main job: fine-tune EfficientNet-Lite0 with SoftTriple on glyphs",

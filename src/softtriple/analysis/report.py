@@ -14,8 +14,7 @@ import torch
 from softtriple.analysis import plots
 from softtriple.atomic import write_text
 from softtriple.losses import SoftTripleLoss
-
-CENTER_THRESHOLD = 0.9  # cosine similarity above which two centers of a class count as one
+from softtriple.losses.softtriple import MERGE_THRESHOLD as CENTER_THRESHOLD
 
 
 def _test_embeddings(run: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

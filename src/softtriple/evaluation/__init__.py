@@ -1,5 +1,6 @@
 """Evaluation of embeddings: exact blocked kNN, Recall@K, precision@1, R-precision, MAP@R, NMI."""
 
+from softtriple.evaluation.clustering import KMEANS_BACKENDS, KMeansSettings
 from softtriple.evaluation.knn import knn
 from softtriple.evaluation.metrics import (
     ALL_METRICS,
@@ -17,6 +18,8 @@ from softtriple.evaluation.metrics import (
 __all__ = [
     "ALL_METRICS",
     "DEFAULT_METRICS",
+    "KMEANS_BACKENDS",
+    "KMeansSettings",
     "evaluate",
     "kmeans",
     "knn",

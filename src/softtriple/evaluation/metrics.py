@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softtriple.evaluation.clustering import KMeansSettings
+from softtriple.evaluation.clustering import kmeans as cluster
 from softtriple.evaluation.knn import ArrayLike, Backend, as_tensor, knn
 
 RETRIEVAL_METRICS = ("recall", "precision_at_1", "r_precision", "map_at_r")
@@ -191,35 +193,29 @@ def normalized_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> fl
     return float(min(mi / denominator, 1.0)) if denominator > 0 else 0.0
 
 
-def kmeans(embeddings: ArrayLike, n_clusters: int, seed: int = 0) -> np.ndarray:
-    """Cluster ids (N,) of L2-normalized embeddings: faiss k-means when installed, else sklearn."""
+def kmeans(embeddings: ArrayLike, n_clusters: int, seed: int = 0,
+           settings: KMeansSettings = KMeansSettings()) -> np.ndarray:  # noqa: B008
+    """Cluster ids (N,) of the L2-normalized embeddings; by default the paper's protocol
+    (scikit-learn, k-means++, best of 10 starts; see ``softtriple.evaluation.clustering``)."""
     x = torch.nn.functional.normalize(as_tensor(embeddings, "embeddings").float(), dim=1).numpy()
-    if not 1 <= n_clusters <= x.shape[0]:
-        raise ValueError(f"n_clusters must be in [1, {x.shape[0]}]; got {n_clusters}")
-    try:
-        import faiss
-    except ImportError:
-        from sklearn.cluster import KMeans
-        return KMeans(n_clusters, n_init=1, random_state=seed).fit_predict(x)
-    km = faiss.Kmeans(x.shape[1], n_clusters, niter=20, seed=seed, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=10_000_000)
-    km.train(np.ascontiguousarray(x))
-    return km.index.search(np.ascontiguousarray(x), 1)[1][:, 0].astype(np.int64)
+    return cluster(x, n_clusters, seed, settings)
 
 
 def nmi(embeddings: ArrayLike, labels: ArrayLike, n_clusters: int | None = None,
-        seed: int = 0) -> float:
+        seed: int = 0, settings: KMeansSettings = KMeansSettings()) -> float:  # noqa: B008
     """NMI between the labels and a k-means clustering (n_clusters = number of labels)."""
     y = _labels(labels, as_tensor(embeddings, "embeddings").shape[0], "labels")
-    clusters = kmeans(embeddings, n_clusters or len(np.unique(y)), seed)
+    clusters = kmeans(embeddings, n_clusters or len(np.unique(y)), seed, settings)
     return normalized_mutual_info(y, clusters)
 
 
 def evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8),
              metrics: Sequence[str] = DEFAULT_METRICS, gallery: ArrayLike | None = None,
              gallery_labels: ArrayLike | None = None, backend: Backend = "torch",
-             seed: int = 0) -> dict[str, Any]:
-    """All requested metrics from one neighbour search (and one k-means for NMI/AMI).
+             seed: int = 0,
+             kmeans_settings: KMeansSettings = KMeansSettings()) -> dict[str, Any]:  # noqa: B008
+    """All requested metrics from one neighbour search (and one k-means for NMI/AMI, whose
+    settings ``kmeans_settings`` describe and the result names under ``"kmeans"``).
 
     Returns:
         ``{"recall@1": ..., "precision_at_1": ..., "r_precision": ..., "map_at_r": ...,
@@ -244,7 +240,8 @@ def evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2
         out["lone_queries"] = int((~nb.has_positive).sum())
     if set(metrics) & set(CLUSTER_METRICS):
         y = _labels(labels, as_tensor(embeddings, "embeddings").shape[0], "labels")
-        clusters = kmeans(embeddings, len(np.unique(y)), seed)
+        clusters = kmeans(embeddings, len(np.unique(y)), seed, kmeans_settings)
+        out["kmeans"] = kmeans_settings.describe()
         if "nmi" in metrics:
             out["nmi"] = normalized_mutual_info(y, clusters)
         if "ami" in metrics:

@@ -14,6 +14,7 @@ from torch import nn
 from softtriple.losses.clustering import ClusteringLoss
 from softtriple.losses.lifted import LiftedStructureLoss
 from softtriple.losses.npair import NPairLoss
+from softtriple.losses.proxy_anchor import ProxyAnchorLoss
 from softtriple.losses.proxy_nca import ProxyNCALoss
 from softtriple.losses.softmax_norm import SoftMaxNormLoss
 from softtriple.losses.softtriple import HardTripleLoss, SoftTripleLoss
@@ -24,6 +25,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "hardtriple": HardTripleLoss,
     "softmax_norm": SoftMaxNormLoss,
     "proxy_nca": ProxyNCALoss,
+    "proxy_anchor": ProxyAnchorLoss,
     "npair": NPairLoss,
     "lifted": LiftedStructureLoss,
     "triplet": TripletLoss,
@@ -59,6 +61,7 @@ __all__ = [
     "HardTripleLoss",
     "LiftedStructureLoss",
     "NPairLoss",
+    "ProxyAnchorLoss",
     "ProxyNCALoss",
     "SoftMaxNormLoss",
     "SoftTripleLoss",

@@ -49,6 +49,9 @@ def center_regularizer(centers: Tensor) -> Tensor:
     return dist.sum() / (num_classes * k * (k - 1))
 
 
+
+MERGE_THRESHOLD = 0.9  # cosine similarity above which two centers of a class count as one
+
 class SoftTripleLoss(nn.Module):
     """SoftTriple loss: K centers per class, an entropy-smoothed max over them, a margin, and an
     L2,1-style regularizer that merges redundant centers (Qian et al., ICCV 2019, eq. 8-10).
@@ -113,7 +116,7 @@ class SoftTripleLoss(nn.Module):
         return loss
 
     @torch.no_grad()
-    def effective_centers(self, threshold: float) -> Tensor:
+    def effective_centers(self, threshold: float = MERGE_THRESHOLD) -> Tensor:
         """Centers left per class after merging those closer than ``threshold``.
 
         Two centers of a class are linked when their cosine similarity exceeds ``threshold``;

@@ -147,6 +147,8 @@ def small_cnn(weights: str | None = None, pretrained: bool = True) -> Backbone:
     return Backbone(net, 128, IMAGENET_MEAN, IMAGENET_STD)
 
 
+WHEEL_WEIGHTS = ("efficientnet_lite0",)  # backbones pretrained without a weights file
+
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "efficientnet_lite0": efficientnet_lite0,
     "resnet18": resnet18,

@@ -1,4 +1,8 @@
-"""The embedding model: backbone features -> global average pooling -> Linear -> L2-normalize."""
+"""The embedding model: backbone features -> global average pooling -> head -> L2-normalize.
+
+The head is a Linear layer (the paper's) or a small MLP (``head_hidden`` > 0). The model also
+takes pooled backbone features (B, C) in place of images, which is how a run with
+``data.feature_cache`` trains its head on features computed once (the backbone frozen)."""
 
 from __future__ import annotations
 
@@ -21,14 +25,19 @@ class EmbeddingModel(nn.Module):
             while training, as the official SoftTriple code's ``--freeze_BN`` does.
         freeze_backbone: train only the embedding layer (and the loss); the backbone's weights
             get no gradient and its BatchNorm statistics stay fixed.
+        head_hidden: 0 for a Linear head (C -> d); else an MLP C -> head_hidden -> ReLU -> d.
     """
 
     def __init__(self, backbone: Backbone, embedding_dim: int, freeze_bn: bool = False,
-                 freeze_backbone: bool = False) -> None:
+                 freeze_backbone: bool = False, head_hidden: int = 0) -> None:
         super().__init__()
         self.backbone = backbone.features
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.embedding = nn.Linear(backbone.out_channels, embedding_dim)
+        self.feature_dim = backbone.out_channels
+        self.embedding: nn.Module = (
+            nn.Linear(backbone.out_channels, embedding_dim) if head_hidden == 0 else
+            nn.Sequential(nn.Linear(backbone.out_channels, head_hidden), nn.ReLU(inplace=True),
+                          nn.Linear(head_hidden, embedding_dim)))
         self.mean, self.std = backbone.mean, backbone.std
         self.embedding_dim = embedding_dim
         self.freeze_bn = freeze_bn or freeze_backbone
@@ -42,8 +51,13 @@ class EmbeddingModel(nn.Module):
                     module.eval()
         return self
 
+    def features(self, x: Tensor) -> Tensor:
+        """Pooled backbone features (B, C) of images x (B, 3, H, W)."""
+        return self.pool(self.backbone(x)).flatten(1)  # type: ignore[no-any-return]
+
     def forward(self, x: Tensor) -> Tensor:
-        features = self.pool(self.backbone(x)).flatten(1)  # (B, C)
+        """Images (B, 3, H, W), or their pooled features (B, C), -> unit embeddings (B, d)."""
+        features = x if x.dim() == 2 else self.features(x)  # (B, C)
         return F.normalize(self.embedding(features), dim=1)  # (B, d)
 
 

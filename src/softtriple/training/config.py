@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from softtriple.evaluation.clustering import KMeansSettings
+
 
 class ConfigError(ValueError):
     """A configuration file or override is malformed."""
@@ -23,6 +25,7 @@ class ModelConfig:
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (official --freeze_BN)
     freeze_backbone: bool = False  # train only the embedding layer (fast, keeps the features)
     channels_last: bool = False  # memory format of the input batch
+    head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
 
 
 @dataclass
@@ -38,6 +41,12 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes
     train_fraction: float = 0.5  # class split of folder and csv data without a split column
     max_classes: int = 0  # 0: all; else the first N classes (sorted) of each split, for CPU runs
+    # tuning: 0 evaluates on the test classes; else this fraction of the training classes is
+    # held out and evaluated on, and the test classes are never read
+    validation_classes: float = 0.0
+    # the head protocol: pooled features of the frozen backbone computed once (test transform,
+    # no augmentation) and cached next to the data; needs model.freeze_backbone and augment off
+    feature_cache: bool = False
 
 
 @dataclass
@@ -70,6 +79,8 @@ class EvaluationConfig:
     # AMI (adjusted for chance) is reported beside it
     metrics: list[str] = field(default_factory=lambda: ["recall", "map_at_r", "nmi", "ami"])
     batch_size: int = 128
+    # NMI/AMI's k-means; the default is the paper's protocol (sklearn, k-means++, best of 10)
+    kmeans: KMeansSettings = field(default_factory=KMeansSettings)
     before_training: bool = True  # evaluate the untrained model first (epoch 0)
 
 
@@ -99,6 +110,8 @@ class Config:
 
 def _merge(target: Any, values: dict[str, Any], where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(target)}
+    if isinstance(target, LossConfig) and values.get("name", target.name) != target.name:
+        target.args = {}  # another loss starts from its own defaults, not the old loss's args
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown config key {where}{key}; valid: "
@@ -111,7 +124,10 @@ def _merge(target: Any, values: dict[str, Any], where: str) -> None:
         elif isinstance(current, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} must be a mapping; got {value!r}")
-            current.update(value)
+            if value:
+                current.update(value)  # {a: 1} sets a and keeps the rest
+            else:
+                current.clear()  # {} clears
         else:
             setattr(target, key, _coerce(value, current, f"{where}{key}"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,21 @@ from softtriple.data.formats import read_csv, read_folder
 from softtriple.training.config import DataConfig
 
 SAMPLERS = ("random", "class_balanced")
+FeatureFn = Callable[[ImageTable], np.ndarray]  # a split's table -> its features (N, C)
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """(feature row (C,), label, index) triples: the head protocol's stand-in for images."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
+        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        self.labels = np.asarray(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.features[index], int(self.labels[index]), index
 
 
 def load_table(config: DataConfig) -> ImageTable:
@@ -49,7 +65,24 @@ def load_table(config: DataConfig) -> ImageTable:
             keep |= in_split & np.isin(table.labels, first)
         table = ImageTable([p for p, k in zip(table.paths, keep, strict=True) if k],
                            table.labels[keep], table.splits[keep], table.root, table.class_names)
+    if config.validation_classes:
+        table = validation_split(table, config.validation_classes)
     return table
+
+
+def validation_split(table: ImageTable, fraction: float) -> ImageTable:
+    """The training classes only: the last ``fraction`` of them (sorted) become the evaluation
+    ("test") split, so that settings are tuned without ever seeing the test classes (Musgrave
+    et al., "A Metric Learning Reality Check", ECCV 2020)."""
+    train = table.split("train")
+    classes = np.unique(train.labels)
+    held = int(round(len(classes) * fraction))
+    if not 1 <= held < len(classes):
+        raise DataError(f"data.validation_classes={fraction} holds out {held} of "
+                        f"{len(classes)} training classes; choose a fraction that leaves both "
+                        f"parts at least one class")
+    splits = np.where(np.isin(train.labels, classes[-held:]), "test", "train")
+    return ImageTable(train.paths, train.labels, splits, table.root, table.class_names)
 
 
 @dataclass
@@ -63,9 +96,11 @@ class Loaders:
 
 
 def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float, ...],
-                  eval_batch_size: int, seed: int, world: int = 1, rank: int = 0) -> Loaders:
+                  eval_batch_size: int, seed: int, world: int = 1, rank: int = 0,
+                  features: FeatureFn | None = None) -> Loaders:
     """Training loader (this rank's share of each global batch) and test loader (this rank's
-    contiguous shard of the test set)."""
+    contiguous shard of the test set). With ``features`` (the head protocol) the loaders yield
+    each image's cached backbone features in place of the image."""
     if config.sampler not in SAMPLERS:
         raise DataError(f"unknown sampler {config.sampler!r}; valid: {', '.join(SAMPLERS)}")
     if config.batch_size % world:
@@ -91,18 +126,26 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
     if len(sampler) == 0:
         raise DataError(f"the training split has {len(train_table)} images, fewer than one batch "
                         f"of {config.batch_size}; lower data.batch_size")
-    train_set = ImageDataset(train_table, train_labels,
-                             train_transform(config.image_size, config.flip, mean, std)
-                             if config.augment else eval_transform(config.image_size, mean, std))
     shard = np.array_split(np.arange(len(test_table)), world)[rank]
-    test_set = torch.utils.data.Subset(
-        ImageDataset(test_table, test_labels, eval_transform(config.image_size, mean, std)),
-        shard.tolist())
+    train_set: torch.utils.data.Dataset
+    test_set: torch.utils.data.Dataset
+    workers = config.workers
+    if features is not None:
+        train_set = FeatureDataset(features(train_table), train_labels)
+        test_set = FeatureDataset(features(test_table), test_labels)
+        workers = 0  # rows of a tensor in memory: worker processes only add start-up time
+    else:
+        transform = (train_transform(config.image_size, config.flip, mean, std)
+                     if config.augment else eval_transform(config.image_size, mean, std))
+        train_set = ImageDataset(train_table, train_labels, transform)
+        test_set = ImageDataset(test_table, test_labels,
+                                eval_transform(config.image_size, mean, std))
+    test_set = torch.utils.data.Subset(test_set, shard.tolist())
     pin = torch.cuda.is_available()
     generator = torch.Generator().manual_seed(seed)
     # workers are not persistent: they restart, reseeded from the generator, every epoch
     train = DataLoader(train_set, batch_sampler=sampler, generator=generator,
-                       num_workers=config.workers, pin_memory=pin)
+                       num_workers=workers, pin_memory=pin)
     test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False,
-                      num_workers=config.workers, pin_memory=pin)
+                      num_workers=workers, pin_memory=pin)
     return Loaders(train, test, train_table, test_table, len(classes), test_labels[shard])

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,16 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from softtriple.atomic import atomic_path, write_json
+from softtriple.data import ImageTable
 from softtriple.evaluation import evaluate
 from softtriple.losses import LOSSES, build_loss, loss_arguments
 from softtriple.models import EmbeddingModel, build_backbone, embed
+from softtriple.models.backbones import WHEEL_WEIGHTS
 from softtriple.training import distributed as dist
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from softtriple.training.config import Config, ConfigError, config_from_dict, dump_config
 from softtriple.training.data import Loaders, build_loaders
+from softtriple.training.feature_cache import cached_features
 
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
                ("data", "workers"),
@@ -47,7 +51,7 @@ class Objective(nn.Module):
 def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
     backbone = build_backbone(config.model.backbone, config.model.weights, pretrained)
     return EmbeddingModel(backbone, config.model.embedding_dim, config.model.freeze_bn,
-                          config.model.freeze_backbone)
+                          config.model.freeze_backbone, config.model.head_hidden)
 
 
 def build_objective_loss(config: Config, num_classes: int) -> nn.Module:
@@ -111,7 +115,7 @@ class Trainer:
         self.model = build_model(config).to(self.device)
         self.loaders: Loaders = build_loaders(
             config.data, self.model.mean, self.model.std, config.evaluation.batch_size,
-            config.run.seed, self.world, self.rank)
+            config.run.seed, self.world, self.rank, self._feature_fn())
         self.loss = build_objective_loss(config, self.loaders.num_classes).to(self.device)
         self.objective: nn.Module = Objective(self.model, self.loss)
         if self.world > 1:
@@ -133,6 +137,28 @@ class Trainer:
             self._restore(self.state)
         self.writer: Any = None
         self.last_embeddings = np.zeros((0, config.model.embedding_dim), dtype=np.float32)
+
+    def _feature_fn(self) -> Callable[[ImageTable], np.ndarray] | None:
+        """The head protocol's cached backbone features, when data.feature_cache is on."""
+        config = self.config
+        if not config.data.feature_cache:
+            return None
+        if not config.model.freeze_backbone or config.data.augment:
+            raise ConfigError("data.feature_cache needs model.freeze_backbone=true and "
+                              "data.augment=false (features are computed once, unaugmented)")
+        if config.model.weights is None and config.model.backbone not in WHEEL_WEIGHTS:
+            raise ConfigError(f"data.feature_cache needs pretrained features: set model.weights "
+                              f"for {config.model.backbone} (a random backbone's features "
+                              f"change with the seed), or use {', '.join(WHEEL_WEIGHTS)}")
+
+        def features(table: ImageTable) -> np.ndarray:
+            rows, _ = cached_features(
+                self.model, table, config.model.backbone, config.model.weights,
+                config.data.image_size, config.evaluation.batch_size, self.device,
+                config.data.workers, config.run.progress and dist.is_main())
+            return rows
+
+        return features
 
     # ----------------------------------------------------------------- state
     def _restore(self, state: dict[str, Any]) -> None:
@@ -188,7 +214,7 @@ class Trainer:
         if dist.is_main():
             ev = self.config.evaluation
             metrics = evaluate(embeddings, labels, ks=ev.ks, metrics=ev.metrics,
-                               seed=self.config.run.seed)
+                               seed=self.config.run.seed, kmeans_settings=ev.kmeans)
         return dist.broadcast(metrics)  # type: ignore[no-any-return]
 
     # ----------------------------------------------------------------- training
@@ -267,6 +293,9 @@ class Trainer:
             dist.barrier()
         if not metrics:  # resumed a finished run: nothing left to train
             metrics = self.evaluate()
+        if hasattr(self.loss, "effective_centers"):  # SoftTriple: centers left after merging
+            counts = self.loss.effective_centers().float()  # type: ignore[operator]
+            metrics = {**metrics, "effective_centers": float(counts.mean())}
         results = {"epochs": self.epoch, "steps": self.step, "metrics": metrics,
                    "run": str(self.out)}
         if dist.is_main():

@@ -1,0 +1,122 @@
+"""The feature cache of the head protocol: pooled features of a frozen backbone, computed once per
+(backbone, weights, image size, image file) and kept next to the data.
+
+A cache file ``<data root>/.softtriple-cache/features-<model key>.npz`` holds one row per image,
+keyed by the image's path relative to the data root, its size and its modification time, so that
+every subset of a data set (``data.max_classes``) reuses the same rows, and an image that changes
+on disk is embedded again. Features use the test transform (no augmentation): the head protocol
+trains on one fixed view of each image, which it states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from softtriple.data import ImageDataset, ImageTable, eval_transform
+from softtriple.models import EmbeddingModel
+
+CACHE_DIR = ".softtriple-cache"
+
+
+def image_keys(table: ImageTable) -> np.ndarray:
+    """(N,) str: 'relative path|size|mtime_ns' of each image, its identity in the cache."""
+    keys = []
+    for path in table.paths:
+        stat = path.stat()
+        try:
+            name = str(path.relative_to(table.root))
+        except ValueError:
+            name = str(path)
+        keys.append(f"{name}|{stat.st_size}|{stat.st_mtime_ns}")
+    return np.array(keys, dtype=str)
+
+
+def model_key(backbone: str, weights: str | None, image_size: int) -> str:
+    """Names what makes the features: the backbone, its weights file (path, size, mtime) and the
+    image size."""
+    parts = [backbone, str(image_size)]
+    if weights:
+        stat = Path(weights).expanduser().stat()
+        parts += [str(Path(weights).expanduser().resolve()), str(stat.st_size),
+                  str(stat.st_mtime_ns)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_file(root: Path, key: str) -> Path:
+    folder = root / CACHE_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder / f"features-{key}.npz"
+    except OSError:
+        pass
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softtriple"
+    home.mkdir(parents=True, exist_ok=True)
+    warnings.warn(f"{root} is not writable; caching features in {home}", stacklevel=3)
+    name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    return home / f"features-{name}-{key}.npz"
+
+
+@torch.no_grad()
+def compute_features(model: EmbeddingModel, table: ImageTable, image_size: int, batch_size: int,
+                     device: torch.device, workers: int = 0, progress: bool = True) -> np.ndarray:
+    """Pooled backbone features (N, C) float32 of every image of ``table``, test transform."""
+    dataset = ImageDataset(table, np.zeros(len(table), dtype=np.int64),
+                           eval_transform(image_size, model.mean, model.std))
+    # an own generator: iterating a loader draws a seed, which must not move the global RNG
+    # (a run that builds the cache would otherwise initialize its centers differently)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        generator=torch.Generator())
+    model.eval()
+    parts = [model.features(images.to(device)).float().cpu().numpy()
+             for images, _, _ in tqdm(loader, desc="backbone features", leave=False,
+                                      disable=not progress)]
+    return np.concatenate(parts) if parts else np.zeros((0, model.feature_dim), np.float32)
+
+
+def cached_features(model: EmbeddingModel, table: ImageTable, backbone: str,
+                    weights: str | None, image_size: int, batch_size: int,
+                    device: torch.device, workers: int = 0,
+                    progress: bool = True) -> tuple[np.ndarray, int]:
+    """Features (N, C) of ``table``'s images, from the cache where present; the images not yet
+    cached are embedded and added. Returns the features and how many images were embedded."""
+    path = cache_file(table.root, model_key(backbone, weights, image_size))
+    keys = image_keys(table)
+    cached_keys, cached = np.zeros(0, dtype=str), np.zeros((0, model.feature_dim), np.float32)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                cached_keys, cached = data["keys"], data["features"]
+        except (OSError, ValueError, KeyError):
+            warnings.warn(f"feature cache {path} is unreadable; rebuilding it", stacklevel=2)
+    where = {k: i for i, k in enumerate(cached_keys.tolist())}
+    missing = np.array([k not in where for k in keys.tolist()], dtype=bool)
+    if missing.any():
+        subset = ImageTable([p for p, m in zip(table.paths, missing, strict=True) if m],
+                            table.labels[missing], table.splits[missing], table.root)
+        new = compute_features(model, subset, image_size, batch_size, device, workers, progress)
+        stale = {k.split("|", 1)[0] for k in keys[missing].tolist()}
+        keep = np.array([k.split("|", 1)[0] not in stale for k in cached_keys.tolist()],
+                        dtype=bool)  # drop the rows of images that changed on disk
+        cached_keys = np.concatenate([cached_keys[keep], keys[missing]])
+        cached = np.concatenate([cached[keep], new])
+        # a private temporary name: parallel runs (compare --jobs) may add to one cache
+        fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, keys=cached_keys, features=cached)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        where = {k: i for i, k in enumerate(cached_keys.tolist())}
+    rows = np.array([where[k] for k in keys.tolist()], dtype=np.int64)
+    return cached[rows], int(missing.sum())

@@ -1,0 +1,158 @@
+"""softtriple compare: a two-variant, two-seed suite on digits under the head protocol runs,
+resumes a run killed mid-training, and summarizes exactly what its runs' results.json say; the
+feature cache is reused and rebuilt when an image changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from softtriple import compare
+from softtriple.cli import main
+from softtriple.training import ConfigError
+from softtriple.training.config import load_config
+
+BASE = """
+model: {backbone: efficientnet_lite0, embedding_dim: 8, freeze_backbone: true, head_hidden: 16}
+data: {format: builtin, root: digits, image_size: 32, flip: false, augment: false,
+       feature_cache: true, batch_size: 16, workers: 0}
+loss: {name: softtriple, args: {centers_per_class: 2}}
+optimizer: {lr: 1.0e-3, loss_lr: 1.0e-2}
+schedule: {epochs: 2, milestones: [1]}
+evaluation: {every: 0, before_training: false, metrics: [recall, map_at_r, nmi],
+             kmeans: {starts: 2}}
+run: {report: false, progress: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SOFTTRIPLE_DATA", str(root))
+    from softtriple.data.builtin import prepare
+    prepare("digits", root)
+    yield root
+    patch.undo()
+
+
+def _suite(folder: Path, epochs: int = 2) -> Path:
+    (folder / "base.yaml").write_text(BASE)
+    suite = folder / "suite.yaml"
+    suite.write_text(f"""
+base: base.yaml
+out: {folder / 'out'}
+seeds: [0, 1]
+set: [schedule.epochs={epochs}]
+variants:
+  - {{label: SoftTriple K=2, set: ["loss.args={{centers_per_class: 2}}"]}}
+  - {{label: SoftMax-norm, set: [loss.name=softmax_norm]}}
+paired: [[SoftTriple K=2, SoftMax-norm]]
+""")
+    return suite
+
+
+def test_suite_runs_resumes_a_killed_run_and_summarizes_its_runs(data_root, tmp_path):
+    suite = compare.load_suite(_suite(tmp_path, epochs=40))
+    first = compare.runs(suite)[0]
+    # kill one run's training process after its first checkpoint, before it finishes
+    process = subprocess.Popen(compare.train_command(suite, first, 0), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = first.folder / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not checkpoint.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first.status == "partial"
+    assert main(["compare", str(tmp_path / "suite.yaml")]) == 0
+    assert all(r.status == "done" for r in compare.runs(suite))
+
+    # the resumed run equals an uninterrupted one
+    fresh = load_config(suite.base, [*suite.set, *first.variant.set, "run.seed=0",
+                                     f"run.out={tmp_path / 'fresh'}"])
+    from softtriple.training import Trainer
+    expected = Trainer(fresh).train()["metrics"]
+    resumed = json.loads((first.folder / "results.json").read_text())["metrics"]
+    assert resumed == pytest.approx(expected)
+
+    summary = json.loads((suite.out / "summary.json").read_text())
+    for variant in suite.variants:
+        values = [json.loads((r.folder / "results.json").read_text())["metrics"]["recall@1"]
+                  for r in compare.runs(suite) if r.variant is variant]
+        stats = summary["variants"][variant.label]["metrics"]["recall@1"]
+        assert stats["mean"] == pytest.approx(np.mean(values))
+        assert stats["std"] == pytest.approx(np.std(values, ddof=1))
+        assert stats["n"] == 2
+    diff = [p for p in summary["paired"] if p["metric"] == "recall@1"][0]
+    assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    text = (suite.out / "summary.md").read_text()
+    assert "SoftMax-norm" in text and "**" in text and "k-means++" in text
+    assert (suite.out / "plots" / "bars.png").is_file()
+
+    # a finished suite is only summarized again: no run folder changes
+    stamps = {r.folder: (r.folder / "results.json").stat().st_mtime_ns
+              for r in compare.runs(suite)}
+    assert main(["compare", str(tmp_path / "suite.yaml")]) == 0
+    assert stamps == {r.folder: (r.folder / "results.json").stat().st_mtime_ns
+                      for r in compare.runs(suite)}
+
+
+def test_dry_run_lists_runs_and_bad_suites_fail_early(data_root, tmp_path, capsys):
+    suite_file = _suite(tmp_path)
+    assert main(["compare", str(suite_file), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("new") for line in lines)
+    text = suite_file.read_text().replace("loss.name=softmax_norm", "loss.nam=softmax_norm")
+    suite_file.write_text(text)
+    with pytest.raises(ConfigError, match="variant 'SoftMax-norm': unknown config key loss.nam"):
+        compare.load_suite(suite_file)
+    assert main(["compare", str(suite_file)]) == 1
+    assert "unknown config key loss.nam" in capsys.readouterr().err
+
+
+def test_feature_cache_is_reused_and_rebuilt_when_an_image_changes(tmp_path, monkeypatch):
+    from softtriple.data.builtin import prepare
+    from softtriple.training.data import load_table
+
+    monkeypatch.setenv("SOFTTRIPLE_DATA", str(tmp_path))
+    prepare("digits", tmp_path)
+    from softtriple.training.feature_cache import cached_features
+    from softtriple.training.trainer import build_model
+
+    config = load_config(None, ["model.freeze_backbone=true", "data.root=digits",
+                                "data.image_size=32"])
+    model = build_model(config)
+    table = load_table(config.data).split("test")
+    args = ("efficientnet_lite0", None, 32, 64, torch.device("cpu"))
+    first, made = cached_features(model, table, *args, progress=False)
+    assert made == len(table) and first.shape == (len(table), 1280)
+    again, made = cached_features(model, table, *args, progress=False)
+    assert made == 0 and np.array_equal(first, again)
+    changed = table.paths[3]
+    from PIL import Image
+    Image.new("RGB", (8, 8), "white").save(changed)
+    third, made = cached_features(model, table, *args, progress=False)
+    assert made == 1
+    assert not np.allclose(third[3], first[3])
+    assert np.array_equal(np.delete(third, 3, 0), np.delete(first, 3, 0))
+
+
+def test_feature_cache_refuses_augmentation_and_random_backbones(data_root, tmp_path):
+    from softtriple.training import Trainer
+
+    with pytest.raises(ConfigError, match="augment=false"):
+        Trainer(load_config(None, ["model.freeze_backbone=true", "data.feature_cache=true",
+                                   f"run.out={tmp_path}"]))
+    with pytest.raises(ConfigError, match="pretrained features"):
+        Trainer(load_config(None, ["model.backbone=small_cnn", "model.freeze_backbone=true",
+                                   "data.feature_cache=true", "data.augment=false",
+                                   f"run.out={tmp_path}"]))
