@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 # ones (as root, or with sudo) and the npm one; CI runs it too, so that the tests that render
 # glyphs and emoji run there
 sources: $(STAMP)
-	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import glyphs, emoji; \
-	print(' '.join(glyphs.missing_packages() + emoji.debian_packages_missing()))"); \
+	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import glyphs, emoji, fonts; \
+	print(' '.join(glyphs.missing_packages() + emoji.debian_packages_missing() + \
+	fonts.missing_packages()))"); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo=sudo; \
 	  else echo "needs: apt-get install $$missing (as root)"; exit 1; fi; \

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,54 @@ def test_k_larger_than_gallery_is_clipped_with_warning():
     with pytest.warns(UserWarning, match="using k=4"):
         result = recall_at_k(x, y, ks=(1, 8))
     assert result[8] == recall_at_k(x, y, ks=(4,))[4]
+
+
+def _cub_shaped(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered unit embeddings with the CUB test shape at 64-d: 5,924 x 64, 100 classes."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 100, 5924)
+    means = rng.standard_normal((100, 64))
+    x = means[y] / np.linalg.norm(means[y], axis=1, keepdims=True)
+    x = x + 0.25 * rng.standard_normal(x.shape)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def test_default_nmi_is_the_official_protocol_and_faiss_agrees_within_001():
+    """The paper's NMI: sklearn KMeans(n_clusters, init='k-means++', n_init=10), arithmetic NMI.
+    Our default is that protocol exactly; the faiss backend implements it too."""
+    pytest.importorskip("faiss")
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from softtriple.evaluation import KMeansSettings
+
+    official, default, fast = [], [], []
+    for seed in range(2):
+        x, y = _cub_shaped(seed)
+        clusters = KMeans(100, init="k-means++", n_init=10, random_state=seed).fit_predict(x)
+        official.append(normalized_mutual_info_score(y, clusters))
+        default.append(nmi(x, y, seed=seed))
+        fast.append(nmi(x, y, seed=seed, settings=KMeansSettings(backend="faiss")))
+    assert default == pytest.approx(official, abs=1e-12)
+    assert abs(np.mean(fast) - np.mean(official)) < 0.01
+
+
+def test_default_nmi_is_the_same_without_faiss(monkeypatch):
+    x, y = _cub_shaped(3)
+    x, y = x[:1500], y[:1500]
+    with_faiss = evaluate(x, y, metrics=("nmi",), seed=1)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    without = evaluate(x, y, metrics=("nmi",), seed=1)
+    assert with_faiss == without
+    assert "k-means++, best of 10 starts" in without["kmeans"]
+    from softtriple.evaluation import KMeansSettings
+    with pytest.raises(ValueError, match="faiss is not installed"):
+        nmi(x, y, settings=KMeansSettings(backend="faiss"))
+
+
+def test_kmeans_settings_are_checked():
+    from softtriple.evaluation import KMeansSettings
+    with pytest.raises(ValueError, match="unknown k-means backend 'scipy'; valid: sklearn, faiss"):
+        KMeansSettings(backend="scipy")
+    with pytest.raises(ValueError, match="starts and iterations must be >= 1"):
+        KMeansSettings(starts=0)

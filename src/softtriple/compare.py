@@ -151,8 +151,10 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def runs(suite: Suite) -> list[Run]:
+    """Every (variant, seed), seed by seed: a suite stopped early has whole seeds of every
+    variant rather than every seed of a few variants."""
     return [Run(v, seed, suite.out / v.slug / f"seed{seed}")
-            for v in suite.variants for seed in suite.seeds]
+            for seed in suite.seeds for v in suite.variants]
 
 
 def train_command(suite: Suite, run: Run, threads: int) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 KMEANS_BACKENDS = ("sklearn", "faiss")
 
@@ -51,30 +52,37 @@ class KMeansSettings:
 
 def kmeans_plus_plus(x: np.ndarray, n_clusters: int, rng: np.random.Generator,
                      block: int = 65_536) -> np.ndarray:
-    """k-means++ seeding (Arthur and Vassilvitskii 2007): (n_clusters, d) rows of ``x`` (N, d),
-    each drawn with probability proportional to its squared distance to the nearest seed so far.
-    Distances update in blocks of ``block`` rows; memory O(N)."""
+    """Greedy k-means++ seeding (Arthur and Vassilvitskii 2007; the greedy form scikit-learn
+    uses): (n_clusters, d) rows of ``x`` (N, d). Each step draws 2 + log(k) candidates with
+    probability proportional to the squared distance to the nearest seed so far and keeps the one
+    that lowers the total most. Distances update in blocks of ``block`` rows; memory O(N)."""
     data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     n = data.shape[0]
+    trials = 2 + int(np.log(n_clusters))
     norms = (data * data).sum(1)  # (N,)
-    chosen = np.empty(n_clusters, dtype=np.int64)
-    chosen[0] = rng.integers(n)
-    nearest = torch.full((n,), float("inf"))
-    for c in range(1, n_clusters + 1):
-        center = data[int(chosen[c - 1])]  # (d,)
+
+    def sq_dist(rows: Tensor) -> Tensor:  # (N, m): squared distances of every x to rows (m, d)
+        out = torch.empty(n, rows.shape[0])
         for start in range(0, n, block):
             part = slice(start, start + block)
-            d2 = norms[part] - 2 * (data[part] @ center) + center @ center  # (b,)
-            torch.minimum(nearest[part], d2.clamp_min_(0), out=nearest[part])
-        if c == n_clusters:
-            break
-        weights = nearest.double().numpy()
-        total = weights.sum()
-        if total <= 0:  # every point sits on a seed: take any not yet chosen
-            chosen[c] = rng.choice(np.setdiff1d(np.arange(n), chosen[:c]))
-        else:
-            chosen[c] = min(int(np.searchsorted(np.cumsum(weights), rng.random() * total)), n - 1)
-    return x[chosen]
+            out[part] = (norms[part, None] - 2 * data[part] @ rows.T
+                         + (rows * rows).sum(1)[None, :]).clamp_min_(0)
+        return out
+
+    chosen = [int(rng.integers(n))]
+    nearest = sq_dist(data[chosen])[:, 0]  # (N,)
+    for _ in range(1, n_clusters):
+        weights = np.cumsum(nearest.double().numpy())
+        if weights[-1] <= 0:  # every point sits on a seed: take any not yet chosen
+            chosen.append(int(rng.choice(np.setdiff1d(np.arange(n), chosen))))
+            nearest = torch.minimum(nearest, sq_dist(data[chosen[-1:]])[:, 0])
+            continue
+        picks = np.minimum(np.searchsorted(weights, rng.random(trials) * weights[-1]), n - 1)
+        candidates = torch.minimum(nearest[:, None], sq_dist(data[picks]))  # (N, trials)
+        best = int(candidates.sum(0).argmin())
+        chosen.append(int(picks[best]))
+        nearest = candidates[:, best].contiguous()
+    return x[np.array(chosen)]
 
 
 def _faiss_kmeans(x: np.ndarray, n_clusters: int, settings: KMeansSettings,

@@ -16,7 +16,7 @@ from softtriple.models.backbones import Backbone
 
 
 class EmbeddingModel(nn.Module):
-    """x (B, 3, H, W) -> unit embeddings (B, embedding_dim).
+    """x (B, 3, H, W) -> unit embeddings (B, embedding_dim) (raw ones with normalize=False).
 
     Args:
         backbone: a Backbone (features and their width).
@@ -26,10 +26,14 @@ class EmbeddingModel(nn.Module):
         freeze_backbone: train only the embedding layer (and the loss); the backbone's weights
             get no gradient and its BatchNorm statistics stay fixed.
         head_hidden: 0 for a Linear head (C -> d); else an MLP C -> head_hidden -> ReLU -> d.
+        normalize: L2-normalize the output (the paper's); False gives the raw head output, for
+            losses defined on unnormalized embeddings (N-pairs, lifted structure). Retrieval is
+            by cosine similarity either way.
     """
 
     def __init__(self, backbone: Backbone, embedding_dim: int, freeze_bn: bool = False,
-                 freeze_backbone: bool = False, head_hidden: int = 0) -> None:
+                 freeze_backbone: bool = False, head_hidden: int = 0,
+                 normalize: bool = True) -> None:
         super().__init__()
         self.backbone = backbone.features
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -40,6 +44,7 @@ class EmbeddingModel(nn.Module):
                           nn.Linear(head_hidden, embedding_dim)))
         self.mean, self.std = backbone.mean, backbone.std
         self.embedding_dim = embedding_dim
+        self.normalize = normalize
         self.freeze_bn = freeze_bn or freeze_backbone
         self.backbone.requires_grad_(not freeze_backbone)
 
@@ -58,7 +63,8 @@ class EmbeddingModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W), or their pooled features (B, C), -> unit embeddings (B, d)."""
         features = x if x.dim() == 2 else self.features(x)  # (B, C)
-        return F.normalize(self.embedding(features), dim=1)  # (B, d)
+        out = self.embedding(features)  # (B, d)
+        return F.normalize(out, dim=1) if self.normalize else out  # type: ignore[no-any-return]
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ class ModelConfig:
     freeze_backbone: bool = False  # train only the embedding layer (fast, keeps the features)
     channels_last: bool = False  # memory format of the input batch
     head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
+    normalize: bool = True  # L2-normalize embeddings; false for N-pairs / lifted (their papers')
 
 
 @dataclass

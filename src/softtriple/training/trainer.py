@@ -51,7 +51,8 @@ class Objective(nn.Module):
 def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
     backbone = build_backbone(config.model.backbone, config.model.weights, pretrained)
     return EmbeddingModel(backbone, config.model.embedding_dim, config.model.freeze_bn,
-                          config.model.freeze_backbone, config.model.head_hidden)
+                          config.model.freeze_backbone, config.model.head_hidden,
+                          config.model.normalize)
 
 
 def build_objective_loss(config: Config, num_classes: int) -> nn.Module:

@@ -47,10 +47,10 @@ def folder_checksum(folder: Path) -> str:
 
 
 def _registry() -> dict[str, Builtin]:
-    from softtriple.data.builtin import digits, emoji, fashion_mnist, glyphs
+    from softtriple.data.builtin import digits, emoji, fashion_mnist, fonts, glyphs
 
     return {b.name: b for b in (digits.BUILTIN, emoji.BUILTIN, fashion_mnist.BUILTIN,
-                                glyphs.BUILTIN)}
+                                fonts.BUILTIN, glyphs.BUILTIN)}
 
 
 BUILTINS = _registry()
