@@ -121,3 +121,58 @@ def test_batch_larger_than_the_training_split_is_a_clear_error(data_root, tmp_pa
     from softtriple.data import DataError
     with pytest.raises(DataError, match="fewer than one batch of 4096; lower data.batch_size"):
         Trainer(tiny(tmp_path / "run", "data.batch_size=4096"))
+
+
+def test_an_existing_run_folder_is_never_overwritten_silently(data_root, tmp_path):
+    Trainer(tiny(tmp_path / "run", "schedule.epochs=1")).train()
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"already holds a run \(config.yaml\); continue it "
+                                          r"with --resume .*--overwrite"):
+        Trainer(tiny(tmp_path / "run", "schedule.epochs=1"))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    Trainer(tiny(tmp_path / "run", "schedule.epochs=1"), overwrite=True).train()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]  # one run's rows, not two
+
+
+def test_a_resumed_run_can_extend_but_never_shrink(data_root, tmp_path):
+    Trainer(tiny(tmp_path / "run", "schedule.epochs=2")).train()
+    with pytest.raises(ConfigError, match="trained 2 epochs; a resumed run can extend, never"):
+        Trainer(tiny(tmp_path / "run", "schedule.epochs=1"), resume=tmp_path / "run")
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("optimizer.lr=-1", r"optimizer.lr=-1.0 is out of range; allowed: > 0"),
+    ("schedule.epochs=0", r"schedule.epochs=0 is out of range; allowed: >= 1"),
+    ("schedule.epochs=-1", r"schedule.epochs=-1 is out of range"),
+    ("schedule.milestones=[a]", r"schedule.milestones=\['a'\] must be increasing epoch numbers"),
+    ("schedule.milestones=[5, 2]", r"must be increasing"),
+    ("evaluation.ks=[0]", r"evaluation.ks=\[0\] must be a non-empty list of integers >= 1"),
+    ("evaluation.metrics=[recal]", r"evaluation.metrics has unknown recal; valid: recall"),
+    ("data.sampler=balanced", r"data.sampler='balanced' is out of range; allowed: one of random"),
+    ("data.batch_size=1", r"data.batch_size=1 is out of range; allowed: >= 2"),
+    ("evaluation.kmeans.starts=0", r"evaluation.kmeans: k-means starts and iterations must be"),
+    ("run.device=tpu", r"run.device='tpu' is out of range; allowed: one of auto, cpu, cuda"),
+])
+def test_nonsense_settings_are_refused_when_the_config_loads(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [setting])
+
+
+def test_switching_the_loss_starts_from_its_own_defaults():
+    config = load_config("configs/glyphs.yaml", ["loss.name=proxy_nca"])
+    assert config.loss.name == "proxy_nca" and config.loss.args == {}
+    assert load_config("configs/glyphs.yaml", ["loss.args={}"]).loss.args == {}
+    kept = load_config("configs/glyphs.yaml", ["loss.args.la=30"]).loss.args
+    assert kept["la"] == 30 and kept["centers_per_class"] == 4
+
+
+def test_validation_split_holds_out_training_classes_only(data_root):
+    from softtriple.training.data import load_table
+    config = load_config(None, ["data.validation_classes=0.4"])
+    table = load_table(config.data)
+    full = load_table(load_config(None, []).data)
+    train_classes = set(full.labels[full.splits == "train"].tolist())
+    assert set(table.labels.tolist()) == train_classes  # the test classes are never read
+    held = set(table.labels[table.splits == "test"].tolist())
+    assert len(held) == 2 and held < train_classes  # 40% of the 5 digits 0-4

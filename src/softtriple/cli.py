@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
         if args.out:
             config.run.out = args.out
-    results = Trainer(config, resume=args.resume).train()
+    results = Trainer(config, resume=args.resume, overwrite=args.overwrite).train()
     if dist.is_main():
         print(f"run folder: {results['run']}")
         _print_metrics(results["metrics"])
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one setting, e.g. --set loss.name=proxy_nca "
                             "--set schedule.epochs=5 (repeatable)")
     train.add_argument("--out", help="run folder (default: run.out, runs/latest)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in a run folder that already holds a run (deletes it)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its last completed epoch; the config must be "
                             "the run's own (only epochs, workers and progress may change)")
@@ -312,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        sys.stderr.close()
+        return 0
     except (ValueError, FloatingPointError) as error:  # our one-line errors: no traceback
         print(f"softtriple {args.command}: error: {error}", file=sys.stderr)
         return 1

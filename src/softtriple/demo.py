@@ -11,7 +11,7 @@ from softtriple.data.baseline import raw_pixels
 from softtriple.data.builtin import glyphs, prepare
 from softtriple.evaluation import evaluate
 from softtriple.training import Trainer
-from softtriple.training.config import Config, apply_overrides, config_from_dict
+from softtriple.training.config import Config, apply_overrides, check_config, config_from_dict
 
 DEMO_CONFIG: dict[str, Any] = {
     "model": {"backbone": "efficientnet_lite0", "embedding_dim": 64},
@@ -23,13 +23,13 @@ DEMO_CONFIG: dict[str, Any] = {
     "optimizer": {"lr": 1.0e-3, "loss_lr": 1.0e-2, "eps": 0.01, "weight_decay": 1.0e-4},
     "schedule": {"epochs": 8, "milestones": [6], "gamma": 0.1},
     "evaluation": {"every": 4, "metrics": ["recall", "map_at_r", "nmi", "ami"]},
-    "run": {"out": "runs/glyphs"},
+    "run": {"out": "runs/demo"},
 }
 SHOWN = ("recall@1", "recall@2", "recall@4", "recall@8", "map_at_r", "nmi", "ami")
 
 
 def demo_config(overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
-    return apply_overrides(config_from_dict(DEMO_CONFIG), overrides)
+    return check_config(apply_overrides(config_from_dict(DEMO_CONFIG), overrides))
 
 
 def raw_pixel_metrics(trainer: Trainer) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def raw_pixel_metrics(trainer: Trainer) -> dict[str, Any]:
 def run(overrides: list[str] = ()) -> dict[str, dict[str, float]]:  # type: ignore[assignment]
     """Prepare glyphs, train, and return the held-out metrics: raw pixels, before, after."""
     prepare("glyphs")
-    trainer = Trainer(demo_config(overrides))
+    trainer = Trainer(demo_config(overrides), overwrite=True)  # the demo's folder is its own
     results = trainer.train()
     before = {k.removeprefix("test/"): v for k, v in trainer.history[0].items()
               if k.startswith("test/")}

@@ -149,6 +149,86 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     return value
 
 
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+def _above(low: float) -> tuple[Any, str]:
+    return (lambda v: v > low), f"> {low:g}"
+
+
+def _within(low: float, high: float, closed_high: bool = False) -> tuple[Any, str]:
+    if closed_high:
+        return (lambda v: low < v <= high), f"in ({low:g}, {high:g}]"
+    return (lambda v: low <= v < high), f"in [{low:g}, {high:g})"
+
+
+def _one_of(*choices: str) -> tuple[Any, str]:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+# every value with a range: (section, key) -> (test, what is allowed); checked on every load
+RANGES: dict[tuple[str, str], tuple[Any, str]] = {
+    ("model", "embedding_dim"): _at_least(1),
+    ("model", "head_hidden"): _at_least(0),
+    ("data", "image_size"): _at_least(8),
+    ("data", "batch_size"): _at_least(2),
+    ("data", "sampler"): _one_of("random", "class_balanced"),
+    ("data", "images_per_class"): _at_least(1),
+    ("data", "workers"): _at_least(0),
+    ("data", "train_fraction"): _within(0.0, 1.0, closed_high=False),
+    ("data", "max_classes"): _at_least(0),
+    ("data", "validation_classes"): _within(0.0, 1.0),
+    ("optimizer", "lr"): _above(0),
+    ("optimizer", "loss_lr"): _above(0),
+    ("optimizer", "eps"): _above(0),
+    ("optimizer", "weight_decay"): _at_least(0),
+    ("schedule", "epochs"): _at_least(1),
+    ("schedule", "gamma"): _within(0.0, 1.0, closed_high=True),
+    ("schedule", "max_steps_per_epoch"): _at_least(0),
+    ("evaluation", "every"): _at_least(0),
+    ("evaluation", "batch_size"): _at_least(1),
+    ("run", "device"): _one_of("auto", "cpu", "cuda"),
+    ("run", "threads"): _at_least(0),
+    ("run", "seed"): _at_least(0),
+}
+
+
+def check_config(config: Config) -> Config:
+    """Raise ConfigError naming the first value out of its range (RANGES, the milestones, the
+    evaluation's ks and metrics, the k-means settings); return ``config``."""
+    values = config.to_dict()
+    for (section, key), (test, allowed) in RANGES.items():
+        value = values[section][key]
+        if not test(value):
+            raise ConfigError(f"{section}.{key}={value!r} is out of range; allowed: {allowed}")
+    schedule = config.schedule
+    milestones = schedule.milestones
+    if (not all(isinstance(m, int) and not isinstance(m, bool) for m in milestones)
+            or sorted(set(milestones)) != milestones
+            or any(m < 1 for m in milestones)):
+        raise ConfigError(f"schedule.milestones={milestones!r} must be increasing epoch numbers "
+                          f">= 1, like [20, 40]; [] for a constant learning rate")
+    ev = config.evaluation
+    if not ev.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                            for k in ev.ks):
+        raise ConfigError(f"evaluation.ks={ev.ks!r} must be a non-empty list of integers >= 1")
+    from softtriple.evaluation import ALL_METRICS
+
+    unknown = sorted(set(ev.metrics) - set(ALL_METRICS))
+    if unknown or not ev.metrics:
+        raise ConfigError(f"evaluation.metrics has unknown {', '.join(unknown) or 'nothing'}; "
+                          f"valid: {', '.join(ALL_METRICS)}")
+    try:
+        ev.kmeans.check()
+    except ValueError as error:
+        raise ConfigError(f"evaluation.kmeans: {error}") from error
+    if config.data.feature_cache and config.data.augment:
+        raise ConfigError("data.feature_cache needs data.augment=false (features are computed "
+                          "once, unaugmented)")
+    return config
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """'a.b.c=value' -> {'a': {'b': {'c': value}}}, value parsed as YAML (numbers, lists...)."""
     if "=" not in text:
@@ -174,7 +254,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(values, dict):
             raise ConfigError(f"{file} must hold a mapping of sections")
         _merge(config, values, "")
-    return apply_overrides(config, overrides)
+    return check_config(apply_overrides(config, overrides))
 
 
 def apply_overrides(config: Config, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
@@ -187,7 +267,7 @@ def apply_overrides(config: Config, overrides: list[str] = ()) -> Config:  # typ
 def config_from_dict(values: dict[str, Any]) -> Config:
     config = Config()
     _merge(config, values, "")
-    return config
+    return check_config(config)
 
 
 def dump_config(config: Config) -> str:

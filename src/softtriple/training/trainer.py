@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,8 @@ from softtriple.training.config import Config, ConfigError, config_from_dict, du
 from softtriple.training.data import Loaders, build_loaders
 from softtriple.training.feature_cache import cached_features
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "results.json",
+             "test_embeddings.npz", "plots", "report.html")  # what a run writes in its folder
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
                ("data", "workers"),
                ("schedule", "epochs")}  # keys a resumed run may change
@@ -96,7 +99,8 @@ class Trainer:
     """Train ``config`` from scratch, or continue the run in ``resume`` exactly where its last
     completed epoch left it."""
 
-    def __init__(self, config: Config, resume: str | Path | None = None) -> None:
+    def __init__(self, config: Config, resume: str | Path | None = None,
+                 overwrite: bool = False) -> None:
         self.config = config
         self.device = _device(config.run.device)
         dist.setup(self.device)
@@ -112,6 +116,22 @@ class Trainer:
                 raise ConfigError(f"cannot resume {resume}: the config differs in "
                                   f"{', '.join(changed)}; resume with the run's own config.yaml")
             self.out = Path(resume) if Path(resume).is_dir() else Path(resume).parent.parent
+            if config.schedule.epochs < int(self.state["epoch"]):
+                raise ConfigError(f"cannot resume {resume} with schedule.epochs="
+                                  f"{config.schedule.epochs}: it has trained "
+                                  f"{self.state['epoch']} epochs; a resumed run can extend, "
+                                  f"never shrink")
+        else:
+            held = [name for name in RUN_FILES if (self.out / name).exists()]
+            if held and not overwrite:
+                raise ConfigError(f"run folder {self.out} already holds a run ({held[0]}); "
+                                  f"continue it with --resume {self.out}, start over with "
+                                  f"--overwrite (deletes it), or choose another --out")
+            if held and dist.is_main():
+                for name in held:
+                    path = self.out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            dist.barrier()
         _seed_everything(config.run.seed)
         self.model = build_model(config).to(self.device)
         self.loaders: Loaders = build_loaders(
