@@ -115,7 +115,7 @@ def test_dry_run_lists_runs_and_bad_suites_fail_early(data_root, tmp_path, capsy
     suite_file.write_text(text)
     with pytest.raises(ConfigError, match="variant 'SoftMax-norm': unknown config key loss.nam"):
         compare.load_suite(suite_file)
-    assert main(["compare", str(suite_file)]) == 1
+    assert main(["compare", str(suite_file)]) == 2
     assert "unknown config key loss.nam" in capsys.readouterr().err
 
 

@@ -58,5 +58,5 @@ def test_report_command_rewrites(run, capsys):
 
 def test_report_of_unfinished_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
-    assert main(["report", str(tmp_path)]) == 1
+    assert main(["report", str(tmp_path)]) == 2
     assert "has not finished" in capsys.readouterr().err

@@ -176,3 +176,28 @@ def test_validation_split_holds_out_training_classes_only(data_root):
     assert set(table.labels.tolist()) == train_classes  # the test classes are never read
     held = set(table.labels[table.splits == "test"].tolist())
     assert len(held) == 2 and held < train_classes  # 40% of the 5 digits 0-4
+
+
+def test_results_do_not_depend_on_the_worker_count(data_root, tmp_path):
+    zero = Trainer(tiny(tmp_path / "w0", "schedule.epochs=2", "data.workers=0")).train()
+    two = Trainer(tiny(tmp_path / "w2", "schedule.epochs=2", "data.workers=2")).train()
+    assert zero["metrics"] == two["metrics"]
+    a, b = _params(tmp_path / "w0"), _params(tmp_path / "w2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and a run may be resumed with another worker count
+    Trainer(tiny(tmp_path / "mix", "schedule.epochs=1", "data.workers=2")).train()
+    mixed = Trainer(tiny(tmp_path / "mix", "schedule.epochs=2", "data.workers=0"),
+                    resume=tmp_path / "mix").train()
+    assert mixed["metrics"] == zero["metrics"]
+
+
+def test_resume_rebuilds_the_log_and_removes_leftovers(data_root, tmp_path):
+    Trainer(tiny(tmp_path / "run", "schedule.epochs=1")).train()
+    run = tmp_path / "run"
+    with (run / "metrics.jsonl").open("a") as f:  # a row logged after the last checkpoint
+        f.write(json.dumps({"epoch": 2, "step": 99}) + "\n")
+    (run / "checkpoints" / ".last.tmp.pt").write_bytes(b"half a checkpoint")
+    Trainer(tiny(run, "schedule.epochs=2"), resume=run).train()
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+    assert not list(run.glob("checkpoints/.*.tmp*"))

@@ -34,13 +34,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         run = Path(args.resume)
+        if run.is_file():  # RUN/checkpoints/last.pt: the run folder is two levels up
+            run = run.parent.parent
         config = load_config(args.config or run / "config.yaml", args.set)
         config.run.out = str(run)
     else:
         config = load_config(args.config, args.set)
         if args.out:
             config.run.out = args.out
-    results = Trainer(config, resume=args.resume, overwrite=args.overwrite).train()
+    results = Trainer(config, resume=run if args.resume else None,
+                      overwrite=args.overwrite).train()
     if dist.is_main():
         print(f"run folder: {results['run']}")
         _print_metrics(results["metrics"])
@@ -88,8 +91,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from softtriple.atomic import atomic_path
 
     out = Path(args.out)
-    with atomic_path(out) as tmp:
-        np.savez(tmp, embeddings=embeddings, labels=labels, paths=np.array(paths))
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")  # what np.load and search expect
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, embeddings=embeddings, labels=labels, paths=np.array(paths))
     print(f"wrote {out}: {embeddings.shape[0]} embeddings of width {embeddings.shape[1]}")
     return 0
 
@@ -101,10 +106,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     index = EmbeddingIndex.load(args.embeddings)
     if args.query_index is not None:
+        if not 0 <= args.query_index < len(index.paths):
+            raise ValueError(f"--query-index must be in [0, {len(index.paths) - 1}]; got "
+                             f"{args.query_index}")
         query, exclude = index.embeddings[args.query_index], args.query_index
         print(f"query: #{args.query_index} {index.paths[args.query_index]}")
     elif args.query_embedding:
-        query, exclude = np.load(args.query_embedding).reshape(-1), None
+        try:
+            query, exclude = np.load(args.query_embedding, allow_pickle=False).reshape(-1), None
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read --query-embedding {args.query_embedding}: a .npy file "
+                             f"with one embedding ({error.__class__.__name__})") from error
     else:
         if not args.checkpoint:
             raise ValueError("--image needs --checkpoint, the model that made the embeddings")
@@ -319,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ValueError, FloatingPointError) as error:  # our one-line errors: no traceback
         print(f"softtriple {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ class EmbeddingIndex:
         if query.shape != (self.embeddings.shape[1],):
             raise ValueError(f"query has shape {query.shape}; "
                              f"expected ({self.embeddings.shape[1]},)")
+        if not np.isfinite(query).all():
+            raise ValueError("the query embedding has NaN or inf values")
         if not 1 <= k <= len(self.paths):
             raise ValueError(f"k must be in [1, {len(self.paths)}]; got {k}")
         q = (query / max(float(np.linalg.norm(query)), 1e-12)).astype(np.float32)[None, :]

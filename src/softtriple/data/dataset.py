@@ -47,14 +47,25 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, table: ImageTable, labels: np.ndarray,
-                 transform: Callable[[Image.Image], Any]) -> None:
+                 transform: Callable[[Image.Image], Any], seed: int | None = None) -> None:
         if len(labels) != len(table):
             raise DataError(f"{len(labels)} labels for {len(table)} images")
         self.table, self.labels, self.transform = table, np.asarray(labels), transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """With a seed, each image's random augmentation depends on (seed, epoch, index) only,
+        never on which worker process draws it, so any ``data.workers`` gives the same run."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         image = load_image(self.table.paths[index])
-        return self.transform(image), int(self.labels[index]), index
+        if self.seed is None:
+            return self.transform(image), int(self.labels[index]), index
+        key = ((self.seed * 1_000_003 + self.epoch) * 2_000_003 + index) % 2**63
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+            torch.manual_seed(key)
+            return self.transform(image), int(self.labels[index]), index

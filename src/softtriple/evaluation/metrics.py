@@ -186,6 +186,9 @@ def mutual_information_scores(labels_true: np.ndarray,
 def normalized_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> float:
     """NMI = MI / mean(H(true), H(pred)) (arithmetic mean, scikit-learn's default)."""
     true, pred = np.asarray(labels_true), np.asarray(labels_pred)
+    if true.ndim != 1 or true.shape != pred.shape or len(true) == 0:
+        raise ValueError(f"labels_true and labels_pred must be two non-empty 1-D arrays of one "
+                         f"length; got shapes {true.shape} and {pred.shape}")
     mi, h_true, h_pred = mutual_information_scores(true, pred)
     if h_true == 0 and h_pred == 0:
         return 1.0

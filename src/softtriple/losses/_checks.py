@@ -33,8 +33,9 @@ def check_batch(embeddings: Tensor, labels: Tensor, embedding_dim: int | None = 
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels must have shape ({embeddings.shape[0]},) to match embeddings; "
                          f"got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor (torch.int64); got {labels.dtype}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be a torch.int64 tensor; got {labels.dtype} (use "
+                         f"labels.long())")
     if not bool(torch.isfinite(embeddings).all()):
         raise ValueError("embeddings contain NaN or inf; check the model output "
                          "(learning rate too high?) before the loss")
@@ -47,6 +48,8 @@ def check_batch(embeddings: Tensor, labels: Tensor, embedding_dim: int | None = 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number; got {value!r}")
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,12 +230,30 @@ def check_config(config: Config) -> Config:
     return config
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """'1e-4' -> 0.0001: YAML 1.1 reads exponents without a dot as strings."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """'a.b.c=value' -> {'a': {'b': {'c': value}}}, value parsed as YAML (numbers, lists...)."""
     if "=" not in text:
         raise ConfigError(f"--set takes key=value; got {text!r}")
     key, raw = text.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from error
+    value = _numbers(value)
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value  # type: ignore[no-any-return]
@@ -253,7 +272,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{file} is not valid YAML: {error}".splitlines()[0]) from error
         if not isinstance(values, dict):
             raise ConfigError(f"{file} must hold a mapping of sections")
-        _merge(config, values, "")
+        _merge(config, _numbers(values), "")
     return check_config(apply_overrides(config, overrides))
 
 

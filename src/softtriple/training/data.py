@@ -137,7 +137,7 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
     else:
         transform = (train_transform(config.image_size, config.flip, mean, std)
                      if config.augment else eval_transform(config.image_size, mean, std))
-        train_set = ImageDataset(train_table, train_labels, transform)
+        train_set = ImageDataset(train_table, train_labels, transform, seed=seed)
         test_set = ImageDataset(test_table, test_labels,
                                 eval_transform(config.image_size, mean, std))
     test_set = torch.utils.data.Subset(test_set, shard.tolist())

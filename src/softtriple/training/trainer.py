@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from softtriple.atomic import atomic_path, write_json
+from softtriple.atomic import atomic_path, write_json, write_text
 from softtriple.data import ImageTable
 from softtriple.evaluation import evaluate
 from softtriple.losses import LOSSES, build_loss, loss_arguments
@@ -35,6 +35,8 @@ from softtriple.training.feature_cache import cached_features
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "results.json",
              "test_embeddings.npz", "plots", "report.html")  # what a run writes in its folder
+# keys a resumed run may change: data.workers too, as the data order and every augmentation
+# depend on (seed, epoch, sample) only
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
                ("data", "workers"),
                ("schedule", "epochs")}  # keys a resumed run may change
@@ -245,6 +247,8 @@ class Trainer:
         seed = self.config.run.seed * 100_003 + self.epoch
         torch.manual_seed(seed)  # augmentation in the main process, reproducible per epoch
         self.loaders.train.batch_sampler.set_epoch(self.epoch)  # type: ignore[union-attr]
+        if hasattr(self.loaders.train.dataset, "set_epoch"):  # augmentation per (seed, epoch)
+            self.loaders.train.dataset.set_epoch(self.epoch)
         self.loaders.train.generator.manual_seed(seed)  # type: ignore[union-attr]
         total, count = 0.0, 0
         steps = len(self.loaders.train)
@@ -286,10 +290,18 @@ class Trainer:
         config = self.config
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(config))
+            for leftover in [*self.out.glob(".*.tmp*"), *self.out.glob("checkpoints/.*.tmp*")]:
+                leftover.unlink()  # a write that a kill interrupted
+            write_text(self.out / "config.yaml", dump_config(config))
+            if self.state is not None:  # the log as of the checkpoint: no rows past it
+                write_text(self.out / "metrics.jsonl",
+                           "".join(json.dumps(r) + "\n" for r in self.history))
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.out / "tensorboard"))
+                # on resume, events past the checkpoint's step are dropped (TensorBoard's own
+                # purge_step), so the curves show each step once
+                self.writer = SummaryWriter(str(self.out / "tensorboard"),
+                                            purge_step=self.step if self.state else None)
             except ImportError:  # tensorboard is a dependency; tolerate its absence
                 self.writer = None
         if self.epoch == 0 and config.evaluation.before_training:
@@ -321,8 +333,8 @@ class Trainer:
                    "run": str(self.out)}
         if dist.is_main():
             table = self.loaders.test_table
-            with atomic_path(self.out / "test_embeddings.npz") as tmp:
-                np.savez(tmp, embeddings=self.last_embeddings,
+            with atomic_path(self.out / "test_embeddings.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, embeddings=self.last_embeddings,
                          labels=table.encoded_labels()[0],
                          paths=np.array([str(p) for p in table.paths]))
             write_json(self.out / "results.json", results)

@@ -230,7 +230,7 @@ def build(folder: Path, packages: list[str] | None = None) -> dict[str, Any]:
         per_face = math.ceil(IMAGES_PER_CLASS / len(members))
         out = folder / slug(name)
         out.mkdir(parents=True, exist_ok=True)
-        made = 0
+        made, texts = 0, []
         for face in members:
             for i in range(per_face):
                 first, second = rng.choice(len(WORDS), 2, replace=False)
@@ -239,9 +239,10 @@ def build(folder: Path, packages: list[str] | None = None) -> dict[str, Any]:
                     continue
                 image.save(out / f"{slug(face.style)}_{i:02d}.png")
                 made += 1
+                texts.append(f"{WORDS[first]} {WORDS[second]}")
         images += made
         rows.append({"family": name, "faces": [f.style for f in members], "images": made,
-                     "packages": sorted({f.package for f in members})})
+                     "packages": sorted({f.package for f in members}), "texts": texts})
     used = sorted({p for row in rows for p in row["packages"]})
     return {
         "sources": [{"package": p, "version": _version(p), "licence": _licence(p)} for p in used],
