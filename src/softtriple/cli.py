@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "then write summary.json, summary.md (mean +- std over seeds, the best in "
                     "bold) and plots/. Rerunning a finished suite only summarizes it again.",
         epilog="examples:\n  softtriple compare configs/compare/glyphs_head.yaml --dry-run\n"
-               "  softtriple compare configs/compare/glyphs_head.yaml --jobs 2",
+               "  softtriple compare configs/compare/glyphs_head.yaml --summarize-only\n"
+               "  (then without --summarize-only, --jobs 2: the whole suite, about an hour)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     compare_parser.add_argument("suite", help="a suite YAML file (see configs/compare/)")
     compare_parser.add_argument("--jobs", type=int, default=1,

@@ -30,6 +30,7 @@ class KMeansSettings:
     backend: str = "sklearn"  # sklearn (default, every install) or faiss (faster, explicit)
     starts: int = 10  # k-means++ starts; the one with the lowest inertia is kept
     iterations: int = 300  # Lloyd iterations per start, at most
+    init: str = "k-means++"  # or "random" (cheap at SOP size; not the paper's protocol)
 
     def __post_init__(self) -> None:
         self.check()
@@ -39,14 +40,17 @@ class KMeansSettings:
         if self.backend not in KMEANS_BACKENDS:
             raise ValueError(f"unknown k-means backend {self.backend!r}; valid: "
                              f"{', '.join(KMEANS_BACKENDS)}")
+        if self.init not in ("k-means++", "random"):
+            raise ValueError(f"unknown k-means init {self.init!r}; valid: k-means++, random")
         if self.starts < 1 or self.iterations < 1:
             raise ValueError(f"k-means starts and iterations must be >= 1; got {self.starts} "
                              f"and {self.iterations}")
 
     def describe(self) -> str:
         """One line for results files, e.g. 'sklearn k-means++, best of 10 starts, 300 iter'."""
-        protocol = "" if (self.starts, self.iterations) == (10, 300) else " (not the paper's)"
-        return (f"{self.backend} k-means++, best of {self.starts} starts, {self.iterations} "
+        official = (self.starts, self.iterations, self.init) == (10, 300, "k-means++")
+        protocol = "" if official else " (not the paper's)"
+        return (f"{self.backend} {self.init}, best of {self.starts} starts, {self.iterations} "
                 f"iterations{protocol}")
 
 
@@ -95,11 +99,13 @@ def _faiss_kmeans(x: np.ndarray, n_clusters: int, settings: KMeansSettings,
     rng = np.random.default_rng(seed)
     best: tuple[float, np.ndarray] | None = None
     for start in range(settings.starts):
-        init = kmeans_plus_plus(x, n_clusters, rng)
         km = faiss.Kmeans(x.shape[1], n_clusters, niter=settings.iterations, seed=seed + start,
                           verbose=False, min_points_per_centroid=1,
                           max_points_per_centroid=10_000_000)
-        km.train(x, init_centroids=np.ascontiguousarray(init))
+        if settings.init == "k-means++":
+            km.train(x, init_centroids=np.ascontiguousarray(kmeans_plus_plus(x, n_clusters, rng)))
+        else:  # faiss's own start: random points
+            km.train(x)
         inertia, assign = km.index.search(x, 1)
         total = float(inertia.sum())
         if best is None or total < best[0]:
@@ -119,6 +125,6 @@ def kmeans(x: np.ndarray, n_clusters: int, seed: int = 0,
         return _faiss_kmeans(x, n_clusters, settings, seed)
     from sklearn.cluster import KMeans
 
-    model = KMeans(n_clusters, init="k-means++", n_init=settings.starts,
+    model = KMeans(n_clusters, init=settings.init, n_init=settings.starts,
                    max_iter=settings.iterations, random_state=seed)
     return model.fit_predict(x).astype(np.int64)
