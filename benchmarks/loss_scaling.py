@@ -1,7 +1,8 @@
 """RQ4 of docs/RESULTS.md: one training step's time and memory for each loss of the comparison as
 the number of classes C grows (100 to 100,000) at a fixed batch (B = 64, d = 64): forward,
 backward and the Adam update of the loss's own parameters (centers, proxies). Each (loss, C) runs
-in its own process, so that its peak memory (resident set growth over the set-up) is its own;
+in its own process, so that its peak memory (resident set growth after torch's own set-up, which
+one small warm-up step pays) is its own;
 times are medians of 20 warm steps.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/loss_scaling.py
@@ -50,6 +51,8 @@ def child(label: str, classes: int) -> None:
     name, args = LOSSES[label]
     sized = {"num_classes": classes, "embedding_dim": DIM} if name in (
         "softtriple", "softmax_norm", "proxy_nca", "proxy_anchor") else {}
+    warm = build_loss("softmax_norm", num_classes=8, embedding_dim=DIM)  # torch's own set-up
+    warm(torch.randn(BATCH, DIM, requires_grad=True), torch.arange(BATCH) % 8).backward()
     before = _rss()
     loss_fn = build_loss(name, **sized, **args)
     params = list(loss_fn.parameters())

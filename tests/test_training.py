@@ -201,3 +201,15 @@ def test_resume_rebuilds_the_log_and_removes_leftovers(data_root, tmp_path):
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
     assert not list(run.glob("checkpoints/.*.tmp*"))
+
+
+def test_softtriple_with_one_center_trains_exactly_like_softmax_norm(data_root, tmp_path):
+    """RQ1: K = 1 is SoftMax-norm, to the last bit of every weight after training."""
+    one = Trainer(tiny(tmp_path / "k1", "schedule.epochs=2", "loss.args={}",
+                       "loss.args={centers_per_class: 1, la: 10.0}")).train()
+    norm = Trainer(tiny(tmp_path / "sm", "schedule.epochs=2", "loss.name=softmax_norm",
+                        "loss.args={la: 10.0}")).train()
+    assert {k: v for k, v in one["metrics"].items() if k != "effective_centers"} == \
+        norm["metrics"]
+    a, b = _params(tmp_path / "k1"), _params(tmp_path / "sm")
+    assert torch.equal(a["loss.centers"][:, 0], b["loss.centers"])

@@ -172,6 +172,16 @@ def train_command(suite: Suite, run: Run, threads: int) -> list[str]:
     return command
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, ask for SIGTERM when the comparison dies, so that a
+    killed comparison leaves no training running on that a resumed one would collide with."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _execute(suite: Suite, run: Run, threads: int) -> tuple[Run, bool, float, str]:
     if run.status == "new" and run.folder.exists():
         shutil.rmtree(run.folder)  # a start that died before its first checkpoint
@@ -179,8 +189,8 @@ def _execute(suite: Suite, run: Run, threads: int) -> tuple[Run, bool, float, st
     start = time.perf_counter()
     with (run.folder / "compare.log").open("a") as log:
         code = subprocess.call(train_command(suite, run, threads), stdout=log,
-                               stderr=subprocess.STDOUT, env={**os.environ,
-                                                              "OMP_WAIT_POLICY": "PASSIVE"})
+                               stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     seconds = time.perf_counter() - start
     timing = run.folder / "compare.json"
     spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0

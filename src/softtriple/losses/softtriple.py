@@ -105,7 +105,10 @@ class SoftTripleLoss(nn.Module):
         dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)
         x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d)
         centers = self.centers.to(dtype)  # (C, K, d)
-        if self.gamma > 0:  # the fused path normalizes the centers inside its product
+        if self.centers_per_class == 1:  # no max to smooth: S_{i,c} = x_i . w_c, SoftMax-norm
+            w = F.normalize(centers[:, 0], dim=1)  # (C, d); the same operations as
+            similarity = x @ w.T  # SoftMaxNormLoss, so K = 1 trains bitwise like it
+        elif self.gamma > 0:  # the fused path normalizes the centers inside its product
             similarity = smoothed_max_similarity(x, centers, self.gamma, self.chunk,
                                                  self.compiled)  # (B, C)
         else:
