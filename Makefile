@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test sources setup clean
+.PHONY: demo test sources sources-fonts setup clean
 
 setup: $(STAMP)
 
@@ -16,11 +16,9 @@ $(STAMP): pyproject.toml
 
 # the built-in data sets are rendered from packages: `make sources` installs the missing Debian
 # ones (as root, or with sudo) and the npm one; CI runs it too, so that the tests that render
-# glyphs and emoji run there
-sources: $(STAMP)
-	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import glyphs, emoji, fonts; \
-	print(' '.join(glyphs.missing_packages() + emoji.debian_packages_missing() + \
-	fonts.missing_packages()))"); \
+# glyphs, emoji and fonts run there. `make sources-fonts` adds the 90 packages of the whole fonts
+# data set (docs/DATA.md), which only `softtriple data prepare fonts` needs.
+APT_INSTALL = \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo=sudo; \
 	  else echo "needs: apt-get install $$missing (as root)"; exit 1; fi; \
@@ -29,9 +27,20 @@ sources: $(STAMP)
 	  { $$sudo apt-get update -q >/dev/null && \
 	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null; }; \
 	fi
+
+sources: $(STAMP)
+	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import glyphs, emoji, fonts; \
+	print(' '.join(glyphs.missing_packages() + emoji.debian_packages_missing() + \
+	fonts.missing_packages(fonts.TEST_PACKAGES)))"); \
+	$(APT_INSTALL)
 	@$(BIN)/python -c "from softtriple.data.builtin.emoji import twemoji_dir; \
 	raise SystemExit(twemoji_dir() is None)" || \
 	npm install --silent --prefix $${SOFTTRIPLE_DATA:-data}/npm emoji-datasource-twitter@16.0.0
+
+sources-fonts: $(STAMP)
+	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import fonts; \
+	print(' '.join(fonts.missing_packages()))"); \
+	$(APT_INSTALL)
 
 demo: sources
 	$(BIN)/softtriple demo

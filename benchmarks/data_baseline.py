@@ -4,7 +4,10 @@ and with --features also on the frozen ImageNet-pretrained EfficientNet-Lite0's 
 features (the head protocol's input, from its feature cache; image size as in FEATURE_SIZE).
 Any learned embedding should beat both.
 
-    .venv/bin/python benchmarks/data_baseline.py [--features] [NAME ...]
+    .venv/bin/python benchmarks/data_baseline.py [--features] [NAME[:MAX_CLASSES] ...]
+
+NAME:300 keeps the first 300 test classes, as ``data.max_classes=300`` does (glyphs' CPU
+recipes: the demo and the head protocol).
 
 Writes benchmarks/results/data_baseline.json; docs/DATA.md quotes it.
 """
@@ -48,25 +51,30 @@ def main() -> None:
     with_features = "--features" in sys.argv[1:]
     names = args or [n for n in BUILTINS if prepared(n)]
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for name in names:
+    for entry in names:
+        name, _, limit = entry.partition(":")
         manifest = prepared(name)
         if manifest is None:
             print(f"{name}: not prepared (softtriple data prepare {name})")
             continue
         table = read_folder(default_root() / name, BUILTINS[name].train_fraction).split("test")
+        if limit:
+            keep = np.isin(table.labels, np.unique(table.labels)[:int(limit)])
+            table = ImageTable([p for p, k in zip(table.paths, keep, strict=True) if k],
+                               table.labels[keep], table.splits[keep], table.root)
         metrics = evaluate(raw_pixels(table.paths, SIZE), table.labels,
                            metrics=("recall", "map_at_r", "nmi", "ami"))
-        results[name] = {"test_images": len(table), "test_classes": len(set(table.labels)),
+        results[entry] = {"test_images": len(table), "test_classes": len(set(table.labels)),
                          "pixels": f"{SIZE}x{SIZE} grey", **metrics}
-        print(name, "pixels", {k: round(v, 4) if isinstance(v, float) else v
+        print(entry, "pixels", {k: round(v, 4) if isinstance(v, float) else v
                                for k, v in metrics.items()})
         if with_features:
             features = evaluate(pretrained_features(name, table), table.labels,
                                 metrics=("recall", "map_at_r", "nmi", "ami"))
-            results[name]["pretrained_features"] = {
+            results[entry]["pretrained_features"] = {
                 "model": "efficientnet_lite0", "image_size": FEATURE_SIZE.get(name, 64),
                 **features}
-            print(name, "features", {k: round(v, 4) if isinstance(v, float) else v
+            print(entry, "features", {k: round(v, 4) if isinstance(v, float) else v
                                      for k, v in features.items()})
     write_json(RESULTS, results)
 

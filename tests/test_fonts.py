@@ -12,7 +12,15 @@ import pytest
 from softtriple.data.builtin import fonts, prepare
 from softtriple.data.formats import read_folder
 
-PACKAGES = ["fonts-liberation", "fonts-croscore"]  # Liberation and its metric clones (Croscore)
+PACKAGES = list(fonts.TEST_PACKAGES)  # Liberation and its metric clones (Croscore)
+
+
+def test_missing_packages_are_one_clear_error(tmp_path, monkeypatch):
+    from softtriple.data import DataError
+    monkeypatch.setattr(fonts, "PACKAGES", ("fonts-no-such-package",))
+    with pytest.raises(DataError, match=r"1 more Debian font package\(s\) \(fonts-no-such-"
+                                        r"package\); install them with `make sources-fonts`"):
+        prepare("fonts", tmp_path)
 
 
 @pytest.mark.skipif(bool(fonts.missing_packages(PACKAGES)),

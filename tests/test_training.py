@@ -213,3 +213,26 @@ def test_softtriple_with_one_center_trains_exactly_like_softmax_norm(data_root, 
         norm["metrics"]
     a, b = _params(tmp_path / "k1"), _params(tmp_path / "sm")
     assert torch.equal(a["loss.centers"][:, 0], b["loss.centers"])
+
+
+def test_unreadable_images_are_found_before_training(tmp_path, monkeypatch):
+    from softtriple.data import DataError
+    from softtriple.data.builtin import prepare
+    monkeypatch.setenv("SOFTTRIPLE_DATA", str(tmp_path / "data"))
+    folder = prepare("digits", tmp_path / "data")
+    test_image = sorted((folder / "7").glob("*.png"))[0]
+    train_image = sorted((folder / "1").glob("*.png"))[0]
+    test_image.write_bytes(b"")  # zero bytes, in the test split
+    train_image.write_bytes(b"not a png")  # garbage, in the training split
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\): .*(empty file|not an image)"
+                                        r".*set data.bad_images=skip"):
+        Trainer(tiny(tmp_path / "run"))
+    results = Trainer(tiny(tmp_path / "run", "schedule.epochs=1",
+                           "data.bad_images=skip")).train()
+    listed = (tmp_path / "run" / "bad_images.txt").read_text()
+    assert str(test_image) in listed and str(train_image) in listed
+    assert results["metrics"]["queries"] == 896 - 1  # the test split less the empty file
+    from softtriple.data.checks import bad_images
+    from softtriple.data.formats import read_folder
+    cached = bad_images(read_folder(folder))  # from the cache now: same answer
+    assert {str(p) for p, _ in cached} == {str(test_image), str(train_image)}

@@ -133,19 +133,28 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     root = Path(args.root) if getattr(args, "root", None) else default_root()
     if args.data_command == "summary":
+        from softtriple.data.checks import bad_images
+
         table = read_table(args.format, args.path)
         summary = table.summary()
+        bad = bad_images(table)
+        summary["unreadable_images"] = [f"{p} ({why})" for p, why in bad]
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
             print(f"{args.format} data at {table.root}")
             for split, row in summary.items():
+                if split == "unreadable_images":
+                    continue
                 print(f"  {split:<6}{row['images']:>8} images {row['classes']:>7} classes   "
                       f"per class min {row['min_per_class']} median "
                       f"{row['median_per_class']:g} max {row['max_per_class']}")
                 if row["single_image_classes"]:
                     print(f"        {row['single_image_classes']} class(es) have one image: "
                           f"kept for training, but as queries they have no positive")
+            if bad:
+                print(f"  {len(bad)} unreadable image(s), e.g. {bad[0][0]} ({bad[0][1]}); "
+                      f"training refuses them unless data.bad_images=skip")
     elif args.data_command == "prepare":
         folder = prepare(args.name, root, force=args.force)
         made = prepared(args.name, root) or {}

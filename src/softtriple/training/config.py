@@ -43,6 +43,9 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes
     train_fraction: float = 0.5  # class split of folder and csv data without a split column
     max_classes: int = 0  # 0: all; else the first N classes (sorted) of each split, for CPU runs
+    # unreadable images (checked once per file before training): error names them all; skip
+    # trains without them and lists them in the run folder (bad_images.txt)
+    bad_images: str = "error"
     # tuning: 0 evaluates on the test classes; else this fraction of the training classes is
     # held out and evaluated on, and the test classes are never read
     validation_classes: float = 0.0
@@ -176,6 +179,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("data", "batch_size"): _at_least(2),
     ("data", "sampler"): _one_of("random", "class_balanced"),
     ("data", "images_per_class"): _at_least(1),
+    ("data", "bad_images"): _one_of("error", "skip"),
     ("data", "workers"): _at_least(0),
     ("data", "train_fraction"): _within(0.0, 1.0, closed_high=False),
     ("data", "max_classes"): _at_least(0),

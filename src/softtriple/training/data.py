@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from softtriple.data import (
     train_transform,
 )
 from softtriple.data.builtin import BUILTINS, default_root, prepare, prepared
+from softtriple.data.checks import drop_bad_images
 from softtriple.data.formats import read_csv, read_folder
 from softtriple.training.config import DataConfig
 
@@ -42,7 +44,18 @@ class FeatureDataset(torch.utils.data.Dataset):
 
 
 def load_table(config: DataConfig) -> ImageTable:
-    """The ImageTable a DataConfig names; built-in sets must be prepared first."""
+    """The ImageTable a DataConfig names, its unreadable images handled by data.bad_images."""
+    return load_checked_table(config)[0]
+
+
+def load_checked_table(config: DataConfig) -> tuple[ImageTable, list[tuple[Path, str]]]:
+    """The table and the unreadable images left out of it (data.bad_images=skip; "error"
+    raises a DataError naming them all)."""
+    return drop_bad_images(read_config_table(config), config.bad_images)
+
+
+def read_config_table(config: DataConfig) -> ImageTable:
+    """The ImageTable a DataConfig names, unchecked; built-in sets are prepared first."""
     if config.format == "builtin":
         if config.root not in BUILTINS:
             raise DataError(f"unknown built-in data set {config.root!r}; valid: "
@@ -93,6 +106,7 @@ class Loaders:
     test_table: ImageTable
     num_classes: int
     test_labels: np.ndarray
+    bad_images: list[tuple[Path, str]]  # left out under data.bad_images=skip
 
 
 def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float, ...],
@@ -106,7 +120,7 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
     if config.batch_size % world:
         raise DataError(f"data.batch_size {config.batch_size} is the global batch and must be "
                         f"divisible by the {world} processes")
-    table = load_table(config)
+    table, bad = load_checked_table(config)
     train_table, test_table = table.split("train"), table.split("test")
     if len(train_table) == 0 or len(test_table) == 0:
         raise DataError(f"{table.root}: the train or test split is empty")
@@ -148,4 +162,4 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
                        num_workers=workers, pin_memory=pin)
     test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False,
                       num_workers=workers, pin_memory=pin)
-    return Loaders(train, test, train_table, test_table, len(classes), test_labels[shard])
+    return Loaders(train, test, train_table, test_table, len(classes), test_labels[shard], bad)

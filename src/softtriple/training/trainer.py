@@ -34,7 +34,7 @@ from softtriple.training.data import Loaders, build_loaders
 from softtriple.training.feature_cache import cached_features
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "results.json",
-             "test_embeddings.npz", "plots", "report.html")  # what a run writes in its folder
+             "test_embeddings.npz", "plots", "report.html", "bad_images.txt")  # what a run writes in its folder
 # keys a resumed run may change: data.workers too, as the data order and every augmentation
 # depend on (seed, epoch, sample) only
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
@@ -293,6 +293,9 @@ class Trainer:
             for leftover in [*self.out.glob(".*.tmp*"), *self.out.glob("checkpoints/.*.tmp*")]:
                 leftover.unlink()  # a write that a kill interrupted
             write_text(self.out / "config.yaml", dump_config(config))
+            if self.loaders.bad_images:  # data.bad_images=skip: what was left out, and why
+                write_text(self.out / "bad_images.txt", "".join(
+                    f"{path}\t{why}\n" for path, why in self.loaders.bad_images))
             if self.state is not None:  # the log as of the checkpoint: no rows past it
                 write_text(self.out / "metrics.jsonl",
                            "".join(json.dumps(r) + "\n" for r in self.history))

@@ -4,10 +4,10 @@ variable font) are the class's modes. An image is two three-letter words in one 
 the square; the words come from one shared pool, so the same text appears in many classes and
 cannot identify the class.
 
-Families are read from the installed packages of ``PACKAGES`` (what is not installed is left out
-and named in the manifest). A face counts when its cmap covers every letter used. Families with
-fewer than ``MIN_FACES`` faces are dropped, and so are clones: families whose regular face,
-drawn on the same reference text at the same size and origin, correlates above
+Families are read from the Debian packages ``PACKAGES`` (``make sources-fonts`` installs them; a
+missing one is an error, as other packages would make another data set). A face counts when its
+cmap covers every letter used. Families with fewer than ``MIN_FACES`` faces are dropped, and so
+are clones: families whose upright face, drawn on the same reference text, correlates above
 ``CLONE_CORRELATION`` (pixels, after cropping to the ink and a slight blur) with a family
 kept before it in name order (metric-compatible
 copies such as Liberation Sans / Arimo / Nimbus Sans, or TeX Gyre Heros, are one design).
@@ -63,6 +63,7 @@ PACKAGES = (
     "fonts-comfortaa fonts-quicksand fonts-firacode fonts-jetbrains-mono fonts-inconsolata "
     "fonts-monoid").split()
 FONT_SUFFIXES = (".ttf", ".otf")
+TEST_PACKAGES = ("fonts-liberation", "fonts-croscore")  # two small ones with clones, for tests
 
 
 @dataclass(frozen=True)
@@ -213,9 +214,11 @@ def slug(text: str) -> str:
 def build(folder: Path, packages: list[str] | None = None) -> dict[str, Any]:
     chosen = list(PACKAGES if packages is None else packages)
     present = [p for p in chosen if installed(p)]
-    if not present:
-        raise DataError(f"fonts needs Debian font packages; install some with: apt-get install "
-                        f"{' '.join(chosen[:8])} ... (make sources installs them all)")
+    missing = [p for p in chosen if p not in present]
+    if missing:  # another set of packages would be another data set
+        raise DataError(f"fonts needs {len(missing)} more Debian font package(s) "
+                        f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
+                        f"install them with `make sources-fonts` (or apt-get install)")
     by_family: dict[str, list[Face]] = {}
     for face in faces(present):
         by_family.setdefault(face.family, []).append(face)
@@ -246,7 +249,6 @@ def build(folder: Path, packages: list[str] | None = None) -> dict[str, Any]:
     used = sorted({p for row in rows for p in row["packages"]})
     return {
         "sources": [{"package": p, "version": _version(p), "licence": _licence(p)} for p in used],
-        "packages_missing": [p for p in chosen if p not in present],
         "families": rows, "classes": len(rows), "images": images,
         "dropped_clones": clones, "dropped_single_face": few,
         "clone_correlation": CLONE_CORRELATION, "min_faces": MIN_FACES,
