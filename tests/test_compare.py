@@ -92,7 +92,7 @@ def test_suite_runs_resumes_a_killed_run_and_summarizes_its_runs(data_root, tmp_
         assert stats["mean"] == pytest.approx(np.mean(values))
         assert stats["std"] == pytest.approx(np.std(values, ddof=1))
         assert stats["n"] == 2
-    diff = [p for p in summary["paired"] if p["metric"] == "recall@1"][0]
+    diff = next(p for p in summary["paired"] if p["metric"] == "recall@1")
     assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     text = (suite.out / "summary.md").read_text()
     assert "SoftMax-norm" in text and "**" in text and "k-means++" in text

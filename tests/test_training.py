@@ -198,7 +198,8 @@ def test_resume_rebuilds_the_log_and_removes_leftovers(data_root, tmp_path):
         f.write(json.dumps({"epoch": 2, "step": 99}) + "\n")
     (run / "checkpoints" / ".last.tmp.pt").write_bytes(b"half a checkpoint")
     Trainer(tiny(run, "schedule.epochs=2"), resume=run).train()
-    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in lines]
     assert epochs == [0, 1, 2]
     assert not list(run.glob("checkpoints/.*.tmp*"))
 

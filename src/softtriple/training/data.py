@@ -89,7 +89,7 @@ def validation_split(table: ImageTable, fraction: float) -> ImageTable:
     et al., "A Metric Learning Reality Check", ECCV 2020)."""
     train = table.split("train")
     classes = np.unique(train.labels)
-    held = int(round(len(classes) * fraction))
+    held = round(len(classes) * fraction)
     if not 1 <= held < len(classes):
         raise DataError(f"data.validation_classes={fraction} holds out {held} of "
                         f"{len(classes)} training classes; choose a fraction that leaves both "

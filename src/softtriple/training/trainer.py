@@ -33,8 +33,9 @@ from softtriple.training.config import Config, ConfigError, config_from_dict, du
 from softtriple.training.data import Loaders, build_loaders
 from softtriple.training.feature_cache import cached_features
 
+# what a run writes in its folder
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "results.json",
-             "test_embeddings.npz", "plots", "report.html", "bad_images.txt")  # what a run writes in its folder
+             "test_embeddings.npz", "plots", "report.html", "bad_images.txt")
 # keys a resumed run may change: data.workers too, as the data order and every augmentation
 # depend on (seed, epoch, sample) only
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),

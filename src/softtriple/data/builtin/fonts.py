@@ -227,7 +227,7 @@ def build(folder: Path, packages: list[str] | None = None) -> dict[str, Any]:
     kept, clones = drop_clones(families)
     rng = np.random.default_rng(0)
     images = 0
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in kept:
         members = families[name]
         per_face = math.ceil(IMAGES_PER_CLASS / len(members))
