@@ -24,3 +24,15 @@ def test_paper_settings(name):
     assert config.schedule.milestones == [20, 40]
     assert (config.optimizer.lr, config.optimizer.loss_lr, config.optimizer.eps) == \
         (1e-4, 1e-2, 0.01)
+
+
+def test_every_comparison_suite_resolves():
+    """Every suite under configs/compare/ loads, and each of its runs' configs resolves (the
+    paper-protocol suite for a GPU included): a dry run of each."""
+    from softtriple.compare import load_suite, runs
+    suites = sorted((Path(__file__).parent.parent / "configs" / "compare").glob("*.yaml"))
+    assert {s.stem for s in suites} >= {"cub_paper", "glyphs_head", "fonts_head",
+                                         "glyphs_centers", "glyphs_finetune", "glyphs_tune"}
+    for path in suites:
+        suite = load_suite(path)
+        assert len(runs(suite)) == len(suite.variants) * len(suite.seeds)
