@@ -34,8 +34,9 @@ def plot_bars(summary: dict[str, Any], out: Path) -> Path | None:
         low = max(0.0, min(finite) - 0.1) if finite else 0.0
         ax.set(title=metric, ylim=(low, min(1.0, max(finite, default=1.0) + 0.05)))
         ax.grid(axis="y", alpha=0.3)
-    n = max(len(v["seeds"]) for v in summary["variants"].values())
-    fig.suptitle(f"mean ± std over {n} seeds", fontsize=10)
+    counts = sorted({len(v["seeds"]) for v in summary["variants"].values() if v["seeds"]})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    fig.suptitle(f"mean ± std over {seeds} seeds", fontsize=10)
     fig.tight_layout()
     path = out / "bars.png"
     fig.savefig(path, dpi=100)
