@@ -1,5 +1,19 @@
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(__file__))  # the reference implementations live beside tests
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A folder with the built-in digits prepared, as $SOFTTRIPLE_DATA for the module."""
+    root = tmp_path_factory.mktemp("data")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SOFTTRIPLE_DATA", str(root))
+    from softtriple.data.builtin import prepare
+    prepare("digits", root)
+    yield root
+    patch.undo()

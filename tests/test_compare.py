@@ -33,17 +33,6 @@ run: {report: false, progress: false}
 """
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("SOFTTRIPLE_DATA", str(root))
-    from softtriple.data.builtin import prepare
-    prepare("digits", root)
-    yield root
-    patch.undo()
-
-
 def _suite(folder: Path, epochs: int = 2) -> Path:
     (folder / "base.yaml").write_text(BASE)
     suite = folder / "suite.yaml"

@@ -20,17 +20,6 @@ TINY = ["model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16
         "run.progress=false", "loss.args={centers_per_class: 2}"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("SOFTTRIPLE_DATA", str(root))
-    from softtriple.data.builtin import prepare
-    prepare("digits", root)
-    yield root
-    patch.undo()
-
-
 def tiny(out: Path, *extra: str):
     return load_config(None, [*TINY, f"run.out={out}", *extra])
 

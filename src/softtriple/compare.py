@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from softtriple.atomic import write_json, write_text
-from softtriple.training.config import ConfigError, load_config
+from softtriple.training.config import ConfigError, load_config, read_yaml_mapping
 
 SUITE_KEYS = ("base", "out", "seeds", "set", "variants", "paired", "description")
 VARIANT_KEYS = ("label", "set", "group", "x")
@@ -97,14 +96,7 @@ def _strings(value: Any, where: str) -> list[str]:
 def load_suite(path: str | Path) -> Suite:
     """Read and check a suite file; every run's config is resolved once to catch errors early."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"suite file {file} not found")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{file} is not valid YAML: {error}".splitlines()[0]) from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file} must hold a mapping (base, out, seeds, set, variants)")
+    raw = read_yaml_mapping(file, "suite file", "base, out, seeds, set, variants")
     unknown = sorted(set(raw) - set(SUITE_KEYS))
     if unknown:
         raise ConfigError(f"unknown suite key(s) {', '.join(unknown)} in {file}; valid: "

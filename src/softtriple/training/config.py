@@ -263,20 +263,26 @@ def parse_override(text: str) -> dict[str, Any]:
     return value  # type: ignore[no-any-return]
 
 
+def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (a ``what``: "config file", "suite file"), numbers
+    read as numbers, or a ConfigError that names the file and what it must hold."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} {file} not found")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{file} is not valid YAML: {error}".splitlines()[0]) from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file} must hold a mapping ({holds})")
+    return _numbers(values)  # type: ignore[no-any-return]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
     """Defaults, then the YAML file, then each ``key=value`` override in order."""
     config = Config()
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {file} not found")
-        try:
-            values = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{file} is not valid YAML: {error}".splitlines()[0]) from error
-        if not isinstance(values, dict):
-            raise ConfigError(f"{file} must hold a mapping of sections")
-        _merge(config, _numbers(values), "")
+        _merge(config, read_yaml_mapping(path, "config file", "of sections"), "")
     return check_config(apply_overrides(config, overrides))
 
 
