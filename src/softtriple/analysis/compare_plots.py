@@ -51,7 +51,13 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> Path | None:
     if not points:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for group in sorted({g for g, _, _ in points}):
+    def order(group: str) -> tuple[float, str]:  # "tau=0.2" before "tau=1" before "tau=25"
+        try:
+            return float(group.rsplit("=", 1)[-1]), group
+        except ValueError:
+            return float("inf"), group
+
+    for group in sorted({g for g, _, _ in points}, key=order):
         line = sorted((x, v) for g, x, v in points if g == group)
         xs = [x for x, _ in line]
         for ax, metric in zip(axes, ("recall@1", "effective_centers"), strict=True):
