@@ -35,7 +35,9 @@ def _verify(path: Path) -> str:
         return f"not an image ({error.__class__.__name__})"
 
 
-def _key(path: Path, root: Path) -> tuple[str, str]:
+def file_version(path: Path, root: Path) -> tuple[str, str]:
+    """(path relative to ``root``, 'size|mtime_ns' or 'missing'): what identifies one version
+    of an image file in the caches next to the data."""
     stat = path.stat() if path.exists() else None
     try:
         name = str(path.relative_to(root))
@@ -55,7 +57,7 @@ def bad_images(table: ImageTable, progress: bool = True) -> list[tuple[Path, str
     bad, changed = [], False
     todo = []
     for path in table.paths:
-        name, version = _key(path, table.root)
+        name, version = file_version(path, table.root)
         entry = cache.get(name)
         if entry is not None and entry[0] == version:
             if entry[1]:

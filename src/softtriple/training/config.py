@@ -228,9 +228,9 @@ def check_config(config: Config) -> Config:
         ev.kmeans.check()
     except ValueError as error:
         raise ConfigError(f"evaluation.kmeans: {error}") from error
-    if config.data.feature_cache and config.data.augment:
-        raise ConfigError("data.feature_cache needs data.augment=false (features are computed "
-                          "once, unaugmented)")
+    if config.data.feature_cache and (config.data.augment or not config.model.freeze_backbone):
+        raise ConfigError("data.feature_cache needs model.freeze_backbone=true and "
+                          "data.augment=false (features are computed once, unaugmented)")
     return config
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from softtriple.data import ImageDataset, ImageTable, eval_transform
+from softtriple.data.checks import file_version
 from softtriple.models import EmbeddingModel
 
 CACHE_DIR = ".softtriple-cache"
@@ -29,15 +30,7 @@ CACHE_DIR = ".softtriple-cache"
 
 def image_keys(table: ImageTable) -> np.ndarray:
     """(N,) str: 'relative path|size|mtime_ns' of each image, its identity in the cache."""
-    keys = []
-    for path in table.paths:
-        stat = path.stat()
-        try:
-            name = str(path.relative_to(table.root))
-        except ValueError:
-            name = str(path)
-        keys.append(f"{name}|{stat.st_size}|{stat.st_mtime_ns}")
-    return np.array(keys, dtype=str)
+    return np.array(["|".join(file_version(p, table.root)) for p in table.paths], dtype=str)
 
 
 def model_key(backbone: str, weights: str | None, image_size: int) -> str:

@@ -167,9 +167,6 @@ class Trainer:
         config = self.config
         if not config.data.feature_cache:
             return None
-        if not config.model.freeze_backbone or config.data.augment:
-            raise ConfigError("data.feature_cache needs model.freeze_backbone=true and "
-                              "data.augment=false (features are computed once, unaugmented)")
         if config.model.weights is None and config.model.backbone not in WHEEL_WEIGHTS:
             raise ConfigError(f"data.feature_cache needs pretrained features: set model.weights "
                               f"for {config.model.backbone} (a random backbone's features "
