@@ -98,6 +98,25 @@ def test_knn_blocks_match_stable_sort(block, ties):
                                   np.argsort(-sims_g, axis=1, kind="stable")[:, :9])
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize(("n", "k", "block"), [(300, 20, 128), (301, 5, 100), (257, 40, 4096)])
+def test_knn_chunked_selection_matches_stable_sort(n, k, block, ties):
+    """Tiles wide enough for the two-stage (chunk maxima, then candidates) selection, with
+    widths that leave a remainder chunk, and many exact ties at the k-th place."""
+    from softtriple.evaluation.knn import chunk_size
+
+    assert chunk_size(min(block, n), k) > 1
+    x, _ = _data(7, n=n, d=6, ties=ties)
+    xn = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    sims = xn @ xn.T
+    np.fill_diagonal(sims, -np.inf)
+    _, index = knn(x, k, block=block)
+    np.testing.assert_array_equal(index.numpy(), np.argsort(-sims, axis=1, kind="stable")[:, :k])
+    _, index_g = knn(x[:50], k, gallery=x, block=block)
+    np.testing.assert_array_equal(index_g.numpy(),
+                                  np.argsort(-(xn[:50] @ xn.T), axis=1, kind="stable")[:, :k])
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_knn_dtypes_and_torch_input(dtype):
     x, _ = _data(4, n=40, d=8)

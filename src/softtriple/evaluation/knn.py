@@ -1,14 +1,22 @@
-"""Exact k-nearest-neighbour search by cosine similarity, in blocks, never an N x N matrix.
+"""Exact k-nearest-neighbour search by cosine similarity, in tiles, never an N x N matrix.
 
 Similarity is the dot product of L2-normalized rows (cosine similarity); inputs are normalized
 here, so raw embeddings are fine. Ties are broken deterministically: among equal similarities the
 lower gallery index ranks first (the order of a stable descending sort), in both the selection
 and the ordering of the k neighbours. The ``faiss`` backend returns the same neighbours when no
 two similarities tie; on exact ties it follows faiss's own order.
+
+The search runs on the inputs' device (CPU or CUDA) and copies nothing to the host until the end.
+Each (block x block) tile of similarities yields the exact top-k set of each of its rows in two
+stages: the maximum of each chunk of ``s`` columns, the k chunks with the largest maxima (every
+top-k value lies in one of them), and a top-k among those k x s candidates; rows where a tie at
+the k-th place makes either stage's pick ambiguous are redone exactly. Each row's candidates from
+all tiles are then reduced to its k neighbours.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -17,6 +25,7 @@ from torch import Tensor
 
 ArrayLike = Tensor | np.ndarray
 Backend = Literal["torch", "faiss"]
+PENDING = 8  # candidates kept per row, in multiples of k, before they are reduced to k
 
 
 def as_tensor(array: ArrayLike, name: str) -> Tensor:
@@ -31,10 +40,6 @@ def as_tensor(array: ArrayLike, name: str) -> Tensor:
         bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
         raise ValueError(f"{name} has {bad} row(s) with NaN or inf; drop or fix them first")
     return tensor
-
-
-def _normalize(x: Tensor) -> Tensor:
-    return torch.nn.functional.normalize(x.cpu(), dim=1)
 
 
 def select_topk(sims: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -69,69 +74,114 @@ def select_topk(sims: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return kept_sims.gather(1, order), kept_index.gather(1, order)
 
 
+def chunk_size(m: int, k: int) -> int:
+    """Columns per chunk for a tile of width m: about sqrt(m / k), which balances the chunk
+    maxima (m / s per row) against the candidates (k x s per row); 1 means no chunking."""
+    s = max(1, round(math.sqrt(m / k)))
+    return s if m // s > k + 1 else 1
+
+
+def top_k_of_k_plus_one(values: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k largest of each row of a (b, w) tensor, w > k, in no particular order.
+
+    Returns:
+        values (b, k), their columns (b, k), and (b,) bool: the k-th and (k+1)-th largest tie,
+        so that which of the tied made the cut is arbitrary.
+    """
+    vals, pos = values.topk(k + 1, dim=1, sorted=False)
+    last = vals.argmin(dim=1, keepdim=True)  # where the (k+1)-th largest is
+    ambiguous = (vals == vals.gather(1, last)).sum(dim=1) > 1
+    keep = torch.ones_like(vals, dtype=torch.bool).scatter_(1, last, False)
+    return vals[keep].view(-1, k), pos[keep].view(-1, k), ambiguous
+
+
 def tile_topk(tile: Tensor, offset: int, k: int) -> tuple[Tensor, Tensor]:
     """The exact top-k set of each row of a (b, m) tile whose columns are offset..offset+m-1.
-
-    One ``topk`` of k + 1 finds the k best; only rows where the k-th and (k+1)-th values tie (so
-    that topk's pick among equals is arbitrary) are redone by ``select_topk``.
 
     Returns:
         (b, min(k, m)) similarities and gallery indices, in no particular order.
     """
     b, m = tile.shape
-    k = min(k, m)
-    if m == k:
-        return tile, torch.arange(offset, offset + m).expand(b, m)
-    sims, pos = tile.topk(k + 1, dim=1, sorted=True)  # (b, k + 1)
-    ambiguous = (sims[:, k] == sims[:, k - 1]).nonzero()[:, 0]
-    sims, pos = sims[:, :k].contiguous(), pos[:, :k].contiguous()
-    if len(ambiguous):
-        exact_sims, exact_pos = select_topk(tile[ambiguous], torch.arange(m), k)
-        sims[ambiguous], pos[ambiguous] = exact_sims, exact_pos
-    return sims, pos + offset
+    device = tile.device
+    if m <= k:
+        return tile, torch.arange(offset, offset + m, device=device).expand(b, m)
+    s = chunk_size(m, k)
+    if s == 1:
+        sims, column, ambiguous = top_k_of_k_plus_one(tile, k)
+    else:  # chunks of s columns, and the last m % s columns always among the candidates
+        groups, rest = divmod(m, s)
+        chunks = tile[:, :groups * s].unflatten(1, (groups, s))  # (b, groups, s), a view
+        _, chosen, chunk_tie = top_k_of_k_plus_one(chunks.amax(dim=2), k)  # (b, k)
+        candidates = chunks.gather(1, chosen[:, :, None].expand(b, k, s)).view(b, k * s)
+        columns = (chosen[:, :, None] * s + torch.arange(s, device=device)).view(b, k * s)
+        if rest:
+            candidates = torch.cat([candidates, tile[:, groups * s:]], dim=1)
+            columns = torch.cat([columns, torch.arange(groups * s, m, device=device)
+                                 .expand(b, rest)], dim=1)
+        sims, pick, ambiguous = top_k_of_k_plus_one(candidates, k)
+        column = columns.gather(1, pick)
+        ambiguous |= chunk_tie  # a tied chunk left out may hold a value tied with the k-th
+    redo = ambiguous.nonzero()[:, 0]
+    if len(redo):  # redo exactly: among equals the lower column wins
+        sims[redo], column[redo] = select_topk(tile[redo], torch.arange(m, device=device), k)
+    return sims, column + offset
 
 
-def merge_topk(best: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor],
-               k: int) -> tuple[Tensor, Tensor]:
-    """Merge two candidate sets (b, k1) and (b, k2) into the best k, ranked by (similarity desc,
-    index asc); indices are distinct across the two sets."""
-    sims, index = new
-    if best is not None:
-        sims, index = torch.cat([best[0], sims], dim=1), torch.cat([best[1], index], dim=1)
-    order = torch.argsort(index, dim=1)
-    sims, index = sims.gather(1, order), index.gather(1, order)
-    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
-    return sims.gather(1, order), index.gather(1, order)
+class _RunningTopk:
+    """Each row's candidates from the tiles seen so far, reduced to the best k now and then."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.sims: list[Tensor] = []
+        self.index: list[Tensor] = []
+
+    def add(self, found: tuple[Tensor, Tensor]) -> None:
+        self.sims.append(found[0])
+        self.index.append(found[1])
+        if sum(part.shape[1] for part in self.sims) >= PENDING * self.k:
+            sims, index = self.best()
+            self.sims, self.index = [sims], [index]
+
+    def best(self) -> tuple[Tensor, Tensor]:
+        """(b, k) similarities and indices, best first."""
+        return select_topk(torch.cat(self.sims, dim=1), torch.cat(self.index, dim=1), self.k)
 
 
 def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
-        backend: Backend = "torch", block: int = 2048) -> tuple[Tensor, Tensor]:
+        backend: Backend = "torch", block: int = 4096) -> tuple[Tensor, Tensor]:
     """The k most similar gallery rows of every query, by cosine similarity.
 
     Without ``gallery`` the queries are the gallery and no query retrieves itself. When the
-    queries are the gallery the similarity matrix is symmetric: each (block x block) tile of its
-    upper triangle is computed once and serves both its rows' and its columns' running top-k.
+    queries are the gallery the similarity matrix is symmetric: each tile of its upper triangle
+    is computed once and serves both its rows and (transposed) its columns.
 
     Args:
-        queries: (Nq, d) float16/32/64, numpy or torch.
+        queries: (Nq, d) float16/32/64, numpy or torch, on any device.
         k: neighbours per query, 1 <= k <= gallery size (excluding the query itself).
-        gallery: (Ng, d) or None.
-        backend: ``"torch"`` (default, exact blocked products) or ``"faiss"`` (IndexFlatIP).
-        block: rows per tile; memory is O(block x block + N x k).
+        gallery: (Ng, d) or None, on the queries' device.
+        backend: ``"torch"`` (default, exact tiled products) or ``"faiss"`` (IndexFlatIP, CPU).
+        block: at most this many rows per tile; memory is O(block x block + N x k).
 
     Returns:
-        similarities (Nq, k) float and indices (Nq, k) int64 into the gallery, best first.
+        similarities (Nq, k) float and indices (Nq, k) int64 into the gallery, best first, on
+        the queries' device.
     """
-    q = _normalize(as_tensor(queries, "queries"))
-    g = None if gallery is None else _normalize(as_tensor(gallery, "gallery"))
+    q = torch.nn.functional.normalize(as_tensor(queries, "queries"), dim=1)
+    g = None if gallery is None else torch.nn.functional.normalize(
+        as_tensor(gallery, "gallery"), dim=1)
     if g is not None and g.shape[1] != q.shape[1]:
         raise ValueError(f"queries have width {q.shape[1]} but gallery has {g.shape[1]}")
+    if g is not None and g.device != q.device:
+        raise ValueError(f"queries are on {q.device} but the gallery is on {g.device}; "
+                         f"move both to one device")
     if g is not None and g.dtype != q.dtype:
         g = g.to(torch.promote_types(g.dtype, q.dtype))
         q = q.to(g.dtype)
     available = q.shape[0] - 1 if g is None else g.shape[0]
     if not 1 <= k <= available:
         raise ValueError(f"k must be in [1, {available}] (the gallery size); got {k}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1; got {block}")
     if backend == "faiss":
         return _knn_faiss(q, k, g)
     if backend != "torch":
@@ -139,36 +189,42 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
     return _knn_self(q, k, block) if g is None else _knn_gallery(q, g, k, block)
 
 
+def _starts(n: int, block: int) -> tuple[list[int], int]:
+    """Tile starts and size: ceil(n / block) tiles of (nearly) equal size."""
+    size = math.ceil(n / math.ceil(n / block))
+    return list(range(0, n, size)), size
+
+
 def _knn_gallery(q: Tensor, g: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
-    sims_out, index_out = [], []
-    for start in range(0, q.shape[0], block):
-        best = None
-        for g_start in range(0, g.shape[0], block):
-            tile = q[start:start + block] @ g[g_start:g_start + block].T  # (b, b')
-            best = merge_topk(best, tile_topk(tile, g_start, k), k)
-        assert best is not None
-        sims_out.append(best[0])
-        index_out.append(best[1])
-    return torch.cat(sims_out), torch.cat(index_out)
+    q_starts, q_size = _starts(q.shape[0], block)
+    g_starts, g_size = _starts(g.shape[0], block)
+    found = []
+    for a in q_starts:
+        running = _RunningTopk(k)
+        rows = q[a:a + q_size]
+        for c in g_starts:
+            running.add(tile_topk(rows @ g[c:c + g_size].T, c, k))
+        found.append(running.best())
+    return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
 
 
 def _knn_self(x: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
-    n = x.shape[0]
-    starts = list(range(0, n, block))
-    best: list[tuple[Tensor, Tensor] | None] = [None] * len(starts)
+    starts, size = _starts(x.shape[0], block)
+    running = [_RunningTopk(k) for _ in starts]
+    found = []
     for i, a in enumerate(starts):
-        rows = x[a:a + block]
+        rows = x[a:a + size]
         for j in range(i, len(starts)):
             b = starts[j]
-            tile = rows @ x[b:b + block].T  # (b_i, b_j), serves rows i and (transposed) rows j
+            tile = rows @ x[b:b + size].T  # (b_i, b_j), serves rows i and (transposed) rows j
             if i == j:
                 tile.fill_diagonal_(float("-inf"))  # never retrieve yourself
-            best[i] = merge_topk(best[i], tile_topk(tile, b, k), k)
+            running[i].add(tile_topk(tile, b, k))
             if j != i:
-                best[j] = merge_topk(best[j], tile_topk(tile.T.contiguous(), a, k), k)
-    sims = torch.cat([pair[0] for pair in best if pair is not None])
-    index = torch.cat([pair[1] for pair in best if pair is not None])
-    return sims, index
+                running[j].add(tile_topk(tile.T.contiguous(), a, k))
+        found.append(running[i].best())  # row block i has seen every tile now
+        running[i] = _RunningTopk(k)  # free its candidates
+    return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
 
 
 def _knn_faiss(q: Tensor, k: int, g: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -176,8 +232,9 @@ def _knn_faiss(q: Tensor, k: int, g: Tensor | None) -> tuple[Tensor, Tensor]:
         import faiss
     except ImportError as error:
         raise ValueError("backend='faiss' needs faiss: pip install 'softtriple[faiss]'") from error
-    qn = np.ascontiguousarray(q.numpy(), dtype=np.float32)
-    gn = qn if g is None else np.ascontiguousarray(g.numpy(), dtype=np.float32)
+    device = q.device
+    qn = np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32)
+    gn = qn if g is None else np.ascontiguousarray(g.cpu().numpy(), dtype=np.float32)
     index = faiss.IndexFlatIP(gn.shape[1])
     index.add(gn)
     extra = 1 if g is None else 0
@@ -188,4 +245,4 @@ def _knn_faiss(q: Tensor, k: int, g: Tensor | None) -> tuple[Tensor, Tensor]:
         own[:, -1] |= ~own.any(dim=1)
         keep = ~own
         sims_t, ids_t = sims_t[keep].view(-1, k), ids_t[keep].view(-1, k)
-    return sims_t.to(q.dtype), ids_t.long()
+    return sims_t.to(device, q.dtype), ids_t.long().to(device)

@@ -81,7 +81,7 @@ class Neighbours:
         self.k = k
         self.relevant = _relevant_counts(self.query_labels, self.gallery_labels, self_search)
         _, index = knn(queries, k, None if self_search else gallery, backend=backend)
-        ranked = self.gallery_labels[index.numpy()]  # (N, k)
+        ranked = self.gallery_labels[index.cpu().numpy()]  # (N, k)
         self.matches = ranked == self.query_labels[:, None]  # (N, k) bool
 
     @property
