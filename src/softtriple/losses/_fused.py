@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from softtriple.losses._precision import no_autocast, up
+
 
 def _fixed_shift_ok(gamma: float, dtype: torch.dtype) -> bool:
     """Cosines lie in [-1, 1], so exp((s - 1) / gamma) never overflows; it underflows only when
     2 / gamma nears the exponent range, where the per-row max is subtracted instead."""
-    low_precision = dtype in (torch.float32, torch.bfloat16, torch.float16)
-    return 2.0 / gamma < (60.0 if low_precision else 600.0)
+    return 2.0 / gamma < (600.0 if dtype == torch.float64 else 60.0)
 
 
 def _forward_chunk(t_raw: Tensor, scale: Tensor, k: int, gamma: float,
@@ -123,11 +124,15 @@ def smoothed_max_similarity(x: Tensor, centers: Tensor, gamma: float, chunk: int
             compiler; the first call in a process compiles for a few seconds).
 
     Returns:
-        (B, C) class similarities; differentiable in x and centers (first order only).
+        (B, C) class similarities; differentiable in x and centers (first order only). Float16
+        and bfloat16 inputs are computed in float32, with autocast off (float16's exponent range
+        would underflow exp(-2 / gamma) to 0 and turn S into 0 / 0), and give float32.
     """
     if gamma <= 0:
         raise ValueError(f"the fused similarity needs gamma > 0; got {gamma}")
-    return _SmoothedMaxSimilarity.apply(x, centers, float(gamma), int(chunk), bool(compiled))
+    with no_autocast(x.device):
+        return _SmoothedMaxSimilarity.apply(up(x), up(centers), float(gamma), int(chunk),
+                                            bool(compiled))
 
 
 class _CenterRegularizer(torch.autograd.Function):
@@ -160,5 +165,7 @@ class _CenterRegularizer(torch.autograd.Function):
 
 
 def center_regularizer_fused(centers: Tensor) -> Tensor:
-    """The SoftTriple center regularizer (scalar) from raw centers (C, K, d), K >= 2."""
-    return _CenterRegularizer.apply(centers)
+    """The SoftTriple center regularizer (scalar) from raw centers (C, K, d), K >= 2; float16
+    and bfloat16 centers are computed in float32."""
+    with no_autocast(centers.device):
+        return _CenterRegularizer.apply(up(centers))

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from softtriple.evaluation.metrics import normalized_mutual_info
 from softtriple.losses._checks import check_batch, check_positive
 from softtriple.losses._pairs import degenerate, euclidean_distances
+from softtriple.losses._precision import float32_forward
 
 
 def facility_score(dist: Tensor, medoids: Tensor) -> Tensor:
@@ -69,6 +70,7 @@ class ClusteringLoss(nn.Module):
             medoids[c] = best
         return medoids
 
+    @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels)
         if len(torch.unique(labels)) < 2:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from softtriple.losses._checks import check_batch, check_positive
 from softtriple.losses._pairs import degenerate
+from softtriple.losses._precision import float32_forward
 
 
 def first_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,6 +52,7 @@ class NPairLoss(nn.Module):
         check_positive("l2_reg", l2_reg, allow_zero=True)
         self.l2_reg = float(l2_reg)
 
+    @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels)
         anchor_idx, positive_idx = first_pairs(labels)

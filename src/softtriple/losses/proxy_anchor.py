@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._precision import float32_forward
 
 
 def _log1p_sum_exp(logits: Tensor, mask: Tensor) -> Tensor:
@@ -49,6 +50,7 @@ class ProxyAnchorLoss(nn.Module):
         nn.init.kaiming_normal_(proxies, mode="fan_out")
         self.proxies = nn.Parameter(proxies)  # (C, d)
 
+    @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
         dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._precision import float32_forward
 from softtriple.losses.softmax_norm import init_centers
 
 
@@ -43,6 +44,7 @@ class ProxyNCALoss(nn.Module):
         self.scale, self.exclude_positive = float(scale), bool(exclude_positive)
         self.proxies = nn.Parameter(init_centers(num_classes, embedding_dim))  # (C, d)
 
+    @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
         dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)

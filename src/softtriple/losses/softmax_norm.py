@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._precision import float32_forward
 
 
 def margin_cross_entropy(similarity: Tensor, labels: Tensor, la: float, margin: float) -> Tensor:
@@ -61,6 +62,7 @@ class SoftMaxNormLoss(nn.Module):
         self.la, self.margin = float(la), float(margin)
         self.centers = nn.Parameter(init_centers(num_classes, embedding_dim))  # (C, d)
 
+    @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
         dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from softtriple.losses._checks import check_batch, check_count, check_positive
 from softtriple.losses._fused import center_regularizer_fused, smoothed_max_similarity
+from softtriple.losses._precision import float32_forward
 from softtriple.losses.softmax_norm import init_centers, margin_cross_entropy
 
 
@@ -100,6 +101,7 @@ class SoftTripleLoss(nn.Module):
         weight = init_centers(num_classes * centers_per_class, embedding_dim)
         self.centers = nn.Parameter(weight.view(num_classes, centers_per_class, embedding_dim))
 
+    @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
         dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)

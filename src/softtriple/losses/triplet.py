@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from softtriple.losses._checks import check_batch, check_positive
 from softtriple.losses._pairs import class_masks, degenerate, euclidean_distances
+from softtriple.losses._precision import float32_forward
 
 
 class TripletLoss(nn.Module):
@@ -37,6 +38,7 @@ class TripletLoss(nn.Module):
         check_positive("margin", margin, allow_zero=True)
         self.margin = float(margin)
 
+    @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels)
         dist = euclidean_distances(F.normalize(embeddings, dim=1), squared=True)  # (B, B)

@@ -68,10 +68,20 @@ class EmbeddingModel(nn.Module):
 
 
 @torch.no_grad()
-def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> np.ndarray:
+def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+          autocast_dtype: torch.dtype | None = None,
+          channels_last: bool = False) -> np.ndarray:
     """Embeddings (N, d) float32 of every (image, label, index) batch of ``loader``, in order,
-    with ``model`` in eval mode."""
+    with ``model`` (already on ``device``) in eval mode, under autocast to ``autocast_dtype``
+    (bf16 / fp16) when given."""
     model.eval()
-    parts = [model(images.to(device)).float().cpu().numpy() for images, _, _ in loader]
+    device = torch.device(device)
+    parts = []
+    for images, _, _ in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            parts.append(model(images).float().cpu().numpy())
     width = getattr(model, "embedding_dim", 0)
     return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)

@@ -93,7 +93,9 @@ class EvaluationConfig:
 class RunConfig:
     seed: int = 0
     out: str = "runs/latest"  # the run folder
-    device: str = "auto"  # auto, cpu or cuda
+    device: str = "auto"  # auto, cpu or cuda; training, evaluation and embed run there
+    precision: str = "fp32"  # fp32, bf16 or fp16: autocast for the network (losses stay fp32)
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels (not bitwise stable)
     threads: int = 0  # torch CPU threads; 0: torch's default
     progress: bool = True  # tqdm progress bars
     report: bool = True  # write plots/ and report.html at the end (softtriple report)
@@ -194,6 +196,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("evaluation", "every"): _at_least(0),
     ("evaluation", "batch_size"): _at_least(1),
     ("run", "device"): _one_of("auto", "cpu", "cuda"),
+    ("run", "precision"): _one_of("fp32", "bf16", "fp16"),
     ("run", "threads"): _at_least(0),
     ("run", "seed"): _at_least(0),
 }

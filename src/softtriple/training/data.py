@@ -105,16 +105,16 @@ class Loaders:
     train_table: ImageTable
     test_table: ImageTable
     num_classes: int
-    test_labels: np.ndarray
     bad_images: list[tuple[Path, str]]  # left out under data.bad_images=skip
 
 
 def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float, ...],
                   eval_batch_size: int, seed: int, world: int = 1, rank: int = 0,
-                  features: FeatureFn | None = None) -> Loaders:
+                  features: FeatureFn | None = None, pin_memory: bool = False) -> Loaders:
     """Training loader (this rank's share of each global batch) and test loader (this rank's
     contiguous shard of the test set). With ``features`` (the head protocol) the loaders yield
-    each image's cached backbone features in place of the image."""
+    each image's cached backbone features in place of the image. ``pin_memory`` (for a CUDA
+    device) lets the batches' copies to the device overlap the computation."""
     if config.sampler not in SAMPLERS:
         raise DataError(f"unknown sampler {config.sampler!r}; valid: {', '.join(SAMPLERS)}")
     if config.batch_size % world:
@@ -155,11 +155,10 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
         test_set = ImageDataset(test_table, test_labels,
                                 eval_transform(config.image_size, mean, std))
     test_set = torch.utils.data.Subset(test_set, shard.tolist())
-    pin = torch.cuda.is_available()
     generator = torch.Generator().manual_seed(seed)
     # workers are not persistent: they restart, reseeded from the generator, every epoch
     train = DataLoader(train_set, batch_sampler=sampler, generator=generator,
-                       num_workers=workers, pin_memory=pin)
+                       num_workers=workers, pin_memory=pin_memory)
     test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=pin)
-    return Loaders(train, test, train_table, test_table, len(classes), test_labels[shard], bad)
+                      num_workers=workers, pin_memory=pin_memory)
+    return Loaders(train, test, train_table, test_table, len(classes), bad)

@@ -43,15 +43,27 @@ RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", 
                ("schedule", "epochs")}  # keys a resumed run may change
 
 
-class Objective(nn.Module):
-    """Model and loss as one module, so DistributedDataParallel syncs the loss's centers too."""
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
+                                             "fp16": torch.float16}
 
-    def __init__(self, model: EmbeddingModel, loss: nn.Module) -> None:
+
+class Objective(nn.Module):
+    """Model and loss as one module, so DistributedDataParallel syncs the loss's centers too.
+
+    With ``autocast_dtype`` (bf16 / fp16) the model runs under autocast; the loss always
+    computes in float32 against its float32 centers (``softtriple.losses._precision``)."""
+
+    def __init__(self, model: EmbeddingModel, loss: nn.Module,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model, self.loss = model, loss
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        return self.loss(self.model(images), labels)  # type: ignore[no-any-return]
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            embeddings = self.model(images)
+        return self.loss(embeddings, labels)  # type: ignore[no-any-return]
 
 
 def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
@@ -70,7 +82,7 @@ def build_objective_loss(config: Config, num_classes: int) -> nn.Module:
     return build_loss(config.loss.name, **kwargs)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """The device of this process; under torchrun, GPU number LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +117,10 @@ class Trainer:
     def __init__(self, config: Config, resume: str | Path | None = None,
                  overwrite: bool = False) -> None:
         self.config = config
-        self.device = _device(config.run.device)
+        self.device = resolve_device(config.run.device)
+        self.autocast_dtype = PRECISIONS[config.run.precision]
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = config.run.cudnn_benchmark
         dist.setup(self.device)
         self.world, self.rank = dist.world_size(), dist.rank()
         if config.run.threads:
@@ -137,11 +152,14 @@ class Trainer:
             dist.barrier()
         _seed_everything(config.run.seed)
         self.model = build_model(config).to(self.device)
+        if config.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.loaders: Loaders = build_loaders(
             config.data, self.model.mean, self.model.std, config.evaluation.batch_size,
-            config.run.seed, self.world, self.rank, self._feature_fn())
+            config.run.seed, self.world, self.rank, self._feature_fn(),
+            pin_memory=self.device.type == "cuda")
         self.loss = build_objective_loss(config, self.loaders.num_classes).to(self.device)
-        self.objective: nn.Module = Objective(self.model, self.loss)
+        self.objective: nn.Module = Objective(self.model, self.loss, self.autocast_dtype)
         if self.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda"
@@ -153,6 +171,9 @@ class Trainer:
             groups.append({"params": list(self.loss.parameters()), "lr": opt.loss_lr,
                            "name": "loss"})
         self.optimizer = torch.optim.Adam(groups, eps=opt.eps, weight_decay=opt.weight_decay)
+        # fp16's narrow exponent range needs loss scaling; bf16 has float32's and does not
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=config.run.precision == "fp16")
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, config.schedule.milestones, config.schedule.gamma)
         self.epoch, self.step = 0, 0
@@ -188,6 +209,8 @@ class Trainer:
             self.loss.load_state_dict(state["loss"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"checkpoint does not fit this model: {error}".splitlines()[0]
                                   ) from error
@@ -203,7 +226,8 @@ class Trainer:
         save_checkpoint(self.out / "checkpoints" / "last.pt", {
             "model": self.model.state_dict(), "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "epoch": self.epoch, "step": self.step, "config": self.config.to_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
+            "config": self.config.to_dict(),
             "num_classes": self.loaders.num_classes, "history": self.history,
             "rng": {"torch": torch.get_rng_state(),
                     "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
@@ -225,7 +249,9 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
     def embed_test(self) -> np.ndarray:
         """Embeddings (N_test, d) of the held-out classes, gathered from every rank."""
-        return np.concatenate(dist.gather(embed(self.model, self.loaders.test, self.device)))
+        return np.concatenate(dist.gather(embed(
+            self.model, self.loaders.test, self.device, self.autocast_dtype,
+            self.config.model.channels_last)))
 
     def evaluate(self) -> dict[str, Any]:
         embeddings = self.embed_test()
@@ -234,8 +260,10 @@ class Trainer:
         metrics: dict[str, Any] = {}
         if dist.is_main():
             ev = self.config.evaluation
-            metrics = evaluate(embeddings, labels, ks=ev.ks, metrics=ev.metrics,
-                               seed=self.config.run.seed, kmeans_settings=ev.kmeans)
+            # the kNN runs on the run's device: one copy there, none per tile
+            metrics = evaluate(torch.from_numpy(embeddings).to(self.device), labels, ks=ev.ks,
+                               metrics=ev.metrics, seed=self.config.run.seed,
+                               kmeans_settings=ev.kmeans)
         return dist.broadcast(metrics)  # type: ignore[no-any-return]
 
     # ----------------------------------------------------------------- training
@@ -257,7 +285,8 @@ class Trainer:
         for i, (images, labels, _) in enumerate(self.loaders.train):
             if i >= steps:
                 break
-            images, labels = images.to(self.device), labels.to(self.device)
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
             if self.config.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
@@ -265,8 +294,9 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {float(loss)} at epoch {self.epoch + 1} "
                                          f"step {i}; lower optimizer.lr or optimizer.loss_lr")
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+            self.scaler.update()
             self.step += 1
             total, count = total + loss.item(), count + 1
             bar.set_postfix(loss=f"{total / count:.4f}")

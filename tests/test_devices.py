@@ -1,0 +1,60 @@
+"""Every place that moves tensors between devices, with the device as a parameter: on the CPU
+here, and on CUDA too where a GPU is present, so a GPU run exercises code that ran here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from softtriple.evaluation import evaluate, knn
+from softtriple.evaluation.metrics import kmeans
+from softtriple.models import embed
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _data(n: int = 300, d: int = 12, classes: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, classes, n)
+    x = rng.standard_normal((classes, d))[y] + 0.8 * rng.standard_normal((n, d))
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_knn_runs_on_the_inputs_device_and_matches_numpy(device):
+    x, _ = _data()
+    expected_sims, expected_index = knn(x, 10, block=64)
+    sims, index = knn(torch.from_numpy(x).to(device), 10, block=64)
+    assert sims.device.type == index.device.type == device
+    torch.testing.assert_close(sims.cpu(), expected_sims)
+    assert torch.equal(index.cpu(), expected_index)
+    _, index_g = knn(torch.from_numpy(x[:40]).to(device), 7, torch.from_numpy(x).to(device))
+    assert torch.equal(index_g.cpu(), knn(x[:40], 7, x)[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluate_and_kmeans_take_device_tensors(device):
+    x, y = _data()
+    on_device = torch.from_numpy(x).to(device)
+    metrics = ("recall", "precision_at_1", "r_precision", "map_at_r", "nmi")
+    assert evaluate(on_device, torch.from_numpy(y).to(device), metrics=metrics) == \
+        evaluate(x, y, metrics=metrics)
+    np.testing.assert_array_equal(kmeans(on_device, 15), kmeans(x, 15))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_embed_moves_batches_to_the_device_and_returns_float32_on_the_host(device,
+                                                                           autocast_dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).to(device)
+    images = torch.randn(10, 3, 4, 4)
+    loader = DataLoader(TensorDataset(images, torch.zeros(10), torch.arange(10)), batch_size=4,
+                        pin_memory=device == "cuda")
+    out = embed(model, loader, device, autocast_dtype, channels_last=True)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (10, 5)
+    expected = model(images.to(device)).detach().cpu().numpy()
+    tolerance = 1e-6 if autocast_dtype is None else 5e-2  # bf16: 8-bit mantissa
+    np.testing.assert_allclose(out, expected, atol=tolerance, rtol=tolerance)
