@@ -24,3 +24,39 @@ def test_failure_keeps_the_previous_file(tmp_path):
         raise RuntimeError("crash while writing")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.npz"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real full disk (needs the right to mount; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'not root'}); "
+                    f"the disk-full case needs one")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
+    import numpy as np
+    import torch
+
+    from softtriple.atomic import DiskFullError
+    from softtriple.training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = small_disk / "run" / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(10)}, "config": {}})
+    with pytest.raises(DiskFullError, match=r"^no space left on device while writing .*last\.pt "
+                                            r"\(its previous version is kept\)[^\n]*$"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(200_000)}, "config": {}})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(10))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    with pytest.raises(DiskFullError, match="nothing was written"), \
+            atomic_path(small_disk / "emb.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, embeddings=np.zeros((200_000,), np.float32))
+    assert sorted(p.name for p in small_disk.iterdir()) == ["run"]

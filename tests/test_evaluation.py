@@ -251,3 +251,15 @@ def test_kmeans_settings_are_checked():
         KMeansSettings(backend="scipy")
     with pytest.raises(ValueError, match="starts and iterations must be >= 1"):
         KMeansSettings(starts=0)
+
+
+def test_all_zero_embeddings_warn_and_rank_alike_in_both_backends():
+    x, _y = _data(8, n=80, d=6, classes=8)
+    x[[3, 10, 11]] = 0.0
+    with pytest.warns(UserWarning, match="3 embedding.s. are all zero"):
+        _, index = knn(x, 6)
+    assert index[3].tolist() == [0, 1, 2, 4, 5, 6]  # every similarity 0: lowest indices first
+    if pytest.importorskip("faiss"):
+        with pytest.warns(UserWarning, match="all zero"):
+            _, index_faiss = knn(x, 6, backend="faiss")
+        assert torch.equal(index, index_faiss)

@@ -3,6 +3,7 @@ reader never sees a half-written file and a crash never destroys the previous ve
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -11,16 +12,27 @@ from pathlib import Path
 from typing import Any
 
 
+class DiskFullError(ValueError):
+    """The disk filled up during an atomic write; the previous version of the file is intact."""
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path (same folder and suffix) to write; on success it replaces
-    ``path``, on an exception it is removed and ``path`` is left as it was."""
+    ``path``, on an exception it is removed and ``path`` is left as it was. A full disk raises
+    DiskFullError, one line naming the file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = "its previous version is kept" if target.exists() else "nothing was written"
+        raise DiskFullError(f"no space left on device while writing {target} ({kept}); free "
+                            f"some space and run again (--resume continues a run)") from error
     finally:
         tmp.unlink(missing_ok=True)
 

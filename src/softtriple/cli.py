@@ -353,8 +353,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except (ValueError, FloatingPointError) as error:  # our one-line errors: no traceback
-        print(f"softtriple {args.command}: error: {error}", file=sys.stderr)
+        print(f"softtriple {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The error's own message on one line. An error raised in a DataLoader worker process comes
+    back with the worker's traceback as its message; its last line holds the original
+    ``Type: message``, whose message is what the main process would have said."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

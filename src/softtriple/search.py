@@ -31,7 +31,7 @@ class EmbeddingIndex:
         try:
             data = np.load(file)
             return cls(data["embeddings"], data["labels"], [str(p) for p in data["paths"]])
-        except (KeyError, ValueError, OSError) as error:
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as error:
             raise DataError(f"{file} is not an embeddings file from softtriple embed ({error})"
                             ) from error
 

@@ -38,15 +38,29 @@ def _root(root: str | Path) -> Path:
     return path
 
 
-def _rows(path: Path, columns: int) -> list[list[str]]:
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not a text file (byte {error.start} is not UTF-8); "
+                        f"restore it from the data set's archive") from error
+
+
+def _rows(path: Path, columns: int, integer: tuple[int, ...] = ()) -> list[list[str]]:
+    """The whitespace-separated rows of a listing, each with ``columns`` fields, those at the
+    positions ``integer`` checked to be integers; DataError names the file and the line."""
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != columns:
             raise DataError(f"{path}:{number}: expected {columns} fields, got {len(parts)}: "
                             f"{line.strip()[:80]!r}")
+        for position in integer:
+            if not parts[position].lstrip("-").isdigit():
+                raise DataError(f"{path}:{number}: field {position + 1} must be an integer; "
+                                f"got {parts[position][:40]!r}")
         rows.append(parts)
     return rows
 
@@ -55,8 +69,9 @@ def read_cub(root: str | Path) -> ImageTable:
     """CUB-200-2011 (Wah et al. 2011): classes 1-100 train (5,864 images), 101-200 test (5,924)."""
     base = _root(root)
     what = "images.txt, image_class_labels.txt and images/"
-    images = dict(_rows(_require(base / "images.txt", what, "CUB-200-2011"), 2))
-    labels = dict(_rows(_require(base / "image_class_labels.txt", what, "CUB-200-2011"), 2))
+    images = dict(_rows(_require(base / "images.txt", what, "CUB-200-2011"), 2, (0,)))
+    labels = dict(_rows(_require(base / "image_class_labels.txt", what, "CUB-200-2011"), 2,
+                        (0, 1)))
     if set(images) != set(labels):
         odd = sorted(set(images) ^ set(labels))[0]
         raise DataError(f"image id {odd} is in only one of images.txt and image_class_labels.txt")
@@ -141,17 +156,22 @@ def read_csv(path: str | Path, train_fraction: float = 0.5) -> ImageTable:
         csv_path = csv_path / "images.csv"
     if not csv_path.is_file():
         raise DataError(f"CSV file {csv_path} not found")
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "path" not in fields or "label" not in fields:
-            raise DataError(f"{csv_path}: header must be path,label[,split]; "
-                            f"got {','.join(fields)}")
-        rows = list(reader)
-    try:
-        y = np.array([int(r["label"]) for r in rows])
-    except ValueError as error:
-        raise DataError(f"{csv_path}: labels must be integers ({error})") from error
+    reader = csv.DictReader(_text(csv_path).splitlines())
+    fields = reader.fieldnames or []
+    if "path" not in fields or "label" not in fields:
+        raise DataError(f"{csv_path}: header must be path,label[,split]; "
+                        f"got {','.join(fields)}")
+    rows = []
+    for row in reader:
+        where = f"{csv_path}:{reader.line_num}"
+        if any(row.get(name) in (None, "") for name in fields):
+            missing = [name for name in fields if row.get(name) in (None, "")]
+            raise DataError(f"{where}: no {', '.join(missing)} (every row needs "
+                            f"{','.join(fields)})")
+        if not str(row["label"]).strip().lstrip("-").isdigit():
+            raise DataError(f"{where}: label must be an integer; got {row['label'][:40]!r}")
+        rows.append(row)
+    y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     if "split" in fields:
         splits = np.array([r["split"] for r in rows])
     else:

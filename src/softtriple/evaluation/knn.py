@@ -17,6 +17,7 @@ all tiles are then reduced to its k neighbours.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -169,6 +170,11 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
     q = torch.nn.functional.normalize(as_tensor(queries, "queries"), dim=1)
     g = None if gallery is None else torch.nn.functional.normalize(
         as_tensor(gallery, "gallery"), dim=1)
+    zero = int((~q.any(dim=1)).sum()) + (0 if g is None else int((~g.any(dim=1)).sum()))
+    if zero:
+        warnings.warn(f"{zero} embedding(s) are all zero: their similarity to everything is 0, "
+                      f"so they rank (and are ranked) by index only; check the model's output",
+                      stacklevel=2)
     if g is not None and g.shape[1] != q.shape[1]:
         raise ValueError(f"queries have width {q.shape[1]} but gallery has {g.shape[1]}")
     if g is not None and g.device != q.device:
@@ -245,4 +251,9 @@ def _knn_faiss(q: Tensor, k: int, g: Tensor | None) -> tuple[Tensor, Tensor]:
         own[:, -1] |= ~own.any(dim=1)
         keep = ~own
         sims_t, ids_t = sims_t[keep].view(-1, k), ids_t[keep].view(-1, k)
-    return sims_t.to(device, q.dtype), ids_t.long().to(device)
+    ids_t = ids_t.long()
+    for row in (~q.cpu().any(dim=1)).nonzero()[:, 0].tolist():  # an all-zero query: every
+        first = torch.arange(k + extra)  # similarity is 0, so the lowest indices, as in torch
+        first = first[first != row][:k] if g is None else first
+        sims_t[row], ids_t[row] = 0.0, first
+    return sims_t.to(device, q.dtype), ids_t.to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,13 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """torch.save to ``path`` through a temporary file and an atomic rename."""
+    """torch.save to ``path`` through a temporary file and an atomic rename. Serialized in
+    memory first, so that a full disk surfaces as the file write's own OSError (DiskFullError
+    naming the file), not as torch's stream-writer message."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

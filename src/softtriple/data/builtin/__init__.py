@@ -20,8 +20,14 @@ from softtriple.data.table import DataError
 
 
 def default_root() -> Path:
-    """$SOFTTRIPLE_DATA, else ./data."""
-    return Path(os.environ.get("SOFTTRIPLE_DATA", "data")).expanduser().resolve()
+    """$SOFTTRIPLE_DATA, else ./data; DataError when it names something other than a folder."""
+    name = os.environ.get("SOFTTRIPLE_DATA")
+    root = Path(name or "data").expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        where = f"SOFTTRIPLE_DATA={name}" if name else "./data"
+        raise DataError(f"{where} is a file, not a folder; point SOFTTRIPLE_DATA at the folder "
+                        f"that holds (or will hold) the built-in data sets")
+    return root
 
 
 @dataclass(frozen=True)

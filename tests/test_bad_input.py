@@ -1,0 +1,164 @@
+"""Bad input through the command line, table-driven: each row is a command and the one line it
+must print; every row must exit with status 2, print exactly one line on stderr, and show no
+traceback. (The loss and metric APIs' own rows live in test_loss_inputs.py and
+test_evaluation.py; hostile pickles are at the end of this file.)"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from softtriple.cli import main
+from test_data import make_cub
+from test_training import tiny
+
+
+@pytest.fixture(scope="module")
+def world(data_root, tmp_path_factory):
+    """A trained tiny run, its embeddings, a CUB copy and a CSV set, with broken variants."""
+    from softtriple.training import Trainer
+
+    root = tmp_path_factory.mktemp("bad")
+    run = root / "run"
+    Trainer(tiny(run, "schedule.epochs=1", "evaluation.before_training=false",
+                 "evaluation.metrics=[recall]")).train()
+    assert main(["embed", str(run), "--out", str(root / "emb.npz")]) == 0
+    np.save(root / "nan.npy", np.full(8, np.nan, np.float32))
+    np.save(root / "wide.npy", np.ones(9, np.float32))
+    (root / "text.npy").write_text("not an array")
+    cub = make_cub(root / "cub", per_class=1)
+    labels = (cub / "image_class_labels.txt").read_text().splitlines()
+    labels[2] = "3 three"
+    (root / "cub_label").mkdir()
+    for name in ("images.txt", "images"):
+        (root / "cub_label" / name).symlink_to(cub / name)
+    (root / "cub_label" / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (root / "cub_binary").mkdir()
+    (root / "cub_binary" / "images.txt").write_bytes(b"1 a.jpg\n\xff\xfe\x00binary\n")
+    (root / "cub_binary" / "image_class_labels.txt").write_text("1 1\n")
+    for name, rows in {"csv_missing": ["path,label", "a.png,1", "b.png"],
+                       "csv_label": ["path,label", "a.png,1", "b.png,cat"]}.items():
+        (root / name).mkdir()
+        (root / name / "images.csv").write_text("\n".join(rows) + "\n")
+    (root / "truncated" / "checkpoints").mkdir(parents=True)
+    (root / "truncated" / "config.yaml").write_text((run / "config.yaml").read_text())
+    data = (run / "checkpoints" / "last.pt").read_bytes()
+    (root / "truncated" / "checkpoints" / "last.pt").write_bytes(data[: len(data) // 2])
+    (root / "a_file").write_text("x")
+    return root
+
+
+TRAIN = ["train", "--set", "model.backbone=small_cnn", "--set", "run.progress=false"]
+CASES = [  # (command with {root} for the fixture's folder, the line's expected fragment)
+    ([*TRAIN, "--set", "optimizer.lr=-1"], "optimizer.lr=-1.0 is out of range"),
+    ([*TRAIN, "--set", "schedule.epochs=0"], "schedule.epochs=0 is out of range"),
+    ([*TRAIN, "--set", "data.image_size=0"], "data.image_size=0 is out of range"),
+    ([*TRAIN, "--set", "run.device=tpu"], "run.device='tpu' is out of range"),
+    ([*TRAIN, "--set", "run.precision=fp8"], "run.precision='fp8' is out of range"),
+    ([*TRAIN, "--set", "loss.args.la=big"], "la must be a number"),
+    ([*TRAIN, "--resume", "{root}/truncated/checkpoints/last.pt"], "is truncated or corrupt"),
+    (["evaluate", "{root}/truncated/checkpoints/last.pt"], "is truncated or corrupt"),
+    (["evaluate", "{root}/nowhere"], "not found; pass a run folder"),
+    (["data", "summary", "--format", "cub", "{root}/cub_label"],
+     "image_class_labels.txt:3: field 2 must be an integer; got 'three'"),
+    (["data", "summary", "--format", "cub", "{root}/cub_binary"],
+     "images.txt is not a text file"),
+    (["data", "summary", "--format", "cub", "{root}/a_file"], "is not a folder"),
+    (["data", "summary", "--format", "csv", "{root}/csv_missing"],
+     "images.csv:3: no label (every row needs path,label)"),
+    (["data", "summary", "--format", "csv", "{root}/csv_label"],
+     "images.csv:3: label must be an integer; got 'cat'"),
+    (["search", "{root}/emb.npz", "--query-index", "100000"], "--query-index must be in [0, "),
+    (["search", "{root}/emb.npz", "--query-index", "-896"], "--query-index must be in [0, "),
+    (["search", "{root}/nowhere.npz", "--query-index", "0"], "not found; write one with"),
+    (["search", "{root}/nan.npy", "--query-index", "0"], "is not an embeddings file"),
+    (["search", "{root}/emb.npz", "--query-embedding", "{root}/text.npy"],
+     "cannot read --query-embedding"),
+    (["search", "{root}/emb.npz", "--query-embedding", "{root}/nan.npy"], "NaN or inf"),
+    (["search", "{root}/emb.npz", "--query-embedding", "{root}/wide.npy"], "query has shape"),
+    (["search", "{root}/emb.npz", "--query-index", "0", "-k", "0"], "k must be in [1, "),
+]
+
+
+@pytest.mark.parametrize(("command", "fragment"), CASES,
+                         ids=[" ".join(c[:1] + c[-2:]) for c, _ in CASES])
+def test_bad_command_is_one_line_with_status_2(world, capsys, command, fragment):
+    argv = [part.replace("{root}", str(world)) for part in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"softtriple {argv[0]}: error: ")
+    assert fragment.replace("{root}", str(world)) in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_data_root_that_is_a_file_is_one_line(world, capsys, monkeypatch):
+    monkeypatch.setenv("SOFTTRIPLE_DATA", str(world / "a_file"))
+    assert main(["data", "list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "SOFTTRIPLE_DATA" in err, err
+
+
+class _Payload:
+    """Unpickling this makes the folder ``marker``: proof that a loader ran foreign code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _hostile_files(root: Path, run: Path, marker: Path) -> list[tuple[list[str], Path]]:
+    """(command, file it loads) pairs, the file replaced by a pickle that makes ``marker``."""
+    import shutil
+
+    import torch
+
+    cases = []
+    raw = root / "raw_run"  # a checkpoint that is a bare pickle
+    shutil.copytree(run, raw)
+    (raw / "checkpoints" / "last.pt").write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    cases.append((["evaluate", str(raw)], raw))
+    zipped = root / "zip_run"  # torch's zip format, the pickle inside it
+    shutil.copytree(run, zipped)
+    torch.save({"model": _Payload(marker), "config": {}}, zipped / "checkpoints" / "last.pt")
+    cases.append((["train", "--resume", str(zipped)], zipped))
+    cases.append((["report", str(zipped)], zipped))
+    weights = root / "weights.pt"
+    torch.save({"weight": _Payload(marker)}, weights)
+    cases.append((["train", "--set", "model.backbone=small_cnn", "--set",
+                   f"model.weights={weights}", "--out", str(root / "w")], weights))
+    embeddings = root / "hostile_emb.npz"
+    np.savez(embeddings, embeddings=np.ones((3, 8), np.float32), labels=np.arange(3),
+             paths=np.array([_Payload(marker)] * 3, dtype=object))
+    cases.append((["search", str(embeddings), "--query-index", "0"], embeddings))
+    query = root / "hostile_query.npy"
+    np.save(query, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    cases.append((["search", str(root / "emb.npz"), "--query-embedding", str(query)], query))
+    report_run = root / "npz_run"
+    shutil.copytree(run, report_run)
+    shutil.copy(embeddings, report_run / "test_embeddings.npz")
+    cases.append((["report", str(report_run)], report_run))
+    config = root / "hostile.yaml"
+    config.write_text(f"run: !!python/object/apply:os.mkdir [{marker}]\n")
+    cases.append((["train", "--config", str(config)], config))
+    return cases
+
+
+def test_hostile_pickles_in_every_loaded_file_run_no_code(world, capsys):
+    """Checkpoints, weights, embeddings, queries, a run's test embeddings and config files: a
+    pickle (or YAML tag) that would run code is refused with one line and status 2."""
+    marker = world / "pwned"
+    cases = _hostile_files(world, world / "run", marker)
+    assert len(cases) == 8
+    for command, file in cases:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "error:" in err and "Traceback" not in err, (command, err)
+        assert not marker.exists(), f"{file} ran code"
