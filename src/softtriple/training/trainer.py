@@ -295,6 +295,8 @@ class Trainer:
                 raise FloatingPointError(f"loss became {float(loss)} at epoch {self.epoch + 1} "
                                          f"step {i}; lower optimizer.lr or optimizer.loss_lr")
             self.scaler.scale(loss).backward()
+            if not self.scaler.is_enabled():  # fp16's scaler skips overflowing steps itself
+                self._check_gradients(i)
             self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
             self.scaler.update()
             self.step += 1
@@ -304,6 +306,19 @@ class Trainer:
         bar.close()
         self.scheduler.step()
         return total / max(count, 1)
+
+    def _check_gradients(self, step: int) -> None:
+        """FloatingPointError naming the first parameter whose gradient is NaN or inf (a finite
+        loss can still overflow in its backward, e.g. at a huge scale lambda); one
+        synchronizing check per step, the names only on failure."""
+        named = [(n, p.grad) for n, p in self.objective.named_parameters() if p.grad is not None]
+        if not named or bool(torch.isfinite(
+                torch.nn.utils.get_total_norm([g for _, g in named], norm_type=float("inf")))):
+            return
+        name = next(n for n, g in named if not bool(torch.isfinite(g).all()))
+        raise FloatingPointError(f"the gradient of {name} became NaN or inf at epoch "
+                                 f"{self.epoch + 1} step {step}; lower optimizer.lr, "
+                                 f"optimizer.loss_lr or the loss's scale (la, scale, alpha)")
 
     def _evaluate_and_log(self, **extra: Any) -> dict[str, Any]:
         start = time.perf_counter()
