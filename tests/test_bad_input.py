@@ -165,3 +165,25 @@ def test_hostile_pickles_in_every_loaded_file_run_no_code(world, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "error:" in err and "Traceback" not in err, (command, err)
         assert not marker.exists(), f"{file} ran code"
+
+
+def test_an_error_in_a_dataloader_worker_is_the_same_one_line(data_root, tmp_path, capsys,
+                                                               monkeypatch):
+    """An image that broke after its check (same size and mtime, so the check's cache still
+    trusts it) fails inside a worker process; the user sees the reader's own line, not the
+    worker's traceback."""
+    import shutil
+
+    shutil.copytree(data_root / "digits", tmp_path / "digits")  # copy2: sizes and mtimes kept
+    monkeypatch.setenv("SOFTTRIPLE_DATA", str(tmp_path))
+    for image in (tmp_path / "digits").rglob("*.png"):
+        stat = image.stat()
+        image.write_bytes(b"\0" * stat.st_size)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    argv = ["train", "--set", "model.backbone=small_cnn", "--set", "data.image_size=16",
+            "--set", "data.workers=2", "--set", "run.progress=false", "--out",
+            str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "worker" not in err, err
+    assert err.startswith("softtriple train: error: ") and ".png" in err, err

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from softtriple import faults
 from softtriple.atomic import atomic_path
 
 
@@ -23,6 +24,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     torch.save(state, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
+        faults.point("checkpoint-write")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from softtriple import faults
 from softtriple.atomic import atomic_path, write_json, write_text
 from softtriple.data import ImageTable
 from softtriple.evaluation import evaluate
@@ -110,6 +112,12 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return out
 
 
+def _never_checkpointed(run: Path) -> bool:
+    """A run folder that a run started (config.yaml) but never checkpointed."""
+    return (run.is_dir() and (run / "config.yaml").is_file()
+            and not (run / "checkpoints" / "last.pt").exists())
+
+
 class Trainer:
     """Train ``config`` from scratch, or continue the run in ``resume`` exactly where its last
     completed epoch left it."""
@@ -127,6 +135,11 @@ class Trainer:
             torch.set_num_threads(config.run.threads)
         self.out = Path(config.run.out)
         self.state: dict[str, Any] | None = None
+        if resume is not None and _never_checkpointed(Path(resume)):
+            if dist.is_main():  # killed in its first epoch: nothing to keep, start it again
+                print(f"{resume} has no checkpoint yet (stopped in its first epoch): "
+                      f"starting it from the beginning", file=sys.stderr)
+            resume, overwrite, self.out = None, True, Path(resume)
         if resume is not None:
             self.state = load_checkpoint(resume)
             changed = _config_differences(self.state["config"], config.to_dict())
@@ -255,6 +268,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         embeddings = self.embed_test()
+        faults.point("evaluation")
         self.last_embeddings = embeddings
         labels = self.loaders.test_table.encoded_labels()[0]
         metrics: dict[str, Any] = {}
@@ -299,6 +313,7 @@ class Trainer:
                 self._check_gradients(i)
             self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
             self.scaler.update()
+            faults.point("step")
             self.step += 1
             total, count = total + loss.item(), count + 1
             bar.set_postfix(loss=f"{total / count:.4f}")
@@ -367,6 +382,7 @@ class Trainer:
                 metrics = self._evaluate_and_log(**record)
             else:
                 self._log({"epoch": self.epoch, "step": self.step, **record})
+            faults.point("logged")
             if dist.is_main():
                 self._checkpoint()
             dist.barrier()
