@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -107,7 +106,11 @@ def child(tool: str, path: str) -> None:
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large
+    # benchmark process would report its parent's peak
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM:"))) * 1024  # kB
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))
 
 

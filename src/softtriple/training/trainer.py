@@ -139,7 +139,7 @@ class Trainer:
             if dist.is_main():  # killed in its first epoch: nothing to keep, start it again
                 print(f"{resume} has no checkpoint yet (stopped in its first epoch): "
                       f"starting it from the beginning", file=sys.stderr)
-            resume, overwrite, self.out = None, True, Path(resume)
+            self.out, resume, overwrite = Path(resume), None, True
         if resume is not None:
             self.state = load_checkpoint(resume)
             changed = _config_differences(self.state["config"], config.to_dict())
