@@ -35,9 +35,9 @@ RESULTS = Path(__file__).parent / "results" / "data_baseline.json"
 
 def pretrained_features(name: str, table: ImageTable) -> np.ndarray:
     """EfficientNet-Lite0's pooled features of ``table`` (from the feature cache)."""
+    from softtriple.inference import build_model
     from softtriple.training import load_config
     from softtriple.training.feature_cache import cached_features
-    from softtriple.training.trainer import build_model
 
     size = FEATURE_SIZE.get(name, 64)
     config = load_config(None, ["model.freeze_backbone=true", f"data.image_size={size}"])

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from softtriple.inference import build_config_loss
 from softtriple.training import load_config
-from softtriple.training.trainer import build_objective_loss
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_builds_its_loss(path):
     config = load_config(path)
-    build_objective_loss(config, num_classes=10)
+    build_config_loss(config, num_classes=10)
 
 
 @pytest.mark.parametrize("name", ["cub", "cars", "sop"])

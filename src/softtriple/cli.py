@@ -53,32 +53,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _embed(checkpoint: str, split: str) -> tuple[Any, Any, list[str], Any]:
     """The embeddings of a split by a checkpoint's model, on the run's device and precision."""
-    from torch.utils.data import DataLoader
+    from softtriple.inference import embed_split, load_model
 
-    from softtriple.data import ImageDataset, eval_transform
-    from softtriple.models import embed
-    from softtriple.training import model_from_checkpoint
-    from softtriple.training.data import load_table
-    from softtriple.training.trainer import PRECISIONS, resolve_device
-
-    model, config, _ = model_from_checkpoint(checkpoint)
-    device = resolve_device(config.run.device)
-    table = load_table(config.data).split(split)
-    labels = table.encoded_labels()[0]
-    dataset = ImageDataset(table, labels,
-                           eval_transform(config.data.image_size, model.mean, model.std))
-    loader = DataLoader(dataset, batch_size=config.evaluation.batch_size,
-                        num_workers=config.data.workers, pin_memory=device.type == "cuda")
-    embeddings = embed(model.to(device), loader, device, PRECISIONS[config.run.precision],
-                       config.model.channels_last)
-    return embeddings, labels, [str(p) for p in table.paths], config
+    model, config, _ = load_model(checkpoint)
+    embeddings, labels, paths = embed_split(model, config, split)
+    return embeddings, labels, paths, config
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from softtriple.evaluation import evaluate
-    from softtriple.training.trainer import resolve_device
+    from softtriple.inference import resolve_device
 
     embeddings, labels, _, config = _embed(args.checkpoint, args.split)
     on_device = torch.from_numpy(embeddings).to(resolve_device(config.run.device))

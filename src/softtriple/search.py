@@ -53,13 +53,7 @@ class EmbeddingIndex:
 
     def embed_image(self, checkpoint: str, image: str) -> np.ndarray:
         """Embed one image file with a checkpoint's model and test transform."""
-        import torch
+        from softtriple.inference import embed_image, load_model
 
-        from softtriple.data import eval_transform, load_image
-        from softtriple.training import model_from_checkpoint
-
-        model, config, _ = model_from_checkpoint(checkpoint)
-        tensor = eval_transform(config.data.image_size, model.mean, model.std)(
-            load_image(Path(image)))
-        with torch.no_grad():
-            return model(tensor[None]).numpy()[0]  # type: ignore[no-any-return]
+        model, config, _ = load_model(checkpoint)
+        return embed_image(model, config, image)

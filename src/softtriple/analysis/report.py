@@ -32,12 +32,11 @@ def _center_assignments(run: Path, classes: int = 3,
     sampled) whose images spread over the most centers, the images each center attracts most;
     None when the run's loss has no (C, K, d) centers."""
     from softtriple.data import ImageDataset, eval_transform
-    from softtriple.training import model_from_checkpoint
+    from softtriple.inference import build_config_loss, load_model
     from softtriple.training.data import load_table
-    from softtriple.training.trainer import build_objective_loss
 
-    model, config, state = model_from_checkpoint(run)
-    loss = build_objective_loss(config, int(state["num_classes"]))
+    model, config, state = load_model(run)
+    loss = build_config_loss(config, int(state["num_classes"]))
     loss.load_state_dict(state["loss"])
     if not isinstance(loss, SoftTripleLoss):
         return None

@@ -8,7 +8,6 @@ tensorboard/ (events), checkpoints/last.pt (atomic, every epoch), results.json (
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import sys
@@ -26,12 +25,12 @@ from softtriple import faults
 from softtriple.atomic import atomic_path, write_json, write_text
 from softtriple.data import ImageTable
 from softtriple.evaluation import evaluate
-from softtriple.losses import LOSSES, build_loss, loss_arguments
-from softtriple.models import EmbeddingModel, build_backbone, embed
+from softtriple.inference import PRECISIONS, build_config_loss, build_model, resolve_device
+from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
 from softtriple.training import distributed as dist
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from softtriple.training.config import Config, ConfigError, config_from_dict, dump_config
+from softtriple.training.config import Config, ConfigError, dump_config
 from softtriple.training.data import Loaders, build_loaders
 from softtriple.training.feature_cache import cached_features
 
@@ -43,10 +42,6 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "resu
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
                ("data", "workers"),
                ("schedule", "epochs")}  # keys a resumed run may change
-
-
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
-                                             "fp16": torch.float16}
 
 
 class Objective(nn.Module):
@@ -66,35 +61,6 @@ class Objective(nn.Module):
                             enabled=self.autocast_dtype is not None):
             embeddings = self.model(images)
         return self.loss(embeddings, labels)  # type: ignore[no-any-return]
-
-
-def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
-    backbone = build_backbone(config.model.backbone, config.model.weights, pretrained)
-    return EmbeddingModel(backbone, config.model.embedding_dim, config.model.freeze_bn,
-                          config.model.freeze_backbone, config.model.head_hidden,
-                          config.model.normalize)
-
-
-def build_objective_loss(config: Config, num_classes: int) -> nn.Module:
-    if config.loss.name not in LOSSES:
-        raise ConfigError(f"unknown loss.name {config.loss.name!r}; valid: {', '.join(LOSSES)}")
-    params = loss_arguments(config.loss.name)
-    sized = {"num_classes": num_classes, "embedding_dim": config.model.embedding_dim}
-    kwargs = {k: v for k, v in sized.items() if k in params} | dict(config.loss.args)
-    return build_loss(config.loss.name, **kwargs)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device of this process; under torchrun, GPU number LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device is cuda but no GPU is visible; use auto or cpu")
-    if name == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device(name)
 
 
 def _seed_everything(seed: int) -> None:
@@ -171,7 +137,7 @@ class Trainer:
             config.data, self.model.mean, self.model.std, config.evaluation.batch_size,
             config.run.seed, self.world, self.rank, self._feature_fn(),
             pin_memory=self.device.type == "cuda")
-        self.loss = build_objective_loss(config, self.loaders.num_classes).to(self.device)
+        self.loss = build_config_loss(config, self.loaders.num_classes).to(self.device)
         self.objective: nn.Module = Objective(self.model, self.loss, self.autocast_dtype)
         if self.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
@@ -407,15 +373,3 @@ class Trainer:
                 write_report(self.out)
         return results
 
-
-def model_from_checkpoint(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]]:
-    """The trained embedding model of a checkpoint (or run folder), its config and state."""
-    state = load_checkpoint(path)
-    config = config_from_dict(state["config"])
-    model = build_model(config, pretrained=False)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path} does not fit its own model config: "
-                              f"{str(error).splitlines()[0]}") from error
-    return model.eval(), config, state

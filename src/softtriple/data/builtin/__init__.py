@@ -7,49 +7,15 @@ idempotent: a folder whose manifest matches is left as it is.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from softtriple.atomic import write_json
+from softtriple.data.builtin.base import Builtin, default_root, folder_checksum
 from softtriple.data.table import DataError
 
-
-def default_root() -> Path:
-    """$SOFTTRIPLE_DATA, else ./data; DataError when it names something other than a folder."""
-    name = os.environ.get("SOFTTRIPLE_DATA")
-    root = Path(name or "data").expanduser().resolve()
-    if root.exists() and not root.is_dir():
-        where = f"SOFTTRIPLE_DATA={name}" if name else "./data"
-        raise DataError(f"{where} is a file, not a folder; point SOFTTRIPLE_DATA at the folder "
-                        f"that holds (or will hold) the built-in data sets")
-    return root
-
-
-@dataclass(frozen=True)
-class Builtin:
-    """A built-in data set: how to build it and where its classes split."""
-
-    name: str
-    description: str
-    build: Callable[[Path], dict[str, Any]]  # writes class folders, returns the manifest body
-    train_fraction: float = 0.5
-
-
-def folder_checksum(folder: Path) -> str:
-    """sha256 over the sorted relative paths and bytes of every file under ``folder`` except
-    the manifest and previews."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if path.name in ("manifest.json", "preview.png"):
-            continue
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+__all__ = ["BUILTINS", "Builtin", "default_root", "folder_checksum", "prepare", "prepared"]
 
 
 def _registry() -> dict[str, Builtin]:

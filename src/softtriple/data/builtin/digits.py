@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from softtriple.data.builtin import Builtin
+from softtriple.data.builtin.base import Builtin
 
 
 def build(folder: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from softtriple.data.builtin import Builtin, default_root
+from softtriple.data.builtin.base import Builtin, default_root
 from softtriple.data.builtin.glyphs import _version
 from softtriple.data.table import DataError
 

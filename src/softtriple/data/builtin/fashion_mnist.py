@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from softtriple.data.builtin import Builtin
+from softtriple.data.builtin.base import Builtin
 from softtriple.data.table import DataError
 
 PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")

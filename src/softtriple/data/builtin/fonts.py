@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from softtriple.data.builtin import Builtin
+from softtriple.data.builtin.base import Builtin
 from softtriple.data.builtin.glyphs import _version
 from softtriple.data.table import DataError
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from softtriple.data.builtin import Builtin
+from softtriple.data.builtin.base import Builtin
 from softtriple.data.table import DataError
 
 SIZE = 64  # image side, pixels
