@@ -29,6 +29,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from softtriple.run import RunDir
     from softtriple.training import Trainer, load_config
     from softtriple.training import distributed as dist
 
@@ -36,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Path(args.resume)
         if run.is_file():  # RUN/checkpoints/last.pt: the run folder is two levels up
             run = run.parent.parent
-        config = load_config(args.config or run / "config.yaml", args.set)
+        config = load_config(args.config or RunDir(run).config, args.set)
         config.run.out = str(run)
     else:
         config = load_config(args.config, args.set)
@@ -80,16 +81,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
 
     embeddings, labels, paths, _ = _embed(args.checkpoint, args.split)
-    from softtriple.atomic import atomic_path
+    from softtriple.run import write_embeddings
 
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        out = out.with_name(out.name + ".npz")  # what np.load and search expect
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.savez(f, embeddings=embeddings, labels=labels, paths=np.array(paths))
+    out = write_embeddings(args.out, embeddings, labels, paths)
     print(f"wrote {out}: {embeddings.shape[0]} embeddings of width {embeddings.shape[1]}")
     return 0
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from softtriple.atomic import write_json, write_text
+from softtriple.run import RunDir
 from softtriple.training.config import ConfigError, load_config, read_yaml_mapping
 
 SUITE_KEYS = ("base", "out", "seeds", "set", "variants", "paired", "description")
@@ -78,9 +79,10 @@ class Run:
     @property
     def status(self) -> str:
         """done (results.json), partial (a checkpoint to resume) or new."""
-        if (self.folder / "results.json").is_file():
+        run_dir = RunDir(self.folder)
+        if run_dir.finished:
             return "done"
-        if (self.folder / "checkpoints" / "last.pt").is_file():
+        if run_dir.checkpointed:
             return "partial"
         return "new"
 
@@ -238,7 +240,7 @@ def summarize(suite: Suite) -> dict[str, Any]:
         for run in runs(suite):
             if run.variant is not v or run.status != "done":
                 continue
-            results = json.loads((run.folder / "results.json").read_text())
+            results = RunDir(run.folder).read_results()
             metrics = {k: float(x) for k, x in results["metrics"].items()
                        if isinstance(x, int | float) and k not in NOT_METRICS}
             timing = run.folder / "compare.json"

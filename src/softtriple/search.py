@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softtriple.data.table import DataError
+from softtriple.run import read_embeddings
 
 
 class EmbeddingIndex:
@@ -25,15 +25,8 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> EmbeddingIndex:
-        file = Path(path)
-        if not file.is_file():
-            raise DataError(f"embeddings file {file} not found; write one with softtriple embed")
-        try:
-            data = np.load(file)
-            return cls(data["embeddings"], data["labels"], [str(p) for p in data["paths"]])
-        except (KeyError, IndexError, TypeError, ValueError, OSError) as error:
-            raise DataError(f"{file} is not an embeddings file from softtriple embed ({error})"
-                            ) from error
+        """The index over an embeddings file (softtriple embed's, or a run's)."""
+        return cls(*read_embeddings(path))
 
     def search(self, query: np.ndarray, k: int,
                exclude: int | None = None) -> list[tuple[int, float]]:

@@ -4,7 +4,6 @@ report.html (opens from disk, no server) with them, the resolved config and the 
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +14,14 @@ from softtriple.analysis import plots
 from softtriple.atomic import write_text
 from softtriple.losses import SoftTripleLoss
 from softtriple.losses.softtriple import MERGE_THRESHOLD as CENTER_THRESHOLD
+from softtriple.run import RunDir, read_embeddings
 
 
-def _test_embeddings(run: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    path = run / "test_embeddings.npz"
-    if not path.is_file():
-        raise ValueError(f"{path} not found: the run has not finished; train it to the end "
-                         f"(or resume it) first")
-    data = np.load(path)
-    return data["embeddings"], data["labels"], [str(p) for p in data["paths"]]
+def _test_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if not run.embeddings.is_file():
+        raise ValueError(f"{run.embeddings} not found: the run has not finished; train it to "
+                         f"the end (or resume it) first")
+    return read_embeddings(run.embeddings)
 
 
 def _center_assignments(run: Path, classes: int = 3,
@@ -76,36 +74,35 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 
 def write_report(run: str | Path) -> Path:
     """Write RUN/plots/*.png and RUN/report.html; return the HTML path."""
-    run_dir = Path(run)
-    out = run_dir / "plots"
+    run_dir = RunDir(run)
+    out = run_dir.plots
     out.mkdir(parents=True, exist_ok=True)
     embeddings, labels, paths = _test_embeddings(run_dir)
     figures: list[tuple[str, Path]] = []
-    figures.append(("Training curves", plots.plot_curves(plots.read_history(run_dir), out)))
+    figures.append(("Training curves", plots.plot_curves(run_dir.read_metrics(), out)))
     figures.append(("Retrieval on held-out classes (blue: query; green: same class; red: "
                     "another class)", plots.plot_gallery(embeddings, labels, paths, out)))
     figures.append(("Embedding map of held-out classes",
                     plots.plot_embedding_map(embeddings, labels, out)))
-    centers = _center_assignments(run_dir)
+    centers = _center_assignments(run_dir.root)
     if centers is not None:
         counts, k, assignments = centers
         figures.append(("Effective centers per training class",
                         plots.plot_effective_centers(counts, k, CENTER_THRESHOLD, out)))
         figures.append(("What each center learned", plots.plot_center_images(assignments, out)))
-    results = json.loads((run_dir / "results.json").read_text())
-    config_text = (run_dir / "config.yaml").read_text()
+    results = run_dir.read_results()
+    config_text = run_dir.config.read_text()
     body = "".join(f"<h2>{html.escape(title)}</h2><img src=\"plots/{path.name}\" alt=\""
                    f"{html.escape(title)}\">" for title, path in figures)
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>softtriple run {html.escape(run_dir.name)}</title>
+<html><head><meta charset="utf-8"><title>softtriple run {html.escape(run_dir.root.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}img{{max-width:100%}}
 td{{padding:2px 12px}}pre{{background:#f4f4f4;padding:1em}}</style></head><body>
-<h1>softtriple run: {html.escape(str(run_dir))}</h1>
+<h1>softtriple run: {html.escape(str(run_dir.root))}</h1>
 <h2>Final metrics on held-out classes</h2>{_metrics_table(results["metrics"])}
 {body}
 <h2>Resolved configuration</h2><pre>{html.escape(config_text)}</pre>
 </body></html>
 """
-    path = run_dir / "report.html"
-    write_text(path, page)
-    return path
+    write_text(run_dir.report, page)
+    return run_dir.report

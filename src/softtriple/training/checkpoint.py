@@ -10,6 +10,7 @@ import torch
 
 from softtriple import faults
 from softtriple.atomic import atomic_path
+from softtriple.run import RunDir
 
 
 class CheckpointError(ValueError):
@@ -31,7 +32,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The state saved by save_checkpoint, or CheckpointError naming the file and the fix."""
     file = Path(path)
     if file.is_dir():
-        file = file / "checkpoints" / "last.pt"
+        file = RunDir(file).checkpoint
     if not file.is_file():
         raise CheckpointError(f"checkpoint {file} not found; pass a run folder or a .pt file "
                               f"written by softtriple train")

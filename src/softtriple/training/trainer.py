@@ -7,9 +7,7 @@ tensorboard/ (events), checkpoints/last.pt (atomic, every epoch), results.json (
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -22,21 +20,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from softtriple import faults
-from softtriple.atomic import atomic_path, write_json, write_text
 from softtriple.data import ImageTable
 from softtriple.evaluation import evaluate
 from softtriple.inference import PRECISIONS, build_config_loss, build_model, resolve_device
 from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
+from softtriple.run import RunDir, write_embeddings
 from softtriple.training import distributed as dist
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from softtriple.training.config import Config, ConfigError, dump_config
 from softtriple.training.data import Loaders, build_loaders
 from softtriple.training.feature_cache import cached_features
 
-# what a run writes in its folder
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "results.json",
-             "test_embeddings.npz", "plots", "report.html", "bad_images.txt")
 # keys a resumed run may change: data.workers too, as the data order and every augmentation
 # depend on (seed, epoch, sample) only
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
@@ -78,12 +73,6 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return out
 
 
-def _never_checkpointed(run: Path) -> bool:
-    """A run folder that a run started (config.yaml) but never checkpointed."""
-    return (run.is_dir() and (run / "config.yaml").is_file()
-            and not (run / "checkpoints" / "last.pt").exists())
-
-
 class Trainer:
     """Train ``config`` from scratch, or continue the run in ``resume`` exactly where its last
     completed epoch left it."""
@@ -101,7 +90,7 @@ class Trainer:
             torch.set_num_threads(config.run.threads)
         self.out = Path(config.run.out)
         self.state: dict[str, Any] | None = None
-        if resume is not None and _never_checkpointed(Path(resume)):
+        if resume is not None and Path(resume).is_dir() and RunDir(resume).never_checkpointed():
             if dist.is_main():  # killed in its first epoch: nothing to keep, start it again
                 print(f"{resume} has no checkpoint yet (stopped in its first epoch): "
                       f"starting it from the beginning", file=sys.stderr)
@@ -119,15 +108,13 @@ class Trainer:
                                   f"{self.state['epoch']} epochs; a resumed run can extend, "
                                   f"never shrink")
         else:
-            held = [name for name in RUN_FILES if (self.out / name).exists()]
+            held = RunDir(self.out).held()
             if held and not overwrite:
                 raise ConfigError(f"run folder {self.out} already holds a run ({held[0]}); "
                                   f"continue it with --resume {self.out}, start over with "
                                   f"--overwrite (deletes it), or choose another --out")
             if held and dist.is_main():
-                for name in held:
-                    path = self.out / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                RunDir(self.out).clear()
             dist.barrier()
         _seed_everything(config.run.seed)
         self.model = build_model(config).to(self.device)
@@ -181,6 +168,10 @@ class Trainer:
 
         return features
 
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir(self.out)
+
     # ----------------------------------------------------------------- state
     def _restore(self, state: dict[str, Any]) -> None:
         try:
@@ -202,7 +193,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         np_state: Any = np.random.get_state()
-        save_checkpoint(self.out / "checkpoints" / "last.pt", {
+        save_checkpoint(self.run_dir.checkpoint, {
             "model": self.model.state_dict(), "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
@@ -218,8 +209,7 @@ class Trainer:
         self.history.append(record)
         if not dist.is_main():
             return
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run_dir.append_metrics(record)
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, float) and key not in ("epoch",):
@@ -314,20 +304,17 @@ class Trainer:
         config = self.config
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            for leftover in [*self.out.glob(".*.tmp*"), *self.out.glob("checkpoints/.*.tmp*")]:
-                leftover.unlink()  # a write that a kill interrupted
-            write_text(self.out / "config.yaml", dump_config(config))
+            self.run_dir.remove_leftovers()  # writes that a kill interrupted
+            self.run_dir.write_config(dump_config(config))
             if self.loaders.bad_images:  # data.bad_images=skip: what was left out, and why
-                write_text(self.out / "bad_images.txt", "".join(
-                    f"{path}\t{why}\n" for path, why in self.loaders.bad_images))
+                self.run_dir.write_bad_images(self.loaders.bad_images)
             if self.state is not None:  # the log as of the checkpoint: no rows past it
-                write_text(self.out / "metrics.jsonl",
-                           "".join(json.dumps(r) + "\n" for r in self.history))
+                self.run_dir.write_metrics(self.history)
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 # on resume, events past the checkpoint's step are dropped (TensorBoard's own
                 # purge_step), so the curves show each step once
-                self.writer = SummaryWriter(str(self.out / "tensorboard"),
+                self.writer = SummaryWriter(str(self.run_dir.tensorboard),
                                             purge_step=self.step if self.state else None)
             except ImportError:  # tensorboard is a dependency; tolerate its absence
                 self.writer = None
@@ -361,11 +348,9 @@ class Trainer:
                    "run": str(self.out)}
         if dist.is_main():
             table = self.loaders.test_table
-            with atomic_path(self.out / "test_embeddings.npz") as tmp, open(tmp, "wb") as f:
-                np.savez(f, embeddings=self.last_embeddings,
-                         labels=table.encoded_labels()[0],
-                         paths=np.array([str(p) for p in table.paths]))
-            write_json(self.out / "results.json", results)
+            write_embeddings(self.run_dir.embeddings, self.last_embeddings,
+                             table.encoded_labels()[0], [str(p) for p in table.paths])
+            self.run_dir.write_results(results)
             if self.writer is not None:
                 self.writer.close()
             if self.config.run.report:

@@ -1,0 +1,131 @@
+"""The run folder's one owner: where each of its files lives, and reading and writing each
+(atomically). The trainer, the report, plots, compare, the CLI and search all ask it.
+
+    RUN/config.yaml            the resolved config
+    RUN/metrics.jsonl          one JSON object per epoch and evaluation
+    RUN/tensorboard/           TensorBoard events
+    RUN/checkpoints/last.pt    the latest checkpoint (every epoch)
+    RUN/results.json           the final metrics
+    RUN/test_embeddings.npz    the held-out embeddings (an embeddings file, below)
+    RUN/plots/, RUN/report.html, RUN/bad_images.txt
+
+An embeddings file (``.npz``: ``embeddings`` (N, d) float32, ``labels`` (N,) int, ``paths``
+(N,) str) is written by the trainer and ``embed`` and read by search and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from softtriple.atomic import atomic_path, write_json, write_text
+from softtriple.data.table import DataError
+
+EMBEDDINGS_SUFFIX = ".npz"
+
+
+class RunDir:
+    """A run folder at ``root`` (which may not exist yet)."""
+
+    FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "results.json",
+             "test_embeddings.npz", "plots", "report.html", "bad_images.txt")
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
+    results = property(lambda self: self.root / "results.json")
+    embeddings = property(lambda self: self.root / "test_embeddings.npz")
+    plots = property(lambda self: self.root / "plots")
+    report = property(lambda self: self.root / "report.html")
+    bad_images = property(lambda self: self.root / "bad_images.txt")
+
+    # ------------------------------------------------------------------ state
+    def held(self) -> list[str]:
+        """The run files present: a run lives here when this is not empty."""
+        return [name for name in self.FILES if (self.root / name).exists()]
+
+    @property
+    def finished(self) -> bool:
+        return self.results.is_file()
+
+    @property
+    def checkpointed(self) -> bool:
+        return self.checkpoint.is_file()
+
+    def never_checkpointed(self) -> bool:
+        """A run started here (config.yaml) but was stopped before its first checkpoint."""
+        return self.config.is_file() and not self.checkpoint.exists()
+
+    def clear(self) -> None:
+        """Delete the run's own files (nothing else in the folder)."""
+        for name in self.held():
+            path = self.root / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def remove_leftovers(self) -> None:
+        """Temporary files of writes that a kill interrupted."""
+        for leftover in [*self.root.glob(".*.tmp*"), *self.root.glob("checkpoints/.*.tmp*")]:
+            leftover.unlink()
+
+    # ------------------------------------------------------------------ files
+    def write_config(self, text: str) -> None:
+        write_text(self.config, text)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl (on resume: the history as of the checkpoint)."""
+        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines()
+                if line.strip()]
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        write_json(self.results, results)
+
+    def read_results(self) -> dict[str, Any]:
+        if not self.results.is_file():
+            raise ValueError(f"{self.results} not found: the run has not finished; train it to "
+                             f"the end (or resume it) first")
+        return dict(json.loads(self.results.read_text()))
+
+    def write_bad_images(self, bad: list[tuple[Path, str]]) -> None:
+        write_text(self.bad_images, "".join(f"{path}\t{why}\n" for path, why in bad))
+
+
+def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray,
+                     paths: list[str]) -> Path:
+    """Write an embeddings file atomically; a missing .npz suffix is added (np.load and search
+    expect it). Returns the path written."""
+    out = Path(path)
+    if out.suffix != EMBEDDINGS_SUFFIX:
+        out = out.with_name(out.name + EMBEDDINGS_SUFFIX)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, embeddings=embeddings, labels=labels, paths=np.array([str(p) for p in paths]))
+    return out
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(embeddings (N, d), labels (N,), paths) of an embeddings file; DataError when the file is
+    missing or not one (pickled objects are never loaded)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"embeddings file {file} not found; write one with softtriple embed "
+                        f"(or train a run to the end)")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return data["embeddings"], data["labels"], [str(p) for p in data["paths"]]
+    except (KeyError, IndexError, TypeError, ValueError, OSError) as error:
+        raise DataError(f"{file} is not an embeddings file from softtriple embed "
+                        f"({error.__class__.__name__})") from error
