@@ -114,7 +114,7 @@ def test_folder_and_csv(tmp_path):
     (lambda p: p, "cub", "images.txt not found: is .* a CUB-200-2011 folder"),
     (lambda p: p, "cars", "cars_annos.mat not found"),
     (lambda p: p, "sop", "Ebay_train.txt not found"),
-    (lambda p: p, "imagenet", "unknown data format 'imagenet'; valid: cub"),
+    (lambda p: p, "imagenet", "unknown data format 'imagenet'; valid: builtin, cub"),
 ])
 def test_bad_roots(tmp_path, setup, fmt, message):
     with pytest.raises(DataError, match=message):

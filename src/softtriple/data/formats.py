@@ -183,16 +183,35 @@ def read_csv(path: str | Path, train_fraction: float = 0.5) -> ImageTable:
     return table
 
 
+def read_builtin(name: str | Path) -> ImageTable:
+    """A built-in data set by name (softtriple.data.builtin), prepared under the data root
+    first when it is not there yet; its classes split at the set's own fraction."""
+    from softtriple.data.builtin import BUILTINS, default_root, prepare, prepared
+
+    name = str(name)
+    if name not in BUILTINS:
+        raise DataError(f"unknown built-in data set {name!r}; valid: {', '.join(BUILTINS)}")
+    if prepared(name) is None:
+        prepare(name)
+    return read_folder(default_root() / name, BUILTINS[name].train_fraction)
+
+
 FORMATS: dict[str, Callable[..., ImageTable]] = {
-    "cub": read_cub, "cars": read_cars, "sop": read_sop, "folder": read_folder, "csv": read_csv,
+    "builtin": read_builtin, "cub": read_cub, "cars": read_cars, "sop": read_sop,
+    "folder": read_folder, "csv": read_csv,
 }
+SPLIT_BY_FRACTION = ("folder", "csv")  # the formats whose classes split at train_fraction
 
 
-def read_table(fmt: str, root: str | Path, check_disjoint: bool = True) -> ImageTable:
-    """Read a data set in format ``fmt`` (one of FORMATS) from ``root``."""
+def read_table(fmt: str, root: str | Path, train_fraction: float = 0.5,
+               check_disjoint: bool = True) -> ImageTable:
+    """Read a data set in format ``fmt`` (one of FORMATS) from ``root`` (a built-in set's name
+    for ``builtin``); ``train_fraction`` splits the classes of the formats without a split of
+    their own (folder, csv)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; valid: {', '.join(FORMATS)}")
-    table = FORMATS[fmt](root)
+    reader = FORMATS[fmt]
+    table = reader(root, train_fraction) if fmt in SPLIT_BY_FRACTION else reader(root)
     if check_disjoint:
         table.check_disjoint()
     return table

@@ -20,9 +20,7 @@ from softtriple.data import (
     read_table,
     train_transform,
 )
-from softtriple.data.builtin import BUILTINS, default_root, prepare, prepared
 from softtriple.data.checks import drop_bad_images
-from softtriple.data.formats import read_csv, read_folder
 from softtriple.training.config import DataConfig
 
 SAMPLERS = ("random", "class_balanced")
@@ -56,20 +54,7 @@ def load_checked_table(config: DataConfig) -> tuple[ImageTable, list[tuple[Path,
 
 def read_config_table(config: DataConfig) -> ImageTable:
     """The ImageTable a DataConfig names, unchecked; built-in sets are prepared first."""
-    if config.format == "builtin":
-        if config.root not in BUILTINS:
-            raise DataError(f"unknown built-in data set {config.root!r}; valid: "
-                            f"{', '.join(BUILTINS)}")
-        if prepared(config.root) is None:
-            prepare(config.root)
-        table = read_folder(default_root() / config.root, BUILTINS[config.root].train_fraction)
-    elif config.format == "folder":
-        table = read_folder(config.root, config.train_fraction)
-    elif config.format == "csv":
-        table = read_csv(config.root, config.train_fraction)
-    else:
-        table = read_table(config.format, config.root)
-    table.check_disjoint()
+    table = read_table(config.format, config.root, config.train_fraction)
     if config.max_classes:
         keep = np.zeros(len(table), dtype=bool)
         for split in ("train", "test"):
