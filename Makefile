@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,faiss,emoji]'
+	$(BIN)/pip install --quiet -e '.[dev,faiss,emoji,export]'
 	touch $(STAMP)
 
 # the built-in data sets are rendered from packages: `make sources` installs the missing Debian

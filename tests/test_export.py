@@ -1,0 +1,60 @@
+"""softtriple export: TorchScript and ONNX files that run without this package, with any batch
+size, equal to the PyTorch embeddings within 1e-4, with their preprocessing beside them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from softtriple.cli import main
+from softtriple.export import FORMATS, export, preprocessing_file
+from softtriple.inference import load_model
+from test_training import tiny
+
+
+@pytest.fixture(scope="module")
+def run(data_root, tmp_path_factory):
+    from softtriple.training import Trainer
+
+    folder = tmp_path_factory.mktemp("export") / "run"
+    Trainer(tiny(folder, "schedule.epochs=1", "evaluation.before_training=false",
+                 "evaluation.metrics=[recall]")).train()
+    return folder
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_round_trip_with_any_batch_size(run, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+    record = export(run, fmt, out)
+    assert record["max_abs_difference"] <= 1e-4 and record["checked_images"] > 2
+    beside = json.loads(preprocessing_file(out).read_text())
+    assert beside["image_size"] == 16 and len(beside["mean"]) == len(beside["std"]) == 3
+    model, _, _ = load_model(run)
+    for batch in (1, 5):  # the trace's example batch was 2
+        x = torch.randn(batch, 3, 16, 16)
+        expected = model(x).detach().numpy()
+        if fmt == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            got = session.run(None, {"images": x.numpy()})[0]
+        else:
+            got = torch.jit.load(str(out))(x).detach().numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_export_command_and_its_errors(run, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert "differs from PyTorch by at most" in capsys.readouterr().out
+    assert out.is_file() and preprocessing_file(out).is_file()
+    assert main(["export", str(tmp_path / "nowhere"), "--format", "onnx",
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not found" in err
+    assert not (tmp_path / "x.onnx").exists()
