@@ -125,3 +125,18 @@ def test_a_browser_picks_a_query_and_reads_its_neighbours(run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_search_index_without_faiss_gives_the_same_neighbours(run, monkeypatch):
+    from softtriple.search import EmbeddingIndex
+
+    embeddings, labels, paths = read_embeddings(RunDir(run).embeddings)
+    with_faiss = EmbeddingIndex(embeddings, labels, paths)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    exact = EmbeddingIndex(embeddings, labels, paths)
+    assert exact.backend == "exact kNN"
+    for i in (0, 7):
+        got = exact.search(embeddings[i], 5, exclude=i)
+        expected = with_faiss.search(embeddings[i], 5, exclude=i)
+        assert [j for j, _ in got] == [j for j, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)

@@ -1,8 +1,10 @@
-"""Search embedded images with faiss: an inner-product index over unit embeddings."""
+"""Search embedded images: an inner-product index over unit embeddings, faiss's IndexFlatIP when
+faiss is installed, else the exact kNN of softtriple.evaluation (the same neighbours)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -10,18 +12,21 @@ from softtriple.run import read_embeddings
 
 
 class EmbeddingIndex:
-    """A faiss IndexFlatIP over embeddings (N, d) with their labels and paths."""
+    """An index over embeddings (N, d) with their labels and paths (faiss, or the exact kNN)."""
 
     def __init__(self, embeddings: np.ndarray, labels: np.ndarray, paths: list[str]) -> None:
-        try:
-            import faiss
-        except ImportError as error:
-            raise ValueError("search needs faiss: pip install 'softtriple[faiss]'") from error
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
         self.embeddings, self.labels, self.paths = x, labels, paths
-        self.index = faiss.IndexFlatIP(x.shape[1])
-        self.index.add(x)
+        try:
+            import faiss
+        except ImportError:
+            self.index: Any = None
+            self.backend = "exact kNN"
+        else:
+            self.index = faiss.IndexFlatIP(x.shape[1])
+            self.index.add(x)
+            self.backend = "faiss"
 
     @classmethod
     def load(cls, path: str | Path) -> EmbeddingIndex:
@@ -39,7 +44,14 @@ class EmbeddingIndex:
         if not 1 <= k <= len(self.paths):
             raise ValueError(f"k must be in [1, {len(self.paths)}]; got {k}")
         q = (query / max(float(np.linalg.norm(query)), 1e-12)).astype(np.float32)[None, :]
-        scores, ids = self.index.search(q, min(k + 1, len(self.paths)))
+        want = min(k + 1, len(self.paths))
+        if self.index is not None:
+            scores, ids = self.index.search(q, want)
+        else:
+            from softtriple.evaluation.knn import knn
+
+            scores_t, ids_t = knn(q, want, self.embeddings)
+            scores, ids = scores_t.numpy(), ids_t.numpy()
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True)
                 if i != exclude and i >= 0]
         return hits[:k]

@@ -16,11 +16,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from softtriple.run import RunDir, read_embeddings
+from softtriple.search import EmbeddingIndex
 
 MAX_UPLOAD_BYTES = 8 * 2**20
 MAX_K = 50
@@ -30,37 +30,6 @@ CSS = """body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;color:#2
 .cell img{width:112px;height:112px;object-fit:contain;border:4px solid #ccc;background:#fff}
 .same img{border-color:#2a2}.other img{border-color:#d22}.query img{border-color:#27c}
 td{padding:2px 10px}.error{color:#b00;font-weight:bold}"""
-
-
-class Neighbours:
-    """The k most similar test embeddings of a query (faiss when installed, else exact)."""
-
-    def __init__(self, embeddings: np.ndarray) -> None:
-        x = np.ascontiguousarray(embeddings, dtype=np.float32)
-        self.x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-        try:
-            import faiss
-        except ImportError:
-            self.index: Any = None
-            self.backend = "exact kNN"
-        else:
-            self.index = faiss.IndexFlatIP(self.x.shape[1])
-            self.index.add(self.x)
-            self.backend = "faiss"
-
-    def search(self, query: np.ndarray, k: int,
-               exclude: int | None = None) -> list[tuple[int, float]]:
-        q = (query / max(float(np.linalg.norm(query)), 1e-12)).astype(np.float32)[None, :]
-        want = min(k + 1, len(self.x))
-        if self.index is not None:
-            sims, ids = self.index.search(q, want)
-            pairs = list(zip(ids[0].tolist(), sims[0].tolist(), strict=True))
-        else:
-            from softtriple.evaluation.knn import knn
-
-            sims_t, ids_t = knn(q, want, self.x)
-            pairs = list(zip(ids_t[0].tolist(), sims_t[0].tolist(), strict=True))
-        return [(int(i), float(s)) for i, s in pairs if i != exclude and i >= 0][:k]
 
 
 def _page(title: str, body: str) -> str:
@@ -73,7 +42,7 @@ def create_app(run: str | Path) -> Any:
     run_dir = RunDir(run)
     results = run_dir.read_results()
     embeddings, labels, paths = read_embeddings(run_dir.embeddings)
-    neighbours = Neighbours(embeddings)
+    neighbours = EmbeddingIndex(embeddings, labels, paths)
     state: dict[str, Any] = {}
     app = FastAPI(title=f"softtriple: {run_dir.root.name}")
 
@@ -123,13 +92,13 @@ def create_app(run: str | Path) -> Any:
 
     @app.get("/query/{i}", response_class=HTMLResponse)
     def query(i: int, k: int = Query(8, ge=1, le=MAX_K)) -> str:
-        hits = neighbours.search(embeddings[checked_index(i)], k, exclude=i)
+        hits = neighbours.search(embeddings[checked_index(i)], min(k, len(paths) - 1), exclude=i)
         label = int(labels[i])
         return results_page(cell(i, "query", f"#{i} label {label}"), hits, label)
 
     @app.get("/api/neighbours/{i}")
     def api_neighbours(i: int, k: int = Query(8, ge=1, le=MAX_K)) -> JSONResponse:
-        hits = neighbours.search(embeddings[checked_index(i)], k, exclude=i)
+        hits = neighbours.search(embeddings[checked_index(i)], min(k, len(paths) - 1), exclude=i)
         return JSONResponse({"query": i, "label": int(labels[i]), "neighbours": [
             {"index": j, "similarity": s, "label": int(labels[j])} for j, s in hits]})
 
@@ -172,7 +141,7 @@ def create_app(run: str | Path) -> Any:
         kind = picture.get_format_mimetype() or "image/png"
         query_html = (f"<div class='cell query'><img src='data:{kind};base64,{shown}' "
                       f"alt='upload'><br>{html.escape(file.filename or 'upload')}</div>")
-        return results_page(query_html, neighbours.search(query_vector, k), None)
+        return results_page(query_html, neighbours.search(query_vector, min(k, len(paths))), None)
 
     return app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {file} not found; pass a run folder or a .pt file "
                               f"written by softtriple train")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: we say it once
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, wrong format, pickled objects: several types
         raise CheckpointError(f"checkpoint {file} is truncated or corrupt "
                               f"({error.__class__.__name__}); use an earlier copy or retrain"
