@@ -10,9 +10,11 @@ from torch.utils.data import Sampler
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
-    """Shuffled batches of ``batch_size``; with ``num_replicas`` > 1 each rank takes every
-    num_replicas-th image of the same shuffled order, so the global batch is the same as one
-    process with batch_size * num_replicas. ``set_epoch`` reshuffles deterministically."""
+    """Shuffled batches of ``batch_size``; with ``num_replicas`` > 1 each global batch of
+    batch_size * num_replicas images is the one a single process draws, and rank r takes its r-th
+    contiguous block, so the ranks' blocks concatenated in rank order are that global batch (what
+    ``softtriple.training.distributed.gather_batch`` rebuilds). ``set_epoch`` reshuffles
+    deterministically."""
 
     def __init__(self, size: int, batch_size: int, seed: int = 0, num_replicas: int = 1,
                  rank: int = 0, drop_last: bool = True) -> None:
@@ -34,7 +36,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._global_batches():
-            yield batch[self.rank::self.num_replicas].tolist()
+            size = len(batch) // self.num_replicas
+            yield batch[self.rank * size:(self.rank + 1) * size].tolist()
 
     def __len__(self) -> int:
         return len(self._global_batches())
@@ -59,13 +62,10 @@ class ClassBalancedBatchSampler(ShardedBatchSampler):
         rng = np.random.default_rng((self.seed, self.epoch))
         n_batches = max(1, self.size // (self.batch_size * self.num_replicas))
         batches = []
-        for _ in range(n_batches):
+        for _ in range(n_batches):  # the same draws as one process with P * num_replicas
             chosen = rng.choice(len(self.classes), self.p * self.num_replicas, replace=False)
             parts = [rng.choice(self.classes[c], self.m, replace=len(self.classes[c]) < self.m)
                      for c in chosen]
-            # interleave so that each rank's shard (every num_replicas-th item) keeps whole
-            # classes: rank r gets classes r, r + R, ...
-            per_rank = [np.concatenate(parts[r::self.num_replicas]) for r in
-                        range(self.num_replicas)]
-            batches.append(np.stack(per_rank, axis=1).reshape(-1))
+            # class after class, so each rank's contiguous block holds P whole classes
+            batches.append(np.concatenate(parts))
         return batches

@@ -41,6 +41,10 @@ class ClusteringLoss(nn.Module):
         embeddings (B, d) float, labels (B,) int64 -> scalar.
     """
 
+    # couples the examples of a batch: under DDP every rank sees the gathered global batch
+    # (softtriple.training.distributed.gather_batch)
+    needs_global_batch: bool = True
+
     def __init__(self, gamma: float = 1.0) -> None:
         super().__init__()
         check_positive("gamma", gamma, allow_zero=True)

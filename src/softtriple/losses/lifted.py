@@ -28,6 +28,10 @@ class LiftedStructureLoss(nn.Module):
         embeddings (B, d) float, labels (B,) int64 -> scalar.
     """
 
+    # couples the examples of a batch: under DDP every rank sees the gathered global batch
+    # (softtriple.training.distributed.gather_batch)
+    needs_global_batch: bool = True
+
     def __init__(self, margin: float = 1.0) -> None:
         super().__init__()
         check_positive("margin", margin, allow_zero=True)

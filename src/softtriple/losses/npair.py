@@ -47,6 +47,10 @@ class NPairLoss(nn.Module):
         embeddings (B, d) float, labels (B,) int64 -> scalar.
     """
 
+    # couples the examples of a batch: under DDP every rank sees the gathered global batch
+    # (softtriple.training.distributed.gather_batch)
+    needs_global_batch: bool = True
+
     def __init__(self, l2_reg: float = 0.002) -> None:
         super().__init__()
         check_positive("l2_reg", l2_reg, allow_zero=True)

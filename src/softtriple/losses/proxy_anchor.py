@@ -37,6 +37,10 @@ class ProxyAnchorLoss(nn.Module):
         embeddings (B, d) float, labels (B,) int64 in [0, C) -> scalar; proxies (C, d).
     """
 
+    # couples the examples of a batch: under DDP every rank sees the gathered global batch
+    # (softtriple.training.distributed.gather_batch)
+    needs_global_batch: bool = True
+
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 32.0,
                  margin: float = 0.1) -> None:
         super().__init__()

@@ -32,6 +32,10 @@ class ProxyNCALoss(nn.Module):
         embeddings (B, d) float, labels (B,) int64 in [0, C) -> scalar; proxies (C, d).
     """
 
+    # a mean of per-example terms (plus a term of the centers alone): DDP's mean of the ranks'
+    # gradients is the single-process gradient, so no gather is needed under DDP
+    needs_global_batch: bool = False
+
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 1.0,
                  exclude_positive: bool = True) -> None:
         super().__init__()

@@ -51,6 +51,10 @@ class SoftMaxNormLoss(nn.Module):
         embeddings: (B, d) float; labels: (B,) int64 in [0, C); returns a scalar.
     """
 
+    # a mean of per-example terms (plus a term of the centers alone): DDP's mean of the ranks'
+    # gradients is the single-process gradient, so no gather is needed under DDP
+    needs_global_batch: bool = False
+
     def __init__(self, num_classes: int, embedding_dim: int, la: float = 20.0,
                  margin: float = 0.01) -> None:
         super().__init__()

@@ -80,6 +80,10 @@ class SoftTripleLoss(nn.Module):
     reference it is tested against, and serves gamma = 0.
     """
 
+    # a mean of per-example terms (plus a term of the centers alone): DDP's mean of the ranks'
+    # gradients is the single-process gradient, so no gather is needed under DDP
+    needs_global_batch: bool = False
+
     chunk: int = 1024
 
     def __init__(self, num_classes: int, embedding_dim: int, centers_per_class: int = 10,

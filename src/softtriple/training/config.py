@@ -28,6 +28,9 @@ class ModelConfig:
     channels_last: bool = False  # memory format of the input batch
     head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
     normalize: bool = True  # L2-normalize embeddings; false for N-pairs / lifted (their papers')
+    # several processes (CUDA only): BatchNorm statistics over the global batch, so N processes
+    # train like one; without it each rank normalizes by its own block's statistics
+    sync_bn: bool = False
 
 
 @dataclass
@@ -58,6 +61,9 @@ class DataConfig:
 class LossConfig:
     name: str = "softtriple"  # a name in softtriple.losses.LOSSES
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of that loss
+    # several processes: losses that couple a batch's examples (pairs, triplets, clusters,
+    # Proxy-Anchor) see the global batch gathered from every rank; false: each rank's own block
+    gather: bool = True
 
 
 @dataclass

@@ -1,6 +1,11 @@
 """Multi-process training with torch.distributed, started by torchrun (gloo on CPU, nccl on GPU).
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them everything runs in one process.
+Data parallelism is DistributedDataParallel's: every rank computes its loss on its own block of
+the global batch and DDP averages the gradients. That is the single-process gradient for losses
+that are a mean of per-example terms (SoftTriple, SoftMax-norm, ProxyNCA); the others couple the
+examples of a batch (pairs, triplets, clusters, Proxy-Anchor's per-proxy means) and see the
+whole global batch through ``gather_batch``. See docs/DISTRIBUTED.md.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 
 def world_size() -> int:
@@ -57,3 +63,47 @@ def broadcast(obj: Any) -> Any:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def mean(value: float) -> float:
+    """The mean of ``value`` over the ranks (``value`` itself in one process)."""
+    if not dist.is_initialized():
+        return value
+    return sum(gather(value)) / dist.get_world_size()
+
+
+def gather_batch(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The global batch, every rank's block in rank order (the samplers' blocks are contiguous,
+    so this is the batch one process would see); in one process the inputs themselves.
+
+    Only this rank's rows carry gradient (the others are copies), and it is scaled by the
+    number of ranks W: each rank's loss is then the single-process loss L of the global batch,
+    and DDP's mean over ranks of W * dL/d(own rows) is exactly the single-process gradient. A
+    parameter of the loss itself (Proxy-Anchor's proxies) gets dL/dp on every rank, which DDP's
+    mean leaves unchanged.
+
+    Args:
+        embeddings: (b, d) this rank's embeddings; every rank must pass the same b.
+        labels: (b,) int64.
+
+    Returns:
+        (W b, d) embeddings and (W b,) labels.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return embeddings, labels
+    world, me = dist.get_world_size(), dist.get_rank()
+    sizes = gather(int(embeddings.shape[0]))
+    if len(set(sizes)) > 1:
+        raise ValueError(f"every rank must pass a batch of the same size to gather it; got "
+                         f"{sizes} (use a sampler that drops the last, short batch)")
+    if embeddings.dtype in (torch.float16, torch.bfloat16):
+        embeddings = embeddings.float()  # the losses compute in float32 anyway
+    parts = [torch.empty_like(embeddings) for _ in range(world)]
+    dist.all_gather(parts, embeddings.detach().contiguous())
+    label_parts = [torch.empty_like(labels) for _ in range(world)]
+    dist.all_gather(label_parts, labels.contiguous())
+    if embeddings.requires_grad:
+        own = embeddings.view_as(embeddings)  # a fresh node for the hook, never the caller's
+        own.register_hook(lambda grad: grad * world)
+        parts[me] = own
+    return torch.cat(parts), torch.cat(label_parts)

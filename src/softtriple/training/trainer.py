@@ -43,18 +43,22 @@ class Objective(nn.Module):
     """Model and loss as one module, so DistributedDataParallel syncs the loss's centers too.
 
     With ``autocast_dtype`` (bf16 / fp16) the model runs under autocast; the loss always
-    computes in float32 against its float32 centers (``softtriple.losses._precision``)."""
+    computes in float32 against its float32 centers (``softtriple.losses._precision``). With
+    ``gather`` the loss sees the global batch of every rank (``distributed.gather_batch``)."""
 
     def __init__(self, model: EmbeddingModel, loss: nn.Module,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, gather: bool = False) -> None:
         super().__init__()
         self.model, self.loss = model, loss
         self.autocast_dtype = autocast_dtype
+        self.gather = gather
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         with torch.autocast(images.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
             embeddings = self.model(images)
+        if self.gather:
+            embeddings, labels = dist.gather_batch(embeddings, labels)
         return self.loss(embeddings, labels)  # type: ignore[no-any-return]
 
 
@@ -118,6 +122,13 @@ class Trainer:
             dist.barrier()
         _seed_everything(config.run.seed)
         self.model = build_model(config).to(self.device)
+        if config.model.sync_bn and self.world > 1:
+            if self.device.type != "cuda":
+                raise ConfigError("model.sync_bn needs CUDA devices (torch's SyncBatchNorm has "
+                                  "no CPU kernels); on CPU set model.sync_bn=false, and "
+                                  "model.freeze_bn=true for BatchNorm that does not depend on "
+                                  "the process count")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if config.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loaders: Loaders = build_loaders(
@@ -125,7 +136,10 @@ class Trainer:
             config.run.seed, self.world, self.rank, self._feature_fn(),
             pin_memory=self.device.type == "cuda")
         self.loss = build_config_loss(config, self.loaders.num_classes).to(self.device)
-        self.objective: nn.Module = Objective(self.model, self.loss, self.autocast_dtype)
+        gather = (self.world > 1 and config.loss.gather
+                  and getattr(self.loss, "needs_global_batch", True))
+        self.objective: nn.Module = Objective(self.model, self.loss, self.autocast_dtype,
+                                              gather)
         if self.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda"
@@ -276,7 +290,7 @@ class Trainer:
             bar.update()
         bar.close()
         self.scheduler.step()
-        return total / max(count, 1)
+        return dist.mean(total / max(count, 1))  # each rank's loss of its block, or gathered
 
     def _check_gradients(self, step: int) -> None:
         """FloatingPointError naming the first parameter whose gradient is NaN or inf (a finite

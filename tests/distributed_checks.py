@@ -1,0 +1,92 @@
+"""Checks that run inside a real torch.distributed job (gloo, CPU), started by torchrun:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=3 tests/distributed_checks.py \
+        losses sharded_loss sharded_knn
+
+Every rank computes the single-process reference itself (same seeds, the whole global batch) and
+compares its own distributed result with it; any mismatch raises, so torchrun exits non-zero and
+names the check. tests/test_distributed.py launches it with 2, 3 and 4 processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor, nn
+
+from softtriple.losses import LOSSES, build_loss
+from softtriple.training import distributed as dist
+from softtriple.training.trainer import Objective
+
+IN_DIM, DIM, CLASSES = 12, 8, 6
+LOSS_ARGS = {  # small, fast settings of every loss
+    "softtriple": {"num_classes": CLASSES, "embedding_dim": DIM, "centers_per_class": 3},
+    "hardtriple": {"num_classes": CLASSES, "embedding_dim": DIM, "centers_per_class": 3},
+    "softmax_norm": {"num_classes": CLASSES, "embedding_dim": DIM},
+    "proxy_nca": {"num_classes": CLASSES, "embedding_dim": DIM},
+    "proxy_anchor": {"num_classes": CLASSES, "embedding_dim": DIM},
+    "npair": {}, "lifted": {}, "triplet": {}, "clustering": {},
+}
+
+
+def close(a: Tensor, b: Tensor, what: str, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    if not torch.allclose(a, b, rtol=rtol, atol=atol):
+        raise AssertionError(f"rank {dist.rank()} of {dist.world_size()}: {what} differs from "
+                             f"one process by {float((a - b).abs().max()):.3g}")
+
+
+def global_batch(world: int, per_rank: int = 8) -> tuple[Tensor, Tensor]:
+    """A class-balanced global batch (2 images per class, classes in order) of inputs."""
+    g = torch.Generator().manual_seed(7)
+    n = per_rank * world
+    labels = torch.randperm(CLASSES, generator=g).repeat_interleave(2).repeat(n // 12 + 1)[:n]
+    return torch.randn(n, IN_DIM, generator=g), labels
+
+
+def check_losses() -> None:
+    """Each loss's value and every gradient under DDP (gathered where the loss needs it) equal
+    the single-process ones on the same global batch; coupled losses differ without it."""
+    world, me = dist.world_size(), dist.rank()
+    x, y = global_batch(world)
+    b = x.shape[0] // world
+    mine = slice(me * b, (me + 1) * b)
+    for name in LOSSES:
+        torch.manual_seed(0)
+        model = nn.Linear(IN_DIM, DIM)
+        loss = build_loss(name, **LOSS_ARGS[name])
+        reference = Objective(copy.deepcopy(model), copy.deepcopy(loss))
+        ref_value = reference(x, y)
+        ref_value.backward()
+        expected = {n: p.grad for n, p in reference.named_parameters()}
+        for gather in (True, False):
+            objective = Objective(copy.deepcopy(model), copy.deepcopy(loss),
+                                  gather=gather and loss.needs_global_batch)
+            ddp = nn.parallel.DistributedDataParallel(objective)
+            value = ddp(x[mine], y[mine])
+            value.backward()
+            got = {n: p.grad for n, p in objective.named_parameters()}
+            exact = gather or not loss.needs_global_batch
+            if not exact:  # the per-rank objective is another one: say that it differs
+                if all(torch.allclose(got[n], expected[n], rtol=1e-3) for n in expected):
+                    raise AssertionError(f"{name} without gather equals one process: the "
+                                         f"check cannot tell the two apart")
+                continue
+            mean = value if loss.needs_global_batch else torch.tensor(dist.mean(value.item()))
+            close(mean.detach(), ref_value.detach(), f"{name}'s loss")
+            for n in expected:
+                close(got[n], expected[n], f"{name}'s gradient of {n}")
+    print(f"rank {me}: every loss equals one process on {world} processes")
+
+
+CHECKS = {"losses": check_losses}
+
+if __name__ == "__main__":
+    dist.setup(torch.device("cpu"))
+    torch.set_num_threads(1)
+    for check in sys.argv[1:]:
+        CHECKS[check]()
+    tdist.barrier()
+    dist.teardown()

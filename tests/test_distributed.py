@@ -1,0 +1,89 @@
+"""Several processes with torch.distributed (gloo, CPU): every loss means the same thing on 1 or
+N processes, the trainer's N-process runs equal its one-process run, and the samplers' blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from softtriple.data.samplers import ClassBalancedBatchSampler, ShardedBatchSampler
+from softtriple.training import ConfigError, Trainer
+from softtriple.training.checkpoint import load_checkpoint
+from test_training import TINY, tiny
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(processes: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", *args]
+
+
+def run_checks(processes: int, *checks: str) -> None:
+    done = subprocess.run(torchrun(processes, str(HERE / "distributed_checks.py"), *checks),
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_every_loss_and_gradient_equals_one_process_on_the_global_batch(processes):
+    run_checks(processes, "losses")
+
+
+@pytest.mark.parametrize("sampler", [
+    lambda world, rank: ShardedBatchSampler(40, 12 // world, 3, world, rank),
+    lambda world, rank: ClassBalancedBatchSampler(np.arange(40) % 10, 6 // world, 2, 3,
+                                                  world, rank),
+])
+def test_the_ranks_blocks_in_rank_order_are_the_one_process_batch(sampler):
+    one = list(sampler(1, 0))
+    for world in (2, 3):
+        blocks = [list(sampler(world, rank)) for rank in range(world)]
+        joined = [[j for b in blocks for j in b[i]] for i in range(len(one))]
+        assert joined == one
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(run)
+    return {**state["model"], **{f"loss.{k}": v for k, v in state["loss"].items()}}
+
+
+@pytest.mark.parametrize("settings", [
+    ["data.augment=true"],  # SoftTriple: no gather; augmentation seeded per image
+    ["loss.name=triplet", "data.sampler=class_balanced", "data.images_per_class=4",
+     "data.augment=true"],  # gathered
+], ids=["softtriple", "triplet-class-balanced"])
+def test_two_processes_train_like_one_on_the_same_global_batch(data_root, tmp_path, settings):
+    common = [*TINY, "schedule.epochs=2", "model.freeze_bn=true",
+              "evaluation.before_training=false", *settings]
+    for name, launcher in (("one", [sys.executable, "-m", "softtriple"]),
+                           ("two", torchrun(2, "-m", "softtriple"))):
+        args = [*launcher, "train", "--out", str(tmp_path / name)]
+        for item in common:
+            args += ["--set", item]
+        subprocess.run(args, check=True, env=ENV, capture_output=True, timeout=300)
+    one, two = _params(tmp_path / "one"), _params(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert r1["metrics"]["recall@1"] == pytest.approx(r2["metrics"]["recall@1"], abs=1e-6)
+    log1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
+    log2 = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert [row["train/loss"] for row in log1] == pytest.approx(
+        [row["train/loss"] for row in log2], rel=1e-4)  # the logged loss is the global one
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(data_root, tmp_path, monkeypatch):
+    from softtriple.training import distributed
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="model.sync_bn needs CUDA devices"):
+        Trainer(tiny(tmp_path / "run", "model.sync_bn=true", "run.device=cpu"))
