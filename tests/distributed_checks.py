@@ -81,7 +81,57 @@ def check_losses() -> None:
     print(f"rank {me}: every loss equals one process on {world} processes")
 
 
-CHECKS = {"losses": check_losses}
+def check_sharded_loss() -> None:
+    """ShardedSoftTripleLoss: loss, the model's gradients (DDP over the model only), every
+    center's gradient and the embeddings' gradient equal the single-process SoftTripleLoss
+    (and SoftMax-norm at K = 1) on the same global batch, with uneven class blocks."""
+    from softtriple.losses import SoftMaxNormLoss, SoftTripleLoss
+    from softtriple.losses.sharded import ShardedSoftTripleLoss
+    world, me = dist.world_size(), dist.rank()
+    classes = 7  # blocks of 4/3 (2 ranks) or 2/2/2/1 (4 ranks)
+    x, _ = global_batch(world)
+    y = torch.arange(x.shape[0]) % classes
+    b = x.shape[0] // world
+    mine = slice(me * b, (me + 1) * b)
+    settings = [("softtriple", {"centers_per_class": 3, "gamma": 0.1, "tau": 0.2}),
+                ("hardtriple", {"centers_per_class": 3, "gamma": 0.0, "tau": 0.2}),
+                ("softmax_norm", {"centers_per_class": 1, "tau": 0.0})]
+    for name, args in settings:
+        torch.manual_seed(0)
+        model = nn.Linear(IN_DIM, DIM)
+        single: nn.Module
+        if name == "softmax_norm":
+            single = SoftMaxNormLoss(classes, DIM)
+        else:
+            single = SoftTripleLoss(classes, DIM, **args)
+        embeddings = copy.deepcopy(model)(x)
+        embeddings.retain_grad()
+        ref_value = single(embeddings, y)
+        ref_value.backward()
+        reference = Objective(copy.deepcopy(model), copy.deepcopy(single))
+        reference(x, y).backward()
+        sharded = ShardedSoftTripleLoss(classes, DIM, **args)
+        full = single.centers.detach().view(classes, sharded.centers_per_class, DIM)
+        with torch.no_grad():
+            sharded.centers.copy_(full[sharded.start:sharded.stop])
+        local_model = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+        mine_embeddings = local_model(x[mine])
+        mine_embeddings.retain_grad()
+        value = sharded(mine_embeddings, y[mine])
+        value.backward()
+        close(value.detach(), ref_value.detach(), f"sharded {name}'s loss")
+        for (n, p), (_, q) in zip(local_model.module.named_parameters(),
+                                  reference.model.named_parameters(), strict=True):
+            close(p.grad, q.grad, f"sharded {name}'s gradient of model {n}")
+        ref_centers = reference.loss.centers.grad.view(classes, sharded.centers_per_class, DIM)
+        close(sharded.centers.grad, ref_centers[sharded.start:sharded.stop],
+              f"sharded {name}'s gradient of its centers")
+        close(mine_embeddings.grad, world * embeddings.grad[mine],  # DDP's convention
+              f"sharded {name}'s gradient of the embeddings")
+    print(f"rank {me}: the sharded loss equals one process on {world} processes")
+
+
+CHECKS = {"losses": check_losses, "sharded_loss": check_sharded_loss}
 
 if __name__ == "__main__":
     dist.setup(torch.device("cpu"))

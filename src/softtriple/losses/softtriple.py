@@ -50,8 +50,37 @@ def center_regularizer(centers: Tensor) -> Tensor:
     return dist.sum() / (num_classes * k * (k - 1))
 
 
+def class_similarity(x: Tensor, centers: Tensor, gamma: float, chunk: int = 1024,
+                     compiled: bool = False) -> Tensor:
+    """SoftTriple's class similarities S (B, C) of normalized embeddings x (B, d) to raw centers
+    (C, K, d), C any block of classes: K = 1 is SoftMax-norm's x . w_c (the same operations, so
+    K = 1 trains bitwise like SoftMaxNormLoss), gamma > 0 the fused, class-chunked smoothed max
+    (it normalizes the centers inside its product), gamma = 0 the hard max."""
+    if centers.shape[1] == 1:  # no max to smooth
+        return x @ F.normalize(centers[:, 0], dim=1).T
+    if gamma > 0:
+        return smoothed_max_similarity(x, centers, gamma, chunk, compiled)
+    return relaxed_class_similarity(x, F.normalize(centers, dim=2), 0.0)
+
 
 MERGE_THRESHOLD = 0.9  # cosine similarity above which two centers of a class count as one
+
+
+@torch.no_grad()
+def effective_center_counts(centers: Tensor, threshold: float = MERGE_THRESHOLD) -> Tensor:
+    """Centers left per class (C,) of centers (C, K, d) after merging those whose cosine
+    similarity exceeds ``threshold`` (connected components, so merging is transitive)."""
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold is a cosine similarity in [-1, 1]; got {threshold}")
+    w = F.normalize(centers.float(), dim=2)
+    k = centers.shape[1]
+    eye = torch.eye(k, dtype=torch.bool, device=w.device)
+    reach = (w @ w.transpose(1, 2) > threshold) | eye  # (C, K, K)
+    for _ in range(max(1, k.bit_length())):  # transitive closure by repeated squaring
+        reach = (reach.float() @ reach.float()) > 0
+    # a center starts a new group when it reaches no center of lower index
+    lower = torch.tril(torch.ones(k, k, dtype=torch.bool, device=w.device), diagonal=-1)
+    return (~(reach & lower).any(dim=2)).sum(dim=1)
 
 class SoftTripleLoss(nn.Module):
     """SoftTriple loss: K centers per class, an entropy-smoothed max over them, a margin, and an
@@ -78,6 +107,11 @@ class SoftTripleLoss(nn.Module):
     With gamma > 0 the class similarity runs through a fused, class-chunked autograd function
     (``_fused.py``, ``chunk`` classes at a time); ``relaxed_class_similarity`` is the simple
     reference it is tested against, and serves gamma = 0.
+
+    Several processes (DDP): each rank's loss is the mean over its own examples, so DDP's mean of
+    the ranks' gradients is the single-process gradient and no batch is gathered; the centers
+    are replicated inside the DDP module. For catalogues too large to replicate,
+    ``ShardedSoftTripleLoss`` gives each rank a block of the classes' centers.
     """
 
     # a mean of per-example terms (plus a term of the centers alone): DDP's mean of the ranks'
@@ -111,14 +145,7 @@ class SoftTripleLoss(nn.Module):
         dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)
         x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d)
         centers = self.centers.to(dtype)  # (C, K, d)
-        if self.centers_per_class == 1:  # no max to smooth: S_{i,c} = x_i . w_c, SoftMax-norm
-            w = F.normalize(centers[:, 0], dim=1)  # (C, d); the same operations as
-            similarity = x @ w.T  # SoftMaxNormLoss, so K = 1 trains bitwise like it
-        elif self.gamma > 0:  # the fused path normalizes the centers inside its product
-            similarity = smoothed_max_similarity(x, centers, self.gamma, self.chunk,
-                                                 self.compiled)  # (B, C)
-        else:
-            similarity = relaxed_class_similarity(x, F.normalize(centers, dim=2), 0.0)
+        similarity = class_similarity(x, centers, self.gamma, self.chunk, self.compiled)
         loss = margin_cross_entropy(similarity, labels, self.la, self.margin)
         if self.tau > 0 and self.centers_per_class > 1:
             loss = loss + self.tau * center_regularizer_fused(centers)
@@ -137,17 +164,7 @@ class SoftTripleLoss(nn.Module):
         Returns:
             (C,) int64 tensor of counts in [1, K]; ``.float().mean()`` gives the average.
         """
-        if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold is a cosine similarity in [-1, 1]; got {threshold}")
-        w = F.normalize(self.centers.float(), dim=2)
-        k = self.centers_per_class
-        eye = torch.eye(k, dtype=torch.bool, device=w.device)
-        reach = (w @ w.transpose(1, 2) > threshold) | eye  # (C, K, K)
-        for _ in range(max(1, k.bit_length())):  # transitive closure by repeated squaring
-            reach = (reach.float() @ reach.float()) > 0
-        # a center starts a new group when it reaches no center of lower index
-        lower = torch.tril(torch.ones(k, k, dtype=torch.bool, device=w.device), diagonal=-1)
-        return (~(reach & lower).any(dim=2)).sum(dim=1)
+        return effective_center_counts(self.centers, threshold)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "

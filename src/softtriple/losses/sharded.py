@@ -1,0 +1,159 @@
+"""SoftTriple (and SoftMax-norm, K = 1) with its centers sharded over processes by class, for
+catalogues too large to replicate (in the spirit of Partial FC; model parallelism for the loss).
+
+Rank r of W owns the contiguous block of classes ``class_block(C, W, r)`` and only their centers
+(and their optimizer state). One step:
+
+1. the embeddings of every rank are all-gathered (torch's functional collectives,
+   ``all_gather_single``, whose backward sums each rank's gradient of them back to their owner);
+2. each rank computes its block's class similarities S (B, C_r) with the single-process fused
+   kernel, the logits lambda (S - delta [c = y]), their row maximum m_r and
+   sum_c exp(logit - m) over its block;
+3. the softmax over all C classes is finished with a distributed log-sum-exp: an all-reduce of
+   the maximum, then of the sums (and of the true class's logit, which one rank owns);
+4. the regularizer is each block's share, all-reduced.
+
+Every rank returns the same loss L, the single-process loss of the global batch. The collectives'
+backwards sum over ranks, so each rank's backward yields W dL for everything upstream of them: the
+model's parameters get W dL/dtheta, which DDP's mean over ranks turns into dL/dtheta (wrap only the
+model in DDP, never this loss), and the centers' gradient is scaled by 1 / W here, so each block
+receives exactly dL/dw. Memory per rank: C K d / W centers (and twice that of Adam state) plus
+(W b) x C_r / W similarities, chunked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as tdist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._fused import center_regularizer_fused
+from softtriple.losses._precision import float32_forward
+from softtriple.losses.softtriple import class_similarity, effective_center_counts
+
+INIT_CHUNK = 1024  # classes per seeded draw, so the initial centers do not depend on W
+
+
+def class_block(num_classes: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of rank's classes: contiguous blocks whose sizes differ by at most one."""
+    base, extra = divmod(num_classes, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def init_center_block(start: int, stop: int, centers_per_class: int, embedding_dim: int,
+                      seed: int) -> Tensor:
+    """Centers (stop - start, K, d) of classes [start, stop), drawn like ``nn.Linear``'s weights
+    (uniform in +-1/sqrt(d)) from a generator per chunk of INIT_CHUNK classes seeded by
+    (seed, chunk): the same values whichever block boundaries the processes have."""
+    bound = embedding_dim ** -0.5
+    parts = []
+    for chunk in range(start // INIT_CHUNK, (stop - 1) // INIT_CHUNK + 1):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+        rows = torch.empty(INIT_CHUNK, centers_per_class, embedding_dim)
+        rows.uniform_(-bound, bound, generator=generator)
+        lo = max(start, chunk * INIT_CHUNK) - chunk * INIT_CHUNK
+        hi = min(stop, (chunk + 1) * INIT_CHUNK) - chunk * INIT_CHUNK
+        parts.append(rows[lo:hi])
+    return torch.cat(parts)
+
+
+def _group_size_rank(group: tdist.ProcessGroup | None) -> tuple[int, int]:
+    if not tdist.is_available() or not tdist.is_initialized():
+        return 1, 0
+    return tdist.get_world_size(group), tdist.get_rank(group)
+
+
+class ShardedSoftTripleLoss(nn.Module):
+    """SoftTripleLoss with the classes' centers split over the ranks of ``group`` (default: the
+    whole job; one process holds them all). Same arguments and loss as ``SoftTripleLoss``
+    (``centers_per_class=1, tau=0`` is SoftMax-norm), plus:
+
+    Args:
+        seed: seeds the centers' initial values (``init_center_block``), the same for any W.
+        group: the process group the classes are sharded over.
+
+    Shapes:
+        embeddings: (b, d) this rank's embeddings, the same b on every rank; labels: (b,) int64
+        in [0, C). Returns the scalar loss of the global batch (W b examples), on every rank.
+        centers: nn.Parameter (C_r, K, d), classes ``start`` to ``stop`` - 1.
+    """
+
+    needs_global_batch: bool = False  # it gathers the embeddings itself
+    chunk: int = 1024
+
+    def __init__(self, num_classes: int, embedding_dim: int, centers_per_class: int = 10,
+                 la: float = 20.0, gamma: float = 0.1, tau: float = 0.2, margin: float = 0.01,
+                 seed: int = 0, group: tdist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        check_count("num_classes", num_classes)
+        check_count("embedding_dim", embedding_dim)
+        check_count("centers_per_class", centers_per_class)
+        check_positive("la", la)
+        check_positive("gamma", gamma, allow_zero=True)
+        check_positive("tau", tau, allow_zero=True)
+        check_positive("margin", margin, allow_zero=True)
+        self.group = group
+        self.world, self.rank = _group_size_rank(group)
+        if num_classes < self.world:
+            raise ValueError(f"cannot shard {num_classes} classes over {self.world} processes; "
+                             f"use fewer processes or replicated centers")
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.centers_per_class = centers_per_class
+        self.la, self.gamma, self.tau, self.margin = float(la), float(gamma), float(tau), \
+            float(margin)
+        self.start, self.stop = class_block(num_classes, self.world, self.rank)
+        self.centers = nn.Parameter(init_center_block(self.start, self.stop, centers_per_class,
+                                                      embedding_dim, seed))
+
+    def _all_reduce(self, tensor: Tensor) -> Tensor:
+        """Differentiable sum over the ranks (its backward sums the gradients too)."""
+        if self.world == 1:
+            return tensor
+        return funcol.all_reduce(tensor, "sum", self.group or tdist.group.WORLD)
+
+    @float32_forward
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
+        centers = self.centers
+        if self.world > 1:
+            group = self.group or tdist.group.WORLD
+            embeddings = funcol.all_gather_single(embeddings.contiguous(), 0, group)
+            gathered = [torch.empty_like(labels) for _ in range(self.world)]
+            tdist.all_gather(gathered, labels.contiguous(), group=group)
+            labels = torch.cat(gathered)
+            centers = centers.view_as(centers)  # a fresh node: the 1/W is this step's alone
+            world = self.world
+            centers.register_hook(lambda grad: grad / world)
+        x = F.normalize(embeddings.float(), dim=1)  # (B, d), B = W b
+        similarity = class_similarity(x, centers.float(), self.gamma, self.chunk)  # (B, C_r)
+        logits = similarity * self.la
+        owned = (labels >= self.start) & (labels < self.stop)  # (B,)
+        column = (labels - self.start).clamp(0, self.stop - self.start - 1)[:, None]
+        if self.margin != 0:
+            logits = logits.scatter_add(1, column, (-self.la * self.margin) * owned[:, None].to(
+                logits.dtype))
+        shift = logits.detach().amax(dim=1)  # (B,): m, the all-reduced row maximum
+        if self.world > 1:
+            tdist.all_reduce(shift, op=tdist.ReduceOp.MAX, group=self.group or tdist.group.WORLD)
+        sums = self._all_reduce(torch.exp(logits - shift[:, None]).sum(dim=1))  # (B,)
+        true_logit = self._all_reduce(logits.gather(1, column)[:, 0] * owned)  # (B,)
+        loss = (shift + torch.log(sums) - true_logit).mean()
+        if self.tau > 0 and self.centers_per_class > 1:
+            share = (self.stop - self.start) / self.num_classes  # the regularizer is a mean
+            loss = loss + self.tau * self._all_reduce(center_regularizer_fused(centers) * share)
+        return loss
+
+    @torch.no_grad()
+    def effective_centers(self, threshold: float = 0.9) -> Tensor:
+        """Centers left per class (C_r,) of this rank's block after merging (see SoftTriple)."""
+        return effective_center_counts(self.centers, threshold)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, classes={self.start}..{self.stop - 1} of "
+                f"{self.world} processes, embedding_dim={self.embedding_dim}, "
+                f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
+                f"tau={self.tau}, margin={self.margin}")
