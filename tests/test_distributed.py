@@ -33,9 +33,12 @@ def run_checks(processes: int, *checks: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("processes", [2, 3])
-def test_every_loss_and_gradient_equals_one_process_on_the_global_batch(processes):
-    run_checks(processes, "losses")
+@pytest.mark.parametrize("processes,checks", [
+    (2, ["losses", "sharded_loss"]), (3, ["losses"]), (4, ["sharded_loss"])])
+def test_every_loss_and_gradient_equals_one_process_on_the_global_batch(processes, checks):
+    """Every loss (gathered where it couples the batch) and ShardedSoftTripleLoss: value and
+    every gradient equal one process on the same global batch (tests/distributed_checks.py)."""
+    run_checks(processes, *checks)
 
 
 @pytest.mark.parametrize("sampler", [
@@ -87,3 +90,50 @@ def test_sync_bn_on_cpu_is_a_clear_error(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(ConfigError, match="model.sync_bn needs CUDA devices"):
         Trainer(tiny(tmp_path / "run", "model.sync_bn=true", "run.device=cpu"))
+
+
+def _train(launcher: list[str], out: Path, settings: list[str], *extra: str) -> None:
+    args = [*launcher, "train", "--out", str(out), *extra]
+    for item in settings:
+        args += ["--set", item]
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _sharded_params(run: Path) -> dict[str, torch.Tensor]:
+    from softtriple.training.checkpoint import read_center_rows
+    state = load_checkpoint(run)
+    centers = read_center_rows(run / "checkpoints", state["center_blocks"], 0,
+                               state["num_classes"])
+    return {**state["model"], "centers": centers["centers"], "exp_avg": centers["exp_avg"]}
+
+
+def test_sharded_centers_train_like_one_process_and_resume_on_another_count(data_root, tmp_path):
+    settings = [*TINY, "model.freeze_bn=true", "evaluation.before_training=false",
+                "loss.shard_centers=true", "loss.args={centers_per_class: 3}"]
+    one = [sys.executable, "-m", "softtriple"]
+    _train(one, tmp_path / "one", [*settings, "schedule.epochs=2"])
+    _train(torchrun(2, "-m", "softtriple"), tmp_path / "two", [*settings, "schedule.epochs=1"])
+    blocks = sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("centers-*.pt"))
+    assert blocks == ["centers-000000000-000000003-step4.pt",  # 5 digits over 2 processes
+                      "centers-000000003-000000005-step4.pt"]
+    _train(one, tmp_path / "two", [*settings, "schedule.epochs=2"], "--resume",
+           str(tmp_path / "two"))  # resharded onto one process
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").glob("centers-*.pt")] == [
+        "centers-000000000-000000005-step8.pt"]  # the two-process blocks are gone
+    a, b = _sharded_params(tmp_path / "one"), _sharded_params(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    ra = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
+    rb = json.loads((tmp_path / "two" / "results.json").read_text())["metrics"]
+    assert ra["effective_centers"] == rb["effective_centers"]
+    assert ra["recall@1"] == pytest.approx(rb["recall@1"], abs=1e-6)
+
+
+def test_shard_centers_is_refused_for_a_loss_without_centers():
+    from softtriple.inference import build_config_loss
+    from softtriple.training import load_config
+    config = load_config(None, ["loss.name=triplet", "loss.shard_centers=true"])
+    with pytest.raises(ConfigError, match="loss.shard_centers applies to softtriple, "
+                                          "hardtriple, softmax_norm; triplet has no class"):
+        build_config_loss(config, 10)

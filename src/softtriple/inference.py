@@ -46,10 +46,29 @@ def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
                           config.model.normalize)
 
 
+# the losses whose centers loss.shard_centers can shard, as arguments of ShardedSoftTripleLoss
+SHARDABLE: dict[str, dict[str, Any]] = {
+    "softtriple": {}, "hardtriple": {"gamma": 0.0},
+    "softmax_norm": {"centers_per_class": 1, "tau": 0.0}}
+
+
 def build_config_loss(config: Config, num_classes: int) -> nn.Module:
-    """The loss ``config.loss`` names, sized for ``num_classes`` training classes."""
+    """The loss ``config.loss`` names, sized for ``num_classes`` training classes; with
+    ``loss.shard_centers`` this process's block of a ShardedSoftTripleLoss."""
     if config.loss.name not in LOSSES:
         raise ConfigError(f"unknown loss.name {config.loss.name!r}; valid: {', '.join(LOSSES)}")
+    if config.loss.shard_centers:
+        from softtriple.losses.sharded import ShardedSoftTripleLoss
+        if config.loss.name not in SHARDABLE:
+            raise ConfigError(f"loss.shard_centers applies to {', '.join(SHARDABLE)}; "
+                              f"{config.loss.name} has no class centers to shard")
+        args = dict(config.loss.args) | SHARDABLE[config.loss.name]
+        try:
+            return ShardedSoftTripleLoss(num_classes, config.model.embedding_dim, **args,
+                                         seed=config.run.seed)
+        except TypeError as error:
+            raise ConfigError(f"loss.args {sorted(config.loss.args)} do not fit the sharded "
+                              f"{config.loss.name}: {error}") from error
     params = loss_arguments(config.loss.name)
     sized = {"num_classes": num_classes, "embedding_dim": config.model.embedding_dim}
     kwargs = {k: v for k, v in sized.items() if k in params} | dict(config.loss.args)

@@ -34,8 +34,17 @@ def _center_assignments(run: Path, classes: int = 3,
     from softtriple.training.data import load_table
 
     model, config, state = load_model(run)
-    loss = build_config_loss(config, int(state["num_classes"]))
-    loss.load_state_dict(state["loss"])
+    if config.loss.shard_centers:  # blocks of centers written by each process: all of them
+        from softtriple.training.checkpoint import read_center_rows
+        rows = read_center_rows(run / "checkpoints", state["center_blocks"], 0,
+                                int(state["num_classes"]))["centers"]
+        if rows.shape[1] == 1:  # SoftMax-norm: one center per class
+            return None
+        loss: Any = SoftTripleLoss(rows.shape[0], rows.shape[2], centers_per_class=rows.shape[1])
+        loss.centers.data.copy_(rows)
+    else:
+        loss = build_config_loss(config, int(state["num_classes"]))
+        loss.load_state_dict(state["loss"])
     if not isinstance(loss, SoftTripleLoss):
         return None
     counts = loss.effective_centers(CENTER_THRESHOLD).numpy()

@@ -87,7 +87,8 @@ class ShardedSoftTripleLoss(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, centers_per_class: int = 10,
                  la: float = 20.0, gamma: float = 0.1, tau: float = 0.2, margin: float = 0.01,
-                 seed: int = 0, group: tdist.ProcessGroup | None = None) -> None:
+                 compiled: bool = False, seed: int = 0,
+                 group: tdist.ProcessGroup | None = None) -> None:
         super().__init__()
         check_count("num_classes", num_classes)
         check_count("embedding_dim", embedding_dim)
@@ -105,22 +106,28 @@ class ShardedSoftTripleLoss(nn.Module):
         self.centers_per_class = centers_per_class
         self.la, self.gamma, self.tau, self.margin = float(la), float(gamma), float(tau), \
             float(margin)
+        self.compiled = bool(compiled)
         self.start, self.stop = class_block(num_classes, self.world, self.rank)
         self.centers = nn.Parameter(init_center_block(self.start, self.stop, centers_per_class,
                                                       embedding_dim, seed))
+
+    def _group(self) -> tdist.ProcessGroup:
+        group = self.group or tdist.group.WORLD
+        assert group is not None
+        return group
 
     def _all_reduce(self, tensor: Tensor) -> Tensor:
         """Differentiable sum over the ranks (its backward sums the gradients too)."""
         if self.world == 1:
             return tensor
-        return funcol.all_reduce(tensor, "sum", self.group or tdist.group.WORLD)
+        return funcol.all_reduce(tensor, "sum", self._group())
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
-        centers = self.centers
+        centers: Tensor = self.centers
         if self.world > 1:
-            group = self.group or tdist.group.WORLD
+            group = self._group()
             embeddings = funcol.all_gather_single(embeddings.contiguous(), 0, group)
             gathered = [torch.empty_like(labels) for _ in range(self.world)]
             tdist.all_gather(gathered, labels.contiguous(), group=group)
@@ -129,7 +136,8 @@ class ShardedSoftTripleLoss(nn.Module):
             world = self.world
             centers.register_hook(lambda grad: grad / world)
         x = F.normalize(embeddings.float(), dim=1)  # (B, d), B = W b
-        similarity = class_similarity(x, centers.float(), self.gamma, self.chunk)  # (B, C_r)
+        similarity = class_similarity(x, centers.float(), self.gamma, self.chunk,
+                                      self.compiled)  # (B, C_r)
         logits = similarity * self.la
         owned = (labels >= self.start) & (labels < self.stop)  # (B,)
         column = (labels - self.start).clamp(0, self.stop - self.start - 1)[:, None]
@@ -138,7 +146,7 @@ class ShardedSoftTripleLoss(nn.Module):
                 logits.dtype))
         shift = logits.detach().amax(dim=1)  # (B,): m, the all-reduced row maximum
         if self.world > 1:
-            tdist.all_reduce(shift, op=tdist.ReduceOp.MAX, group=self.group or tdist.group.WORLD)
+            tdist.all_reduce(shift, op=tdist.ReduceOp.MAX, group=self._group())
         sums = self._all_reduce(torch.exp(logits - shift[:, None]).sum(dim=1))  # (B,)
         true_logit = self._all_reduce(logits.gather(1, column)[:, 0] * owned)  # (B,)
         loss = (shift + torch.log(sums) - true_logit).mean()

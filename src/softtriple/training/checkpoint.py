@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,3 +49,47 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{file} is not a softtriple checkpoint (no model or config)")
     return state
+
+
+BLOCK_NAME = re.compile(r"centers-(\d+)-(\d+)-step(\d+)\.pt")
+
+
+def center_block_name(start: int, stop: int, step: int) -> str:
+    """File name (in checkpoints/) of the sharded centers of classes [start, stop) at ``step``."""
+    return f"centers-{start:09d}-{stop:09d}-step{step}.pt"
+
+
+def read_center_rows(folder: str | Path, names: list[str], start: int,
+                     stop: int) -> dict[str, Any]:
+    """Classes [start, stop) of sharded centers saved as the blocks ``names`` in ``folder``,
+    whatever the process count that wrote them: ``centers`` (stop - start, K, d) and, when
+    saved, Adam's ``exp_avg``, ``exp_avg_sq`` and ``step``. Only the blocks that overlap the
+    range are read (memory-mapped), so a rank reads about its own share."""
+    pieces: dict[str, list[Any]] = {}
+    covered = start
+    for name in sorted(names, key=lambda n: int(BLOCK_NAME.fullmatch(n).group(1))):  # type: ignore[union-attr]
+        lo, hi = (int(v) for v in BLOCK_NAME.fullmatch(name).groups()[:2])  # type: ignore[union-attr]
+        if hi <= start or lo >= stop:
+            continue
+        file = Path(folder) / name
+        try:
+            block = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            raise CheckpointError(f"center block {file} is missing, truncated or corrupt "
+                                  f"({error.__class__.__name__}); use an earlier copy of the "
+                                  f"run or retrain") from error
+        rows = slice(max(start, lo) - lo, min(stop, hi) - lo)
+        for key in ("centers", "exp_avg", "exp_avg_sq"):
+            if key in block:
+                pieces.setdefault(key, []).append(block[key][rows].clone())
+        if "step" in block:
+            pieces["step"] = [block["step"]]
+        covered = max(covered, min(stop, hi))
+    if covered < stop or "centers" not in pieces:
+        raise CheckpointError(f"the center blocks in {folder} do not cover classes {start} to "
+                              f"{stop - 1}; the checkpoint is incomplete, use an earlier copy")
+    out: dict[str, Any] = {key: torch.cat(parts) for key, parts in pieces.items()
+                           if key != "step"}
+    if "step" in pieces:
+        out["step"] = pieces["step"][0]
+    return out

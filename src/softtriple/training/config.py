@@ -64,6 +64,9 @@ class LossConfig:
     # several processes: losses that couple a batch's examples (pairs, triplets, clusters,
     # Proxy-Anchor) see the global batch gathered from every rank; false: each rank's own block
     gather: bool = True
+    # several processes: each rank holds only its block of the classes' centers (softtriple,
+    # hardtriple, softmax_norm), for catalogues too large to replicate (docs/DISTRIBUTED.md)
+    shard_centers: bool = False
 
 
 @dataclass

@@ -27,7 +27,13 @@ from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
 from softtriple.run import RunDir, write_embeddings
 from softtriple.training import distributed as dist
-from softtriple.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from softtriple.training.checkpoint import (
+    CheckpointError,
+    center_block_name,
+    load_checkpoint,
+    read_center_rows,
+    save_checkpoint,
+)
 from softtriple.training.config import Config, ConfigError, dump_config
 from softtriple.training.data import Loaders, build_loaders
 from softtriple.training.feature_cache import cached_features
@@ -138,12 +144,17 @@ class Trainer:
         self.loss = build_config_loss(config, self.loaders.num_classes).to(self.device)
         gather = (self.world > 1 and config.loss.gather
                   and getattr(self.loss, "needs_global_batch", True))
-        self.objective: nn.Module = Objective(self.model, self.loss, self.autocast_dtype,
-                                              gather)
-        if self.world > 1:
-            self.objective = torch.nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda"
-                else None)
+        self.sharded = config.loss.shard_centers
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.objective: nn.Module
+        if self.sharded and self.world > 1:  # each rank's centers are its own: DDP the model
+            ddp_model: Any = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
+            self.objective = Objective(ddp_model, self.loss, self.autocast_dtype)
+        else:
+            self.objective = Objective(self.model, self.loss, self.autocast_dtype, gather)
+            if self.world > 1:
+                self.objective = torch.nn.parallel.DistributedDataParallel(self.objective,
+                                                                           device_ids)
         opt = config.optimizer
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": trainable, "lr": opt.lr, "name": "network"}]
@@ -190,8 +201,11 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         try:
             self.model.load_state_dict(state["model"])
-            self.loss.load_state_dict(state["loss"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                self._restore_center_block(state)
+            else:
+                self.loss.load_state_dict(state["loss"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -205,11 +219,53 @@ class Trainer:
                              *state["rng"]["numpy_pos"]))
         random.setstate(state["rng"]["python"])
 
+    def _centers_index(self) -> int:
+        """The sharded centers' position among the optimizer's parameters (its state key)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return next(i for i, p in enumerate(params) if p is self.loss.centers)
+
+    def _restore_center_block(self, state: dict[str, Any]) -> None:
+        """This rank's classes of the sharded centers and their Adam state, from the blocks the
+        checkpoint names, whatever process count wrote them."""
+        loss: Any = self.loss
+        rows = read_center_rows(self.run_dir.checkpoint.parent, state["center_blocks"],
+                                loss.start, loss.stop)
+        with torch.no_grad():
+            loss.centers.copy_(rows["centers"])
+        self.optimizer.load_state_dict(state["optimizer"])  # without the centers' state
+        if "exp_avg" in rows:
+            self.optimizer.state[loss.centers] = {
+                "step": rows["step"], "exp_avg": rows["exp_avg"].to(self.device),
+                "exp_avg_sq": rows["exp_avg_sq"].to(self.device)}
+
+    def _save_center_blocks(self) -> tuple[list[str], dict[str, Any]]:
+        """Every rank writes its block of centers and their Adam state (atomically); returns
+        every block's name (on every rank) and the optimizer state without the centers'."""
+        loss: Any = self.loss
+        optimizer = self.optimizer.state_dict()
+        adam = optimizer["state"].pop(self._centers_index(), {})
+        name = center_block_name(loss.start, loss.stop, self.step)
+        save_checkpoint(self.run_dir.checkpoint.parent / name, {
+            "start": loss.start, "stop": loss.stop, "centers": loss.centers.detach(),
+            **{k: v for k, v in adam.items() if k in ("step", "exp_avg", "exp_avg_sq")}})
+        return dist.gather(name), optimizer
+
     def _checkpoint(self) -> None:
+        """checkpoints/last.pt, written by rank 0 (and each rank's block of sharded centers
+        first: last.pt names them, so a kill between leaves the previous set in use)."""
+        blocks: list[str] = []
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            blocks, optimizer = self._save_center_blocks()
+            dist.barrier()
+        if not dist.is_main():
+            return
         np_state: Any = np.random.get_state()
         save_checkpoint(self.run_dir.checkpoint, {
-            "model": self.model.state_dict(), "loss": self.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "model": self.model.state_dict(),
+            "loss": {} if self.sharded else self.loss.state_dict(),
+            "center_blocks": blocks,
+            "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
             "config": self.config.to_dict(),
             "num_classes": self.loaders.num_classes, "history": self.history,
@@ -218,6 +274,9 @@ class Trainer:
                     "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
                     "python": random.getstate()},
         })
+        for stale in self.run_dir.checkpoint.parent.glob("centers-*.pt"):
+            if stale.name not in blocks:  # an earlier step's (or process count's) blocks
+                stale.unlink()
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -350,13 +409,14 @@ class Trainer:
             else:
                 self._log({"epoch": self.epoch, "step": self.step, **record})
             faults.point("logged")
-            if dist.is_main():
-                self._checkpoint()
+            self._checkpoint()
             dist.barrier()
         if not metrics:  # resumed a finished run: nothing left to train
             metrics = self.evaluate()
         if hasattr(self.loss, "effective_centers"):  # SoftTriple: centers left after merging
             counts = self.loss.effective_centers().float()  # type: ignore[operator]
+            if self.sharded:  # each rank's block of classes
+                counts = torch.cat(dist.gather(counts.cpu()))
             metrics = {**metrics, "effective_centers": float(counts.mean())}
         results = {"epochs": self.epoch, "steps": self.step, "metrics": metrics,
                    "run": str(self.out)}
