@@ -131,7 +131,55 @@ def check_sharded_loss() -> None:
     print(f"rank {me}: the sharded loss equals one process on {world} processes")
 
 
-CHECKS = {"losses": check_losses, "sharded_loss": check_sharded_loss}
+def check_sharded_knn() -> None:
+    """sharded_knn equals the single-process knn (indices exactly, similarities to rounding) on
+    data full of exact ties and duplicates, with uneven shards (one of them empty), in gallery
+    and self-search mode, query blocks smaller than a shard; sharded_evaluate equals evaluate."""
+    import numpy as np
+
+    from softtriple.evaluation import evaluate, knn
+    from softtriple.evaluation.sharded import sharded_evaluate, sharded_knn
+    world, me = dist.world_size(), dist.rank()
+    g = torch.Generator().manual_seed(3)
+
+    def directions(n: int) -> Tensor:
+        """Rows +-1 everywhere or +-e_i: unit after normalizing by 2 or 1 exactly, so every
+        similarity is an exact multiple of 1/4 and ties are exact in any summation order."""
+        signs = torch.randint(0, 2, (n, 4), generator=g).float() * 2 - 1
+        one_hot = torch.eye(4)[torch.randint(0, 4, (n,), generator=g)] * signs
+        return torch.where(torch.rand(n, 1, generator=g) < 0.5, signs, one_hot)
+
+    gallery, queries = directions(61), directions(37)
+    gallery[10:15] = gallery[3]  # duplicates
+    cuts = np.linspace(0, 61, world + 1).astype(int)
+    cuts[1] = 0  # rank 0's gallery shard is empty
+    q_cuts = np.linspace(0, 37, world + 1).astype(int)
+    my_q = slice(q_cuts[me], q_cuts[me + 1])
+    for k in (1, 5, 20):
+        sims, index = sharded_knn(queries[my_q], gallery[cuts[me]:cuts[me + 1]], k,
+                                  query_block=4)
+        ref_sims, ref_index = knn(queries, k, gallery)
+        if not torch.equal(index, ref_index[my_q]):
+            raise AssertionError(f"rank {me}: sharded gallery kNN (k={k}) picks other items")
+        close(sims, ref_sims[my_q], f"sharded gallery kNN similarities (k={k})")
+        my_g = slice(cuts[me], cuts[me + 1])
+        sims, index = sharded_knn(gallery[my_g], None, k, query_block=3)
+        ref_sims, ref_index = knn(gallery, k)
+        if not torch.equal(index, ref_index[my_g]):
+            raise AssertionError(f"rank {me}: sharded self-search kNN (k={k}) picks other items")
+        close(sims, ref_sims[my_g], f"sharded self-search similarities (k={k})")
+    labels = (torch.arange(61) % 7).numpy()
+    metrics = ["recall", "map_at_r", "precision_at_1", "r_precision", "nmi"]
+    got = sharded_evaluate(gallery[cuts[me]:cuts[me + 1]], labels, metrics=metrics)
+    if me == 0:
+        want = evaluate(gallery, labels, metrics=metrics)
+        if got != want:
+            raise AssertionError(f"sharded_evaluate {got} != evaluate {want}")
+    print(f"rank {me}: the sharded kNN equals one process on {world} processes")
+
+
+CHECKS = {"losses": check_losses, "sharded_loss": check_sharded_loss,
+          "sharded_knn": check_sharded_knn}
 
 if __name__ == "__main__":
     dist.setup(torch.device("cpu"))

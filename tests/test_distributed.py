@@ -34,10 +34,12 @@ def run_checks(processes: int, *checks: str) -> None:
 
 
 @pytest.mark.parametrize("processes,checks", [
-    (2, ["losses", "sharded_loss"]), (3, ["losses"]), (4, ["sharded_loss"])])
+    (2, ["losses", "sharded_loss", "sharded_knn"]), (3, ["losses", "sharded_knn"]),
+    (4, ["sharded_loss"])])
 def test_every_loss_and_gradient_equals_one_process_on_the_global_batch(processes, checks):
     """Every loss (gathered where it couples the batch) and ShardedSoftTripleLoss: value and
-    every gradient equal one process on the same global batch (tests/distributed_checks.py)."""
+    every gradient equal one process on the same global batch; the sharded kNN and evaluation
+    equal one process (tests/distributed_checks.py)."""
     run_checks(processes, *checks)
 
 

@@ -52,12 +52,15 @@ class Neighbours:
         gallery, gallery_labels: (M, d) and (M,), or None to search the queries among themselves.
         k: neighbours to find; clipped (with a warning) to the gallery size.
         backend: knn backend, ``"torch"`` or ``"faiss"``.
+        index: (N, k) neighbours already found (``evaluation.sharded``); ``embeddings`` then
+            only gives N and ``gallery`` only its size (any (M, d)-shaped array).
     """
 
     def __init__(self, embeddings: ArrayLike, labels: ArrayLike, k: int,
                  gallery: ArrayLike | None = None, gallery_labels: ArrayLike | None = None,
-                 backend: Backend = "torch") -> None:
-        queries = as_tensor(embeddings, "embeddings")
+                 backend: Backend = "torch", index: Tensor | None = None) -> None:
+        queries = as_tensor(embeddings, "embeddings") if index is None else torch.empty(
+            len(np.asarray(labels)), 1)
         if (gallery is None) != (gallery_labels is None):
             raise ValueError("pass gallery and gallery_labels together, or neither")
         self.query_labels = _labels(labels, queries.shape[0], "labels")
@@ -69,7 +72,8 @@ class Neighbours:
             size = queries.shape[0] - 1
         else:
             assert gallery is not None and gallery_labels is not None
-            gallery_t = as_tensor(gallery, "gallery")
+            gallery_t = as_tensor(gallery, "gallery") if index is None else torch.as_tensor(
+                gallery)
             self.gallery_labels = _labels(gallery_labels, gallery_t.shape[0], "gallery_labels")
             size = gallery_t.shape[0]
             if size < 1:
@@ -80,7 +84,11 @@ class Neighbours:
             k = size
         self.k = k
         self.relevant = _relevant_counts(self.query_labels, self.gallery_labels, self_search)
-        _, index = knn(queries, k, None if self_search else gallery, backend=backend)
+        if index is None:
+            _, index = knn(queries, k, None if self_search else gallery, backend=backend)
+        elif tuple(index.shape) != (queries.shape[0], k):
+            raise ValueError(f"index has shape {tuple(index.shape)}; expected "
+                             f"({queries.shape[0]}, {k})")
         ranked = self.gallery_labels[index.cpu().numpy()]  # (N, k)
         self.matches = ranked == self.query_labels[:, None]  # (N, k) bool
 
@@ -212,6 +220,23 @@ def nmi(embeddings: ArrayLike, labels: ArrayLike, n_clusters: int | None = None,
     return normalized_mutual_info(y, clusters)
 
 
+def retrieval_metrics(nb: Neighbours, ks: Sequence[int],
+                      metrics: Sequence[str]) -> dict[str, Any]:
+    """The requested retrieval metrics of found neighbours, with the query counts."""
+    out: dict[str, Any] = {}
+    if "recall" in metrics:
+        out.update({f"recall@{k}": v for k, v in recall_from(nb, ks).items()})
+    if "precision_at_1" in metrics:
+        out["precision_at_1"] = precision_at_1_from(nb)
+    if "r_precision" in metrics:
+        out["r_precision"] = r_precision_from(nb)
+    if "map_at_r" in metrics:
+        out["map_at_r"] = map_at_r_from(nb)
+    out["queries"] = len(nb.relevant)
+    out["lone_queries"] = int((~nb.has_positive).sum())
+    return out
+
+
 def evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8),
              metrics: Sequence[str] = DEFAULT_METRICS, gallery: ArrayLike | None = None,
              gallery_labels: ArrayLike | None = None, backend: Backend = "torch",
@@ -231,16 +256,7 @@ def evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2
     if set(metrics) & set(RETRIEVAL_METRICS):
         k = required_k(labels, ks if "recall" in metrics else (), gallery_labels)
         nb = Neighbours(embeddings, labels, k, gallery, gallery_labels, backend)
-        if "recall" in metrics:
-            out.update({f"recall@{k}": v for k, v in recall_from(nb, ks).items()})
-        if "precision_at_1" in metrics:
-            out["precision_at_1"] = precision_at_1_from(nb)
-        if "r_precision" in metrics:
-            out["r_precision"] = r_precision_from(nb)
-        if "map_at_r" in metrics:
-            out["map_at_r"] = map_at_r_from(nb)
-        out["queries"] = len(nb.relevant)
-        out["lone_queries"] = int((~nb.has_positive).sum())
+        out.update(retrieval_metrics(nb, ks, metrics))
     if set(metrics) & set(CLUSTER_METRICS):
         y = _labels(labels, as_tensor(embeddings, "embeddings").shape[0], "labels")
         clusters = kmeans(embeddings, len(np.unique(y)), seed, kmeans_settings)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from softtriple import faults
 from softtriple.data import ImageTable
 from softtriple.evaluation import evaluate
+from softtriple.evaluation.sharded import sharded_evaluate
 from softtriple.inference import PRECISIONS, build_config_loss, build_model, resolve_device
 from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
@@ -290,23 +291,28 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def embed_test(self) -> np.ndarray:
-        """Embeddings (N_test, d) of the held-out classes, gathered from every rank."""
-        return np.concatenate(dist.gather(embed(
-            self.model, self.loaders.test, self.device, self.autocast_dtype,
-            self.config.model.channels_last)))
+        """Embeddings (N_r, d) of this rank's shard of the held-out classes (all of them in one
+        process); the shards are contiguous, in rank order."""
+        return embed(self.model, self.loaders.test, self.device, self.autocast_dtype,
+                     self.config.model.channels_last)
 
     def evaluate(self) -> dict[str, Any]:
+        """The test metrics, on every rank. Several processes search their shards of the test
+        set (``softtriple.evaluation.sharded``: exact, equal to one process); only NMI/AMI's k-means
+        gathers the embeddings."""
         embeddings = self.embed_test()
         faults.point("evaluation")
         self.last_embeddings = embeddings
         labels = self.loaders.test_table.encoded_labels()[0]
-        metrics: dict[str, Any] = {}
-        if dist.is_main():
-            ev = self.config.evaluation
-            # the kNN runs on the run's device: one copy there, none per tile
-            metrics = evaluate(torch.from_numpy(embeddings).to(self.device), labels, ks=ev.ks,
-                               metrics=ev.metrics, seed=self.config.run.seed,
-                               kmeans_settings=ev.kmeans)
+        ev = self.config.evaluation
+        # the kNN runs on the run's device: one copy there, none per tile
+        local = torch.from_numpy(embeddings).to(self.device)
+        if self.world > 1:
+            metrics = sharded_evaluate(local, labels, ks=ev.ks, metrics=ev.metrics,
+                                       seed=self.config.run.seed, kmeans_settings=ev.kmeans)
+        else:
+            metrics = evaluate(local, labels, ks=ev.ks, metrics=ev.metrics,
+                               seed=self.config.run.seed, kmeans_settings=ev.kmeans)
         return dist.broadcast(metrics)  # type: ignore[no-any-return]
 
     # ----------------------------------------------------------------- training
@@ -420,9 +426,10 @@ class Trainer:
             metrics = {**metrics, "effective_centers": float(counts.mean())}
         results = {"epochs": self.epoch, "steps": self.step, "metrics": metrics,
                    "run": str(self.out)}
+        all_test = np.concatenate(dist.gather(self.last_embeddings))  # one file: rank 0 writes
         if dist.is_main():
             table = self.loaders.test_table
-            write_embeddings(self.run_dir.embeddings, self.last_embeddings,
+            write_embeddings(self.run_dir.embeddings, all_test,
                              table.encoded_labels()[0], [str(p) for p in table.paths])
             self.run_dir.write_results(results)
             if self.writer is not None:
