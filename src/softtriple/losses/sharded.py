@@ -13,12 +13,14 @@ Rank r of W owns the contiguous block of classes ``class_block(C, W, r)`` and on
    the maximum, then of the sums (and of the true class's logit, which one rank owns);
 4. the regularizer is each block's share, all-reduced.
 
-Every rank returns the same loss L, the single-process loss of the global batch. The collectives'
-backwards sum over ranks, so each rank's backward yields W dL for everything upstream of them: the
-model's parameters get W dL/dtheta, which DDP's mean over ranks turns into dL/dtheta (wrap only the
-model in DDP, never this loss), and the centers' gradient is scaled by 1 / W here, so each block
-receives exactly dL/dw. Memory per rank: C K d / W centers (and twice that of Adam state) plus
-(W b) x C_r / W similarities, chunked.
+Every rank returns the same loss L, the single-process loss of the global batch. Each rank's
+backward differentiates its own block's part: the sums over ranks pass the gradient through
+unchanged (every rank knows dL/dsum), so each block of centers receives exactly dL/dw; the
+embeddings' all-gather sums the blocks' parts back to their owner (dL/de); and the owner scales
+that by W, so that DDP's mean over ranks gives the model dL/dtheta (wrap only the model in DDP,
+never this loss). Nothing of the centers' size is copied for this. Memory per rank: C K d / W
+centers (and three times that of gradient and Adam state) plus chunks of the (W b) x C / W
+similarities.
 """
 
 from __future__ import annotations
@@ -50,15 +52,30 @@ def init_center_block(start: int, stop: int, centers_per_class: int, embedding_d
     (uniform in +-1/sqrt(d)) from a generator per chunk of INIT_CHUNK classes seeded by
     (seed, chunk): the same values whichever block boundaries the processes have."""
     bound = embedding_dim ** -0.5
-    parts = []
+    out = torch.empty(stop - start, centers_per_class, embedding_dim)
+    rows = torch.empty(INIT_CHUNK, centers_per_class, embedding_dim)
     for chunk in range(start // INIT_CHUNK, (stop - 1) // INIT_CHUNK + 1):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
-        rows = torch.empty(INIT_CHUNK, centers_per_class, embedding_dim)
         rows.uniform_(-bound, bound, generator=generator)
-        lo = max(start, chunk * INIT_CHUNK) - chunk * INIT_CHUNK
-        hi = min(stop, (chunk + 1) * INIT_CHUNK) - chunk * INIT_CHUNK
-        parts.append(rows[lo:hi])
-    return torch.cat(parts)
+        lo, hi = max(start, chunk * INIT_CHUNK), min(stop, (chunk + 1) * INIT_CHUNK)
+        out[lo - start:hi - start] = rows[lo - chunk * INIT_CHUNK:hi - chunk * INIT_CHUNK]
+    return out
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is the identity: every rank computes the same loss of the
+    sum, so each rank's own gradient of the sum is already dL/d(its part); torch's differentiable
+    all_reduce would sum the W equal copies instead."""
+
+    @staticmethod
+    def forward(ctx: object, tensor: Tensor, group: tdist.ProcessGroup) -> Tensor:
+        out = tensor.clone()
+        tdist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
 
 
 def _group_size_rank(group: tdist.ProcessGroup | None) -> tuple[int, int]:
@@ -116,11 +133,11 @@ class ShardedSoftTripleLoss(nn.Module):
         assert group is not None
         return group
 
-    def _all_reduce(self, tensor: Tensor) -> Tensor:
-        """Differentiable sum over the ranks (its backward sums the gradients too)."""
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        """The sum over the ranks of ``tensor``; its gradient is this rank's own part."""
         if self.world == 1:
             return tensor
-        return funcol.all_reduce(tensor, "sum", self._group())
+        return _SumOverRanks.apply(tensor, self._group())  # type: ignore[no-any-return]
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -128,13 +145,13 @@ class ShardedSoftTripleLoss(nn.Module):
         centers: Tensor = self.centers
         if self.world > 1:
             group = self._group()
-            embeddings = funcol.all_gather_single(embeddings.contiguous(), 0, group)
+            own = embeddings.view_as(embeddings)  # a fresh node for this step's hook
+            world = self.world
+            own.register_hook(lambda grad: grad * world)  # DDP's mean divides by W
+            embeddings = funcol.all_gather_single(own.contiguous(), 0, group)
             gathered = [torch.empty_like(labels) for _ in range(self.world)]
             tdist.all_gather(gathered, labels.contiguous(), group=group)
             labels = torch.cat(gathered)
-            centers = centers.view_as(centers)  # a fresh node: the 1/W is this step's alone
-            world = self.world
-            centers.register_hook(lambda grad: grad / world)
         x = F.normalize(embeddings.float(), dim=1)  # (B, d), B = W b
         similarity = class_similarity(x, centers.float(), self.gamma, self.chunk,
                                       self.compiled)  # (B, C_r)
@@ -147,12 +164,12 @@ class ShardedSoftTripleLoss(nn.Module):
         shift = logits.detach().amax(dim=1)  # (B,): m, the all-reduced row maximum
         if self.world > 1:
             tdist.all_reduce(shift, op=tdist.ReduceOp.MAX, group=self._group())
-        sums = self._all_reduce(torch.exp(logits - shift[:, None]).sum(dim=1))  # (B,)
-        true_logit = self._all_reduce(logits.gather(1, column)[:, 0] * owned)  # (B,)
+        sums = self._sum_over_ranks(torch.exp(logits - shift[:, None]).sum(dim=1))  # (B,)
+        true_logit = self._sum_over_ranks(logits.gather(1, column)[:, 0] * owned)  # (B,)
         loss = (shift + torch.log(sums) - true_logit).mean()
         if self.tau > 0 and self.centers_per_class > 1:
             share = (self.stop - self.start) / self.num_classes  # the regularizer is a mean
-            loss = loss + self.tau * self._all_reduce(center_regularizer_fused(centers) * share)
+            loss = loss + self.tau * self._sum_over_ranks(center_regularizer_fused(centers) * share)
         return loss
 
     @torch.no_grad()
