@@ -3,6 +3,7 @@ N processes, the trainer's N-process runs equal its one-process run, and the sam
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -139,3 +140,60 @@ def test_shard_centers_is_refused_for_a_loss_without_centers():
     with pytest.raises(ConfigError, match="loss.shard_centers applies to softtriple, "
                                           "hardtriple, softmax_norm; triplet has no class"):
         build_config_loss(config, 10)
+
+
+def test_a_two_node_job_on_one_machine_trains_like_one_process(data_root, tmp_path):
+    """Two torchrun launches, as on two machines: --nnodes 2, a --node-rank each, one c10d
+    rendezvous endpoint (localhost here, the first node's address on a real cluster)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    settings = [*TINY, "schedule.epochs=2", "model.freeze_bn=true",
+                "evaluation.before_training=false"]
+    flags = [arg for item in settings for arg in ("--set", item)]
+    _train([sys.executable, "-m", "softtriple"], tmp_path / "one", settings)
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+         f"localhost:{port}", "--rdzv-id", "two-nodes", "-m", "softtriple", "train", "--out",
+         str(tmp_path / "nodes"), *flags], env=ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    for node in nodes:
+        output, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, output[-3000:]
+    one, two = _params(tmp_path / "one"), _params(tmp_path / "nodes")
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
+    r2 = json.loads((tmp_path / "nodes" / "results.json").read_text())["metrics"]
+    assert r1["recall@1"] == pytest.approx(r2["recall@1"], abs=1e-6)
+
+
+def test_initial_sharded_centers_do_not_depend_on_the_process_count():
+    from softtriple.losses.sharded import class_block, init_center_block
+    full = init_center_block(0, 3000, 3, 8, seed=1)
+    for world in (2, 3, 7):
+        blocks = [class_block(3000, world, rank) for rank in range(world)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == 3000
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
+        joined = torch.cat([init_center_block(*block, 3, 8, seed=1) for block in blocks])
+        assert torch.equal(joined, full)
+    assert not torch.equal(init_center_block(0, 3000, 3, 8, seed=2), full)
+
+
+def test_sharded_loss_in_one_process_is_softtriple():
+    from softtriple.losses import SoftTripleLoss
+    from softtriple.losses.sharded import ShardedSoftTripleLoss
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 5, (12,))
+    single = SoftTripleLoss(5, 8, centers_per_class=3).double()
+    sharded = ShardedSoftTripleLoss(5, 8, centers_per_class=3).double()
+    sharded.centers.data.copy_(single.centers.data)
+    x.requires_grad_(True)
+    got = torch.autograd.grad(sharded(x, y), [x, sharded.centers])
+    want = torch.autograd.grad(single(x, y), [x, single.centers])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(sharded(x, y), single(x, y))
+    assert torch.autograd.gradcheck(lambda e: sharded(e, y), (x,))

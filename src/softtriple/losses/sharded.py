@@ -152,8 +152,9 @@ class ShardedSoftTripleLoss(nn.Module):
             gathered = [torch.empty_like(labels) for _ in range(self.world)]
             tdist.all_gather(gathered, labels.contiguous(), group=group)
             labels = torch.cat(gathered)
-        x = F.normalize(embeddings.float(), dim=1)  # (B, d), B = W b
-        similarity = class_similarity(x, centers.float(), self.gamma, self.chunk,
+        dtype = torch.promote_types(embeddings.dtype, centers.dtype)
+        x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d), B = W b
+        similarity = class_similarity(x, centers.to(dtype), self.gamma, self.chunk,
                                       self.compiled)  # (B, C_r)
         logits = similarity * self.la
         owned = (labels >= self.start) & (labels < self.stop)  # (B,)
