@@ -263,3 +263,21 @@ def test_all_zero_embeddings_warn_and_rank_alike_in_both_backends():
         with pytest.warns(UserWarning, match="all zero"):
             _, index_faiss = knn(x, 6, backend="faiss")
         assert torch.equal(index, index_faiss)
+
+
+def test_approximate_indexes_report_their_recall_against_the_exact_search():
+    from softtriple.search import EmbeddingIndex
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, 16))
+    x = (centers[rng.integers(0, 40, 4000)] + 0.3 * rng.normal(size=(4000, 16))).astype(
+        np.float32)
+    labels, paths = np.zeros(4000, dtype=np.int64), [str(i) for i in range(4000)]
+    assert EmbeddingIndex(x, labels, paths).recall_against_exact(10, 300) == 1.0
+    everything = EmbeddingIndex(x, labels, paths, "ivf", probes=10_000)  # every cell: exact
+    assert everything.recall_against_exact(10, 300) == 1.0
+    one_cell = EmbeddingIndex(x, labels, paths, "ivf", probes=1)
+    assert one_cell.recall_against_exact(10, 300) < 1.0  # approximate, and it says so
+    hnsw = EmbeddingIndex(x, labels, paths, "hnsw")
+    assert 0.9 <= hnsw.recall_against_exact(10, 300) <= 1.0
+    with pytest.raises(ValueError, match="unknown index 'lsh'; valid: flat, ivf, hnsw"):
+        EmbeddingIndex(x, labels, paths, "lsh")

@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   softtriple evaluate runs/digits --json
   softtriple embed runs/digits --out runs/digits/test.npz
   softtriple search runs/digits/test.npz --query-index 0 -k 5
+  softtriple search runs/digits/test.npz --query-index 0 -k 5 --index hnsw
   softtriple report runs/digits
   softtriple export runs/digits --format torchscript --out runs/digits/model.pt
   softtriple compare configs/compare/glyphs_head.yaml --dry-run
@@ -117,7 +118,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from softtriple.search import EmbeddingIndex
 
-    index = EmbeddingIndex.load(args.embeddings)
+    index = EmbeddingIndex.load(args.embeddings, args.index, args.probes)
+    if args.index != "flat":
+        recall = index.recall_against_exact(args.k)
+        print(f"index: {index.backend}; recall of the exact top-{args.k}: {recall:.3f} "
+              f"(on up to 1,000 items of the file)")
     if args.query_index is not None:
         if not 0 <= args.query_index < len(index.paths):
             raise ValueError(f"--query-index must be in [0, {len(index.paths) - 1}]; got "
@@ -302,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--image", help="an image file, embedded with --checkpoint")
     search.add_argument("--checkpoint", help="the model that made the embeddings (for --image)")
     search.add_argument("-k", type=int, default=8, help="neighbours to show (default 8)")
+    search.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat",
+                        help="flat: exact (default); ivf or hnsw: approximate faiss indexes for "
+                             "large galleries, with their recall against the exact search")
+    search.add_argument("--probes", type=int, default=0,
+                        help="IVF cells searched (nprobe) or HNSW search breadth (efSearch); "
+                             "0: a default (nlist/8, 64)")
     search.set_defaults(func=cmd_search)
 
     report = commands.add_parser(

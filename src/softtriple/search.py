@@ -1,5 +1,8 @@
 """Search embedded images: an inner-product index over unit embeddings, faiss's IndexFlatIP when
-faiss is installed, else the exact kNN of softtriple.evaluation (the same neighbours)."""
+faiss is installed, else the exact kNN of softtriple.evaluation (the same neighbours); or, for
+large galleries on one node, an approximate faiss index (IVF or HNSW) whose recall against the
+exact search ``recall_against_exact`` measures. Galleries larger than one node's memory:
+``softtriple.evaluation.sharded`` (exact, over processes)."""
 
 from __future__ import annotations
 
@@ -10,28 +13,73 @@ import numpy as np
 
 from softtriple.run import read_embeddings
 
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+
 
 class EmbeddingIndex:
-    """An index over embeddings (N, d) with their labels and paths (faiss, or the exact kNN)."""
+    """An index over embeddings (N, d) with their labels and paths.
 
-    def __init__(self, embeddings: np.ndarray, labels: np.ndarray, paths: list[str]) -> None:
+    Args:
+        kind: ``flat`` (exact: faiss's IndexFlatIP, or the exact kNN without faiss), ``ivf``
+            (faiss IndexIVFFlat: ``nlist`` k-means cells, ``probes`` of them searched) or
+            ``hnsw`` (faiss IndexHNSWFlat, 32 links per node, search breadth ``probes``).
+        probes: IVF's nprobe or HNSW's efSearch; larger is slower and closer to exact.
+    """
+
+    def __init__(self, embeddings: np.ndarray, labels: np.ndarray, paths: list[str],
+                 kind: str = "flat", probes: int = 0) -> None:
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index {kind!r}; valid: {', '.join(INDEX_KINDS)}")
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
         self.embeddings, self.labels, self.paths = x, labels, paths
+        self.kind = kind
         try:
             import faiss
         except ImportError:
+            if kind != "flat":
+                raise ValueError(f"--index {kind} needs faiss: pip install 'softtriple[faiss]'"
+                                 ) from None
             self.index: Any = None
             self.backend = "exact kNN"
-        else:
-            self.index = faiss.IndexFlatIP(x.shape[1])
-            self.index.add(x)
+            return
+        n, d = x.shape
+        if kind == "flat":
+            self.index = faiss.IndexFlatIP(d)
             self.backend = "faiss"
+        elif kind == "ivf":  # about 4 sqrt(N) cells, at least 39 training points per cell
+            nlist = max(1, min(int(4 * n ** 0.5), n // 39))
+            self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist,
+                                            faiss.METRIC_INNER_PRODUCT)
+            self.index.train(x)
+            self.index.nprobe = min(nlist, probes or max(1, nlist // 8))
+            self.backend = f"faiss IVF ({nlist} cells, nprobe {self.index.nprobe})"
+        else:
+            self.index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efSearch = probes or 64
+            self.backend = f"faiss HNSW (32 links, efSearch {self.index.hnsw.efSearch})"
+        self.index.add(x)
 
     @classmethod
-    def load(cls, path: str | Path) -> EmbeddingIndex:
+    def load(cls, path: str | Path, kind: str = "flat", probes: int = 0) -> EmbeddingIndex:
         """The index over an embeddings file (softtriple embed's, or a run's)."""
-        return cls(*read_embeddings(path))
+        return cls(*read_embeddings(path), kind=kind, probes=probes)
+
+    def recall_against_exact(self, k: int = 10, queries: int = 1000, seed: int = 0) -> float:
+        """The fraction of the exact top-k (each query an item of the index, itself left out)
+        that this index returns, over ``queries`` sampled items; 1.0 for ``flat``."""
+        from softtriple.evaluation.knn import knn
+        n = len(self.paths)
+        k = min(k, n - 1)
+        picked = np.random.default_rng(seed).choice(n, min(queries, n), replace=False)
+        q = self.embeddings[picked]
+        _, exact = knn(q, k + 1, self.embeddings)  # ranks 0..k: the query itself among them
+        found = 0
+        for row, item in enumerate(picked):
+            truth = [int(i) for i in exact[row].tolist() if i != item][:k]
+            got = {i for i, _ in self.search(q[row], k, exclude=int(item))}
+            found += len(got & set(truth))
+        return found / (k * len(picked))
 
     def search(self, query: np.ndarray, k: int,
                exclude: int | None = None) -> list[tuple[int, float]]:
