@@ -81,6 +81,56 @@ def check_losses() -> None:
     print(f"rank {me}: every loss equals one process on {world} processes")
 
 
+def check_pipeline() -> None:
+    """The real pipeline ($SOFTTRIPLE_DATA's digits, augmentation on, the shuffled and the
+    class-balanced sampler, a small CNN with frozen BatchNorm): each rank's batch is its block
+    of the one-process batch, augmentation included, and every loss's gradients of the whole
+    network equal one process's."""
+    from softtriple.inference import build_config_loss, build_model
+    from softtriple.training import load_config
+    from softtriple.training.data import build_loaders
+    world, me = dist.world_size(), dist.rank()
+    per_rank = 2 if world == 2 else 1  # classes per rank: 5 digits to train on
+    for sampler in ("random", "class_balanced"):
+        config = load_config(None, [
+            "model.backbone=small_cnn", "model.embedding_dim=8", "model.freeze_bn=true",
+            "data.image_size=16", "data.workers=0", "data.augment=true",
+            f"data.sampler={sampler}", "data.images_per_class=4",
+            f"data.batch_size={4 * per_rank * world}"])
+        torch.manual_seed(0)
+        model = build_model(config)
+        batches = []
+        for w, r in ((1, 0), (world, me)):
+            loaders = build_loaders(config.data, model.mean, model.std, 64, 0, w, r)
+            loaders.train.batch_sampler.set_epoch(1)  # type: ignore[union-attr]
+            loaders.train.dataset.set_epoch(1)  # type: ignore[attr-defined]
+            batches.append(next(iter(loaders.train))[:2])
+        (x_all, y_all), (x, y) = batches
+        block = slice(me * x.shape[0], (me + 1) * x.shape[0])
+        if not (torch.equal(x, x_all[block]) and torch.equal(y, y_all[block])):
+            raise AssertionError(f"rank {me}: its {sampler} batch is not its block of the "
+                                 f"one-process batch")
+        for name in LOSSES:
+            torch.manual_seed(1)  # loading reseeded this rank's generator per image
+            loss = build_config_loss(load_config(None, [f"loss.name={name}",
+                                                        "model.embedding_dim=8"]),
+                                     loaders.num_classes)
+            reference = Objective(copy.deepcopy(model), copy.deepcopy(loss))
+            reference.train()
+            reference(x_all, y_all).backward()
+            objective = Objective(copy.deepcopy(model), copy.deepcopy(loss),
+                                  gather=loss.needs_global_batch)
+            objective.train()
+            ddp = nn.parallel.DistributedDataParallel(objective)  # held: its reducer
+            ddp(x, y).backward()  # averages the gradients during this backward
+            for (n, p), (_, q) in zip(objective.named_parameters(),
+                                      reference.named_parameters(), strict=True):
+                if q.grad is not None:
+                    close(p.grad, q.grad, f"{name}'s gradient of {n} ({sampler} sampler)",
+                          rtol=1e-3, atol=1e-5)
+    print(f"rank {me}: the pipeline's losses equal one process on {world} processes")
+
+
 def check_sharded_loss() -> None:
     """ShardedSoftTripleLoss: loss, the model's gradients (DDP over the model only), every
     center's gradient and the embeddings' gradient equal the single-process SoftTripleLoss
@@ -178,7 +228,7 @@ def check_sharded_knn() -> None:
     print(f"rank {me}: the sharded kNN equals one process on {world} processes")
 
 
-CHECKS = {"losses": check_losses, "sharded_loss": check_sharded_loss,
+CHECKS = {"losses": check_losses, "pipeline": check_pipeline, "sharded_loss": check_sharded_loss,
           "sharded_knn": check_sharded_knn}
 
 if __name__ == "__main__":

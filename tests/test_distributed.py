@@ -30,14 +30,16 @@ def torchrun(processes: int, *args: str) -> list[str]:
 
 def run_checks(processes: int, *checks: str) -> None:
     done = subprocess.run(torchrun(processes, str(HERE / "distributed_checks.py"), *checks),
-                          env=ENV, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("processes,checks", [
-    (2, ["losses", "sharded_loss", "sharded_knn"]), (3, ["losses", "sharded_knn"]),
-    (4, ["sharded_loss"])])
-def test_every_loss_and_gradient_equals_one_process_on_the_global_batch(processes, checks):
+    (2, ["losses", "pipeline", "sharded_loss", "sharded_knn"]),
+    (3, ["losses", "pipeline", "sharded_knn"]), (4, ["sharded_loss"])])
+def test_every_loss_and_gradient_equals_one_process_on_the_global_batch(data_root, processes,
+                                                                         checks):
     """Every loss (gathered where it couples the batch) and ShardedSoftTripleLoss: value and
     every gradient equal one process on the same global batch; the sharded kNN and evaluation
     equal one process (tests/distributed_checks.py)."""
@@ -62,14 +64,12 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
     return {**state["model"], **{f"loss.{k}": v for k, v in state["loss"].items()}}
 
 
-@pytest.mark.parametrize("settings", [
-    ["data.augment=true"],  # SoftTriple: no gather; augmentation seeded per image
-    ["loss.name=triplet", "data.sampler=class_balanced", "data.images_per_class=4",
-     "data.augment=true"],  # gathered
-], ids=["softtriple", "triplet-class-balanced"])
-def test_two_processes_train_like_one_on_the_same_global_batch(data_root, tmp_path, settings):
+def test_two_processes_train_like_one_on_the_same_global_batch(data_root, tmp_path):
+    """Semi-hard triplet (gathered) with the class-balanced sampler and augmentation on; the
+    two-node test below trains SoftTriple (no gather) with the shuffled sampler."""
     common = [*TINY, "schedule.epochs=2", "model.freeze_bn=true",
-              "evaluation.before_training=false", *settings]
+              "evaluation.before_training=false", "loss.name=triplet",
+              "data.sampler=class_balanced", "data.images_per_class=4", "data.augment=true"]
     for name, launcher in (("one", [sys.executable, "-m", "softtriple"]),
                            ("two", torchrun(2, "-m", "softtriple"))):
         args = [*launcher, "train", "--out", str(tmp_path / name)]
@@ -150,7 +150,7 @@ def test_a_two_node_job_on_one_machine_trains_like_one_process(data_root, tmp_pa
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     settings = [*TINY, "schedule.epochs=2", "model.freeze_bn=true",
-                "evaluation.before_training=false"]
+                "evaluation.before_training=false", "data.augment=true"]
     flags = [arg for item in settings for arg in ("--set", item)]
     _train([sys.executable, "-m", "softtriple"], tmp_path / "one", settings)
     nodes = [subprocess.Popen(
@@ -197,3 +197,15 @@ def test_sharded_loss_in_one_process_is_softtriple():
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(sharded(x, y), single(x, y))
     assert torch.autograd.gradcheck(lambda e: sharded(e, y), (x,))
+
+
+def test_a_per_process_batch_that_splits_a_class_is_refused(data_root):
+    from softtriple.data import DataError
+    from softtriple.training import load_config
+    from softtriple.training.data import build_loaders
+    config = load_config(None, ["data.sampler=class_balanced", "data.images_per_class=4",
+                                "data.batch_size=12"])
+    build_loaders(config.data, (0.5,), (0.5,), 8, 0)  # one process: 3 classes of 4
+    with pytest.raises(DataError, match=r"data.batch_size 12 \(6 per process\) must be a "
+                                        r"multiple of data.images_per_class 4"):
+        build_loaders(config.data, (0.5,), (0.5,), 8, 0, world=2, rank=0)

@@ -5,16 +5,19 @@ their config files are the documented ones."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
-from softtriple.cli import EXAMPLES, build_parser
+from softtriple.cli import EXAMPLES, build_parser, main
 from softtriple.data.builtin import glyphs
 from test_data import make_cub
 
@@ -41,13 +44,32 @@ def help_examples() -> list[str]:
             if line.strip().startswith(("softtriple", "torchrun"))]
 
 
+def _in_process(args: list[str], cwd: Path, data: Path) -> subprocess.CompletedProcess[str]:
+    """``softtriple ARGS`` through the console script's own entry point (cli.main) in this
+    process: the same code as the installed command, without a new interpreter importing torch
+    for each of the examples."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.setenv("SOFTTRIPLE_DATA", str(data))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except Exception:  # a crash: its traceback, as the command would print it
+                err.write(traceback.format_exc())
+                code = 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def _run(command: str, cwd: Path, data: Path) -> subprocess.CompletedProcess[str]:
     args = shlex.split(command.replace("~/data/CUB_200_2011", str(data / "CUB_200_2011")))
     if args[0] == "torchrun":
         args = [sys.executable, "-m", "torch.distributed.run", "--master_port=29547",
                 *args[1:]]
     else:
-        args = [sys.executable, "-m", "softtriple", *args[1:]]
+        args = args[1:]
     if "train" in args:
         config = args[args.index("--config") + 1] if "--config" in args else None
         if "--resume" not in args:
@@ -55,6 +77,8 @@ def _run(command: str, cwd: Path, data: Path) -> subprocess.CompletedProcess[str
             args += ["--overwrite"]
         for item in FAST if config or "--resume" not in args else []:
             args += ["--set", item]
+    if args[0] != sys.executable:
+        return _in_process(args, cwd, data)
     env = {**os.environ, "SOFTTRIPLE_DATA": str(data), "OMP_NUM_THREADS": "1"}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 

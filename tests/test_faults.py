@@ -25,10 +25,10 @@ TIMING = {"epoch_seconds", "eval_seconds"}
 
 
 def _train(run: Path, workers: int, kill_at: str | None = None,
-           resume: bool = False) -> subprocess.Popen[bytes]:
+           resume: bool = False, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "softtriple", "train"]
     args += ["--resume", str(run)] if resume else [
-        *(a for s in SETTINGS for a in ("--set", s)), "--out", str(run)]
+        *(a for s in [*SETTINGS, *extra] for a in ("--set", s)), "--out", str(run)]
     args += ["--set", f"data.workers={workers}"]
     env = {k: v for k, v in os.environ.items() if k != "SOFTTRIPLE_KILL_AT"}
     env["OMP_NUM_THREADS"] = "1"
@@ -110,3 +110,21 @@ def test_killed_at_random_moments_resumes_to_the_same_run(reference, tmp_path):
         assert _finish(_train(run, workers, resume=True)) == 0
     assert kills >= 1
     _assert_same(run, reference[0])
+
+
+def test_sharded_centers_killed_around_their_blocks_resume_to_the_same_run(data_root, tmp_path):
+    """Sharded centers write a block per process before last.pt names them: killed with epoch
+    2's block written but last.pt not yet renamed, and with the block itself half-written, the
+    run resumes from epoch 1's last.pt and blocks to the uninterrupted result."""
+    sharded = ("loss.shard_centers=true", "evaluation.before_training=false")
+    reference = tmp_path / "reference"
+    assert _finish(_train(reference, 0, extra=sharded)) == 0
+    run = tmp_path / "run"
+    for kill_at in ("checkpoint-write:4", "checkpoint-write:1"):  # last.pt; then the block
+        code = _finish(_train(run, 0, kill_at=kill_at, resume=(run / "config.yaml").exists(),
+                              extra=sharded))
+        assert code == -signal.SIGKILL, f"{kill_at} was never reached"
+    assert _finish(_train(run, 0, resume=True)) == 0
+    _assert_same(run, reference)
+    blocks = [p.name for p in (run / "checkpoints").glob("centers-*.pt")]
+    assert blocks == ["centers-000000000-000000005-step12.pt"]  # earlier steps' blocks removed

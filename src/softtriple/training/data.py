@@ -115,8 +115,9 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
     sampler: ShardedBatchSampler
     if config.sampler == "class_balanced":
         per_class = config.images_per_class
-        if config.batch_size % per_class:
-            raise DataError(f"data.batch_size {config.batch_size} must be a multiple of "
+        if local % per_class:
+            each = f" ({local} per process)" if world > 1 else ""
+            raise DataError(f"data.batch_size {config.batch_size}{each} must be a multiple of "
                             f"data.images_per_class {per_class}")
         sampler = ClassBalancedBatchSampler(train_labels, local // per_class, per_class, seed,
                                             world, rank)
