@@ -131,6 +131,10 @@ def test_sharded_centers_train_like_one_process_and_resume_on_another_count(data
     rb = json.loads((tmp_path / "two" / "results.json").read_text())["metrics"]
     assert ra["effective_centers"] == rb["effective_centers"]
     assert ra["recall@1"] == pytest.approx(rb["recall@1"], abs=1e-6)
+    from softtriple.cli import main  # the report reads every block's centers
+    assert main(["report", str(tmp_path / "two")]) == 0
+    assert (tmp_path / "two" / "plots" / "effective_centers.png").is_file()
+    assert (tmp_path / "two" / "plots" / "center_images.png").is_file()
 
 
 def test_shard_centers_is_refused_for_a_loss_without_centers():
