@@ -4,6 +4,9 @@ test_distributed.py)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,3 +244,20 @@ def test_the_demo_recipe_trains_in_bf16(data_root, tmp_path):
     assert trainer.history[-1]["train/loss"] > 0 and torch.isfinite(
         torch.tensor(trainer.history[-1]["train/loss"]))
     assert 0 <= result["metrics"]["recall@1"] <= 1
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(data_root, tmp_path):
+    from softtriple.run import RunDir, RunInUseError
+    held = RunDir(tmp_path / "run").lock()  # as a training process would hold it
+    with pytest.raises(RunInUseError, match=rf"run folder .*run is in use by another process "
+                                            rf"\(pid {os.getpid()}\); wait for it"):
+        Trainer(tiny(tmp_path / "run", "schedule.epochs=1"))
+    done = subprocess.run([sys.executable, "-m", "softtriple", "train", "--out",
+                           str(tmp_path / "run"), "--set", "model.backbone=small_cnn"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "is in use by another process" in done.stderr
+    held.close()  # the holder ends: the folder is free, and a finished run frees it too
+    Trainer(tiny(tmp_path / "run", "schedule.epochs=1")).train()
+    Trainer(tiny(tmp_path / "run", "schedule.epochs=2"), resume=tmp_path / "run").train()
+    assert ".lock" not in RunDir(tmp_path / "run").held()  # not a run file

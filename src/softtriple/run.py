@@ -8,6 +8,7 @@
     RUN/results.json           the final metrics
     RUN/test_embeddings.npz    the held-out embeddings (an embeddings file, below)
     RUN/plots/, RUN/report.html, RUN/bad_images.txt
+    RUN/.lock                  held (flock) by the process training into the folder
 
 An embeddings file (``.npz``: ``embeddings`` (N, d) float32, ``labels`` (N,) int, ``paths``
 (N,) str) is written by the trainer and ``embed`` and read by search and the report.
@@ -15,10 +16,12 @@ An embeddings file (``.npz``: ``embeddings`` (N, d) float32, ``labels`` (N,) int
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -26,6 +29,10 @@ from softtriple.atomic import atomic_path, write_json, write_text
 from softtriple.data.table import DataError
 
 EMBEDDINGS_SUFFIX = ".npz"
+
+
+class RunInUseError(ValueError):
+    """Another process is training into the run folder."""
 
 
 class RunDir:
@@ -48,6 +55,30 @@ class RunDir:
     bad_images = property(lambda self: self.root / "bad_images.txt")
 
     # ------------------------------------------------------------------ state
+    def lock(self) -> IO[str]:
+        """Hold the folder for this process: an exclusive flock on RUN/.lock, which the kernel
+        releases when the process ends, however it ends (no stale lock after a kill). Close
+        the returned file to release it earlier.
+
+        Raises:
+            RunInUseError: another process (or another open of this one) holds the folder.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+")  # held past this call: closed by the caller
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunInUseError(f"run folder {self.root} is in use by another process (pid "
+                                f"{holder}); wait for it to finish, stop it, or choose another "
+                                f"--out") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
     def held(self) -> list[str]:
         """The run files present: a run lives here when this is not empty."""
         return [name for name in self.FILES if (self.root / name).exists()]

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -101,6 +101,24 @@ class Trainer:
             torch.set_num_threads(config.run.threads)
         self.out = Path(config.run.out)
         self.state: dict[str, Any] | None = None
+        self._lock: IO[str] | None = None
+        if dist.is_main():  # one trainer per run folder (the other ranks are its partners)
+            target = Path(resume) if resume is not None else self.out
+            self._lock = RunDir(target if target.is_dir() or resume is None
+                                else target.parent.parent).lock()
+        try:
+            self._setup(config, resume, overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let another process train into this run folder (train() does this at its end)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _setup(self, config: Config, resume: str | Path | None, overwrite: bool) -> None:
         if resume is not None and Path(resume).is_dir() and RunDir(resume).never_checkpointed():
             if dist.is_main():  # killed in its first epoch: nothing to keep, start it again
                 print(f"{resume} has no checkpoint yet (stopped in its first epoch): "
@@ -379,7 +397,14 @@ class Trainer:
         return metrics
 
     def train(self) -> dict[str, Any]:
-        """Run the remaining epochs; return the final metrics (also in results.json)."""
+        """Run the remaining epochs; return the final metrics (also in results.json). The run
+        folder is released at the end, also when training fails."""
+        try:
+            return self._train()
+        finally:
+            self.release()
+
+    def _train(self) -> dict[str, Any]:
         config = self.config
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
