@@ -79,3 +79,18 @@ def test_report_search_and_inference_do_not_import_the_trainer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_command_line_offers_the_registries_names_without_importing_torch():
+    from softtriple import names
+    from softtriple.data.builtin import BUILTINS
+    from softtriple.data.formats import FORMATS
+    from softtriple.export import FORMATS as EXPORT_FORMATS
+    assert names.BUILTIN_DATASETS == tuple(sorted(BUILTINS))
+    assert names.DATA_FORMATS == tuple(sorted(FORMATS))
+    assert names.EXPORT_FORMATS == tuple(EXPORT_FORMATS)
+    check = ("import sys; from softtriple.cli import build_parser; build_parser().format_help(); "
+             "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"  # --help answers at once

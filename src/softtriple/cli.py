@@ -221,9 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from softtriple.data.builtin import BUILTINS
-    from softtriple.data.formats import FORMATS
-    from softtriple.export import FORMATS as EXPORT_FORMATS
+    from softtriple.names import BUILTIN_DATASETS, DATA_FORMATS, EXPORT_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="softtriple", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -333,14 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a data set in one of the known formats and print, per split, the "
                     "images, classes and images per class.")
     summary.add_argument("--format", required=True,
-                         choices=sorted(FORMATS))
+                         choices=DATA_FORMATS)
     summary.add_argument("path", help="the data set's root folder (or CSV file)")
     summary.add_argument("--json", action="store_true", help="print JSON")
     prepare_parser = data_commands.add_parser(
         "prepare", help="build a built-in data set", description="Build a built-in data set "
         "into ROOT/NAME (image folders and manifest.json); does nothing when it is up to date.")
-    prepare_parser.add_argument("name", choices=sorted(BUILTINS), metavar="NAME",
-                                help=f"one of {', '.join(sorted(BUILTINS))}")
+    prepare_parser.add_argument("name", choices=BUILTIN_DATASETS, metavar="NAME",
+                                help=f"one of {', '.join(BUILTIN_DATASETS)}")
     prepare_parser.add_argument("--root", help="where data sets live ($SOFTTRIPLE_DATA or ./data)")
     prepare_parser.add_argument("--force", action="store_true", help="rebuild")
     listing = data_commands.add_parser("list", help="built-in data sets and where they are",
