@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,9 @@ def test_pages_show_the_metrics_and_the_exact_neighbours(run, client):
     _, expected = knn(embeddings, 6)
     got = client.get("/api/neighbours/3?k=6").json()
     assert [n["index"] for n in got["neighbours"]] == expected[3].tolist()
+    paths = read_embeddings(RunDir(run).embeddings)[2]
+    assert got["name"] == Path(paths[3]).parent.name  # the class's folder name
+    assert all(n["name"] == Path(paths[n["index"]]).parent.name for n in got["neighbours"])
     assert [n["label"] for n in got["neighbours"]] == labels[expected[3].numpy()].tolist()
     html = client.get("/query/3?k=6").text
     assert html.count("class='cell hit") == 6
@@ -117,7 +121,7 @@ def test_a_browser_picks_a_query_and_reads_its_neighbours(run):
             hits = page.locator("#neighbours .hit")
             assert hits.count() == 8
             captions = hits.all_inner_texts()
-            assert all("label" in c for c in captions)
+            assert all("class" in c for c in captions)
             images = page.locator("#neighbours img")
             loaded = images.evaluate_all("els => els.every(e => e.complete && e.naturalWidth > 0)")
             assert loaded

@@ -54,13 +54,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(checkpoint: str, split: str) -> tuple[Any, Any, list[str], Any]:
-    """The embeddings of a split by a checkpoint's model, on the run's device and precision."""
+def _embed(checkpoint: str, split: str) -> tuple[Any, Any, list[str], list[str], Any]:
+    """The embeddings, labels, paths and class names of a split by a checkpoint's model (on
+    the run's device and precision), and its config."""
     from softtriple.inference import embed_split, load_model
 
     model, config, _ = load_model(checkpoint)
-    embeddings, labels, paths = embed_split(model, config, split)
-    return embeddings, labels, paths, config
+    return (*embed_split(model, config, split), config)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -69,7 +69,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from softtriple.evaluation import evaluate
     from softtriple.inference import resolve_device
 
-    embeddings, labels, _, config = _embed(args.checkpoint, args.split)
+    embeddings, labels, _, _, config = _embed(args.checkpoint, args.split)
     on_device = torch.from_numpy(embeddings).to(resolve_device(config.run.device))
     metrics = evaluate(on_device, labels, ks=config.evaluation.ks,
                        metrics=args.metrics or config.evaluation.metrics, seed=config.run.seed,
@@ -83,11 +83,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-
-    embeddings, labels, paths, _ = _embed(args.checkpoint, args.split)
     from softtriple.run import write_embeddings
 
-    out = write_embeddings(args.out, embeddings, labels, paths)
+    embeddings, labels, paths, names, _ = _embed(args.checkpoint, args.split)
+    out = write_embeddings(args.out, embeddings, labels, paths, names)
     print(f"wrote {out}: {embeddings.shape[0]} embeddings of width {embeddings.shape[1]}")
     return 0
 
@@ -141,7 +140,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         query, exclude = index.embed_image(args.checkpoint, args.image), None
         print(f"query: {args.image}")
     for rank, (i, score) in enumerate(index.search(query, args.k, exclude=exclude), 1):
-        print(f"{rank:>3}  {score:.4f}  label {int(index.labels[i]):>5}  {index.paths[i]}")
+        print(f"{rank:>3}  {score:.4f}  class {index.label_text(i):>5}  {index.paths[i]}")
     return 0
 
 

@@ -90,9 +90,9 @@ def load_model(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]
 
 
 def embed_split(model: EmbeddingModel, config: Config,
-                split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Embeddings (N, d) float32, labels (N,) and image paths of a split of the config's data,
-    computed on the run's device and precision."""
+                split: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Embeddings (N, d) float32, labels (N,), image paths and class names of a split of the
+    config's data, computed on the run's device and precision."""
     device = resolve_device(config.run.device)
     table = load_table(config.data).split(split)
     labels = table.encoded_labels()[0]
@@ -102,7 +102,7 @@ def embed_split(model: EmbeddingModel, config: Config,
                         num_workers=config.data.workers, pin_memory=device.type == "cuda")
     embeddings = embed(model.to(device), loader, device, PRECISIONS[config.run.precision],
                        config.model.channels_last)
-    return embeddings, labels, [str(p) for p in table.paths]
+    return embeddings, labels, [str(p) for p in table.paths], table.item_class_names()
 
 
 def embed_image(model: EmbeddingModel, config: Config, image: str | Path) -> np.ndarray:

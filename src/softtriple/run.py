@@ -136,15 +136,29 @@ class RunDir:
 
 
 def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray,
-                     paths: list[str]) -> Path:
-    """Write an embeddings file atomically; a missing .npz suffix is added (np.load and search
-    expect it). Returns the path written."""
+                     paths: list[str], names: list[str] | None = None) -> Path:
+    """Write an embeddings file atomically, with each item's class name when given; a missing
+    .npz suffix is added (np.load and search expect it). Returns the path written."""
     out = Path(path)
     if out.suffix != EMBEDDINGS_SUFFIX:
         out = out.with_name(out.name + EMBEDDINGS_SUFFIX)
+    arrays: dict[str, Any] = {"embeddings": embeddings, "labels": labels,
+                              "paths": np.array([str(p) for p in paths])}
+    if names is not None:
+        arrays["names"] = np.array([str(n) for n in names])
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.savez(f, embeddings=embeddings, labels=labels, paths=np.array([str(p) for p in paths]))
+        np.savez(f, **arrays)
     return out
+
+
+def read_class_names(path: str | Path) -> list[str] | None:
+    """Each item's class name in an embeddings file, or None when it holds none (files written
+    before names were stored)."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            return [str(n) for n in data["names"]] if "names" in data.files else None
+    except (KeyError, ValueError, OSError):
+        return None
 
 
 def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

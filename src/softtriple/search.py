@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from softtriple.run import read_embeddings
+from softtriple.run import read_class_names, read_embeddings
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
@@ -27,12 +27,13 @@ class EmbeddingIndex:
     """
 
     def __init__(self, embeddings: np.ndarray, labels: np.ndarray, paths: list[str],
-                 kind: str = "flat", probes: int = 0) -> None:
+                 kind: str = "flat", probes: int = 0, names: list[str] | None = None) -> None:
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index {kind!r}; valid: {', '.join(INDEX_KINDS)}")
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
         self.embeddings, self.labels, self.paths = x, labels, paths
+        self.names = names  # each item's class name, when the file holds them
         self.kind = kind
         try:
             import faiss
@@ -63,7 +64,14 @@ class EmbeddingIndex:
     @classmethod
     def load(cls, path: str | Path, kind: str = "flat", probes: int = 0) -> EmbeddingIndex:
         """The index over an embeddings file (softtriple embed's, or a run's)."""
-        return cls(*read_embeddings(path), kind=kind, probes=probes)
+        return cls(*read_embeddings(path), kind=kind, probes=probes,
+                   names=read_class_names(path))
+
+    def label_text(self, i: int) -> str:
+        """Item i's class: its label, and its name when the file holds names."""
+        label = int(self.labels[i])
+        name = self.names[i] if self.names is not None else None
+        return f"{label} {name}" if name is not None and name != str(label) else str(label)
 
     def recall_against_exact(self, k: int = 10, queries: int = 1000, seed: int = 0) -> float:
         """The fraction of the exact top-k (each query an item of the index, itself left out)

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from softtriple.run import RunDir, read_embeddings
+from softtriple.run import RunDir
 from softtriple.search import EmbeddingIndex
 
 MAX_UPLOAD_BYTES = 8 * 2**20
@@ -41,8 +41,13 @@ def create_app(run: str | Path) -> Any:
     """The FastAPI application over the finished run in ``run``."""
     run_dir = RunDir(run)
     results = run_dir.read_results()
-    embeddings, labels, paths = read_embeddings(run_dir.embeddings)
-    neighbours = EmbeddingIndex(embeddings, labels, paths)
+    neighbours = EmbeddingIndex.load(run_dir.embeddings)
+    embeddings, labels, paths = neighbours.embeddings, neighbours.labels, neighbours.paths
+    names: list[str | None] = [None] * len(paths) if neighbours.names is None \
+        else list(neighbours.names)
+
+    def label(i: int) -> str:  # the class's label and name, safe in HTML
+        return "class " + html.escape(neighbours.label_text(i))
     state: dict[str, Any] = {}
     app = FastAPI(title=f"softtriple: {run_dir.root.name}")
 
@@ -63,7 +68,7 @@ def create_app(run: str | Path) -> Any:
         for i, sim in hits:
             same = query_label is not None and int(labels[i]) == query_label
             css = "same" if same else ("other" if query_label is not None else "")
-            cells.append(cell(i, f"hit {css}", f"{sim:.3f} &middot; label {int(labels[i])}"))
+            cells.append(cell(i, f"hit {css}", f"{sim:.3f} &middot; {label(i)}"))
         return _page("neighbours", f"<p><a href='/'>&larr; all queries</a></p><h2>Query</h2>"
                      f"{query_html}<h2>{len(hits)} nearest neighbours ({neighbours.backend})"
                      f"</h2><div class='grid' id='neighbours'>{''.join(cells)}</div>")
@@ -76,7 +81,7 @@ def create_app(run: str | Path) -> Any:
             else []
         links = " ".join(f"<a href='/plots/{html.escape(n)}'>{html.escape(n)}</a>" for n in plots)
         step = max(1, len(paths) // PICK)
-        picks = "".join(cell(i, "pick", f"#{i} label {int(labels[i])}")
+        picks = "".join(cell(i, "pick", f"#{i} {label(i)}")
                         for i in range(0, len(paths), step)[:PICK])
         return _page(f"softtriple run {run_dir.root.name}", f"""
 <h1>softtriple run: {html.escape(run_dir.root.name)}</h1>
@@ -93,14 +98,14 @@ def create_app(run: str | Path) -> Any:
     @app.get("/query/{i}", response_class=HTMLResponse)
     def query(i: int, k: int = Query(8, ge=1, le=MAX_K)) -> str:
         hits = neighbours.search(embeddings[checked_index(i)], min(k, len(paths) - 1), exclude=i)
-        label = int(labels[i])
-        return results_page(cell(i, "query", f"#{i} label {label}"), hits, label)
+        return results_page(cell(i, "query", f"#{i} {label(i)}"), hits, int(labels[i]))
 
     @app.get("/api/neighbours/{i}")
     def api_neighbours(i: int, k: int = Query(8, ge=1, le=MAX_K)) -> JSONResponse:
         hits = neighbours.search(embeddings[checked_index(i)], min(k, len(paths) - 1), exclude=i)
-        return JSONResponse({"query": i, "label": int(labels[i]), "neighbours": [
-            {"index": j, "similarity": s, "label": int(labels[j])} for j, s in hits]})
+        return JSONResponse({"query": i, "label": int(labels[i]), "name": names[i],
+                             "neighbours": [{"index": j, "similarity": s, "label": int(labels[j]),
+                                             "name": names[j]} for j, s in hits]})
 
     @app.get("/image/{i}")
     def image(i: int) -> FileResponse:

@@ -65,6 +65,10 @@ class ImageTable:
         classes, encoded = np.unique(self.labels, return_inverse=True)
         return encoded.astype(np.int64), classes
 
+    def item_class_names(self) -> list[str]:
+        """Each item's readable class name (its label's number when the data set names none)."""
+        return [self.class_names.get(int(label), str(label)) for label in self.labels]
+
     def check_disjoint(self) -> None:
         """Raise DataError when a class appears in both splits."""
         train = set(self.labels[self.splits == "train"].tolist())

@@ -455,7 +455,8 @@ class Trainer:
         if dist.is_main():
             table = self.loaders.test_table
             write_embeddings(self.run_dir.embeddings, all_test,
-                             table.encoded_labels()[0], [str(p) for p in table.paths])
+                             table.encoded_labels()[0], [str(p) for p in table.paths],
+                             table.item_class_names())
             self.run_dir.write_results(results)
             if self.writer is not None:
                 self.writer.close()
