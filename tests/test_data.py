@@ -33,6 +33,7 @@ def make_cub(root: Path, per_class: int = 2) -> Path:
             labels.append(f"{n} {c}")
     (base / "images.txt").write_text("\n".join(images) + "\n")
     (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (base / "classes.txt").write_text("".join(f"{c} {c:03d}.Bird_{c}\n" for c in range(1, 201)))
     return base
 
 
@@ -74,6 +75,9 @@ def test_cub_split_and_counts(tmp_path):
     assert summary["test"]["images"] == 200 and summary["test"]["classes"] == 100
     assert set(table.split("train").labels) == set(range(1, 101))
     assert set(table.split("test").labels) == set(range(101, 201))
+    assert table.class_names[7] == "007.Bird_7"  # classes.txt, when the copy has it
+    (tmp_path / "CUB_200_2011" / "classes.txt").unlink()
+    assert read_table("cub", tmp_path / "CUB_200_2011").class_names == {}
 
 
 def test_cars_split_from_a_real_mat_file(tmp_path):

@@ -77,8 +77,10 @@ def read_cub(root: str | Path) -> ImageTable:
         raise DataError(f"image id {odd} is in only one of images.txt and image_class_labels.txt")
     ids = sorted(images, key=int)
     y = np.array([int(labels[i]) for i in ids])
+    classes = base / "classes.txt"  # "1 001.Black_footed_Albatross": names, when present
+    names = {int(c): n for c, n in _rows(classes, 2, (0,))} if classes.is_file() else {}
     table = ImageTable([base / "images" / images[i] for i in ids], y,
-                       np.where(y <= 100, "train", "test"), base)
+                       np.where(y <= 100, "train", "test"), base, names)
     table.check_files()
     return table
 
