@@ -16,11 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from softtriple.atomic import atomic_path, write_json
-from softtriple.data import ImageDataset, eval_transform
-from softtriple.inference import load_model
+from softtriple.inference import load_model, split_dataset
 from softtriple.models import EmbeddingModel
 from softtriple.training.config import Config
-from softtriple.training.data import load_table
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4  # max abs difference from the PyTorch embeddings, float32
@@ -38,9 +36,7 @@ def preprocessing_file(model_file: Path) -> Path:
 
 def _check_images(model: EmbeddingModel, config: Config) -> torch.Tensor:
     """Up to CHECK_IMAGES test images (n, 3, S, S), preprocessed as the run's evaluation is."""
-    table = load_table(config.data).split("test")
-    dataset = ImageDataset(table, table.encoded_labels()[0],
-                           eval_transform(config.data.image_size, model.mean, model.std))
+    dataset, _ = split_dataset(model, config, "test")
     subset = Subset(dataset, range(min(CHECK_IMAGES, len(dataset))))
     return torch.cat([images for images, _, _ in DataLoader(subset, batch_size=CHECK_IMAGES)])
 

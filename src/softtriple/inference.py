@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from softtriple.data import ImageDataset, eval_transform, load_image
+from softtriple.data import ImageDataset, ImageTable, eval_transform, load_image
 from softtriple.losses import LOSSES, build_loss, loss_arguments
 from softtriple.models import EmbeddingModel, build_backbone, embed
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint
@@ -89,15 +89,22 @@ def load_model(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]
     return model.eval(), config, state
 
 
+def split_dataset(model: EmbeddingModel, config: Config,
+                  split: str) -> tuple[ImageDataset, ImageTable]:
+    """A split of the config's data, preprocessed as evaluation does (the model's test
+    transform), yielding (image, encoded label, index); and its table."""
+    table = load_table(config.data).split(split)
+    return ImageDataset(table, table.encoded_labels()[0],
+                        eval_transform(config.data.image_size, model.mean, model.std)), table
+
+
 def embed_split(model: EmbeddingModel, config: Config,
                 split: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Embeddings (N, d) float32, labels (N,), image paths and class names of a split of the
     config's data, computed on the run's device and precision."""
     device = resolve_device(config.run.device)
-    table = load_table(config.data).split(split)
+    dataset, table = split_dataset(model, config, split)
     labels = table.encoded_labels()[0]
-    dataset = ImageDataset(table, labels,
-                           eval_transform(config.data.image_size, model.mean, model.std))
     loader = DataLoader(dataset, batch_size=config.evaluation.batch_size,
                         num_workers=config.data.workers, pin_memory=device.type == "cuda")
     embeddings = embed(model.to(device), loader, device, PRECISIONS[config.run.precision],
