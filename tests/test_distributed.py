@@ -213,3 +213,37 @@ def test_a_per_process_batch_that_splits_a_class_is_refused(data_root):
     with pytest.raises(DataError, match=r"data.batch_size 12 \(6 per process\) must be a "
                                         r"multiple of data.images_per_class 4"):
         build_loaders(config.data, (0.5,), (0.5,), 8, 0, world=2, rank=0)
+
+
+def test_center_blocks_written_by_any_process_count_read_back_for_any_other(tmp_path):
+    from softtriple.losses.sharded import class_block
+    from softtriple.training.checkpoint import (
+        CheckpointError,
+        center_block_name,
+        read_center_rows,
+        save_checkpoint,
+    )
+    full = torch.randn(11, 3, 4)
+    moments = torch.rand(11, 3, 4)
+    names = []
+    for rank in range(3):  # written by 3 processes
+        start, stop = class_block(11, 3, rank)
+        names.append(center_block_name(start, stop, 7))
+        save_checkpoint(tmp_path / names[-1], {"start": start, "stop": stop,
+                                               "centers": full[start:stop],
+                                               "exp_avg": moments[start:stop],
+                                               "exp_avg_sq": moments[start:stop] ** 2,
+                                               "step": torch.tensor(7.0)})
+    for world in (1, 2, 4, 11):  # read by others
+        for rank in range(world):
+            start, stop = class_block(11, world, rank)
+            rows = read_center_rows(tmp_path, names, start, stop)
+            assert torch.equal(rows["centers"], full[start:stop])
+            assert torch.equal(rows["exp_avg_sq"], moments[start:stop] ** 2)
+            assert float(rows["step"]) == 7.0
+    (tmp_path / names[1]).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"center block .*centers-000000004-000000008-"
+                                              r"step7.pt is missing, truncated or corrupt"):
+        read_center_rows(tmp_path, names, 0, 11)
+    with pytest.raises(CheckpointError, match="do not cover classes 0 to 10"):
+        read_center_rows(tmp_path, [names[0], names[2]], 0, 11)

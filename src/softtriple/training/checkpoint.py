@@ -71,6 +71,8 @@ def read_center_rows(folder: str | Path, names: list[str], start: int,
         lo, hi = (int(v) for v in BLOCK_NAME.fullmatch(name).groups()[:2])  # type: ignore[union-attr]
         if hi <= start or lo >= stop:
             continue
+        if max(start, lo) > covered:  # classes covered..lo - 1 are in no block
+            break
         file = Path(folder) / name
         try:
             block = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
