@@ -234,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train an embedding model (single process or under torchrun)",
         description="Train an embedding model with a metric-learning loss and evaluate it on the "
                     "held-out classes. Settings come from the defaults, then --config, then each "
-                    "--set in order. Under torchrun every process takes a share of each global "
-                    "batch (DistributedDataParallel; gloo on CPU, nccl on GPU).")
+                    "--set in order. Under torchrun (one machine or several) every process "
+                    "takes a block of each global batch (DistributedDataParallel; gloo on CPU, "
+                    "nccl on GPU) and every loss optimizes what it does in one process; "
+                    "--set loss.shard_centers=true gives each process only its block of "
+                    "SoftTriple's centers, for very many classes (docs/DISTRIBUTED.md).")
     train.add_argument("--config", help="YAML file of settings (see configs/)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. --set loss.name=proxy_nca "
