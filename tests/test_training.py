@@ -129,6 +129,12 @@ def test_nonsense_settings_are_refused_when_the_config_loads(setting, message):
         load_config(None, [setting])
 
 
+def test_a_run_refused_before_it_starts_leaves_no_folder(data_root, tmp_path):
+    with pytest.raises(ConfigError, match="loss.shard_centers applies to"):
+        Trainer(tiny(tmp_path / "run", "loss.name=triplet", "loss.shard_centers=true"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_switching_the_loss_starts_from_its_own_defaults():
     config = load_config("configs/glyphs.yaml", ["loss.name=proxy_nca"])
     assert config.loss.name == "proxy_nca" and config.loss.args == {}

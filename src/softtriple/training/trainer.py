@@ -102,10 +102,12 @@ class Trainer:
         self.out = Path(config.run.out)
         self.state: dict[str, Any] | None = None
         self._lock: IO[str] | None = None
+        self._made_folder = False
         if dist.is_main():  # one trainer per run folder (the other ranks are its partners)
             target = Path(resume) if resume is not None else self.out
-            self._lock = RunDir(target if target.is_dir() or resume is None
-                                else target.parent.parent).lock()
+            folder = target if target.is_dir() or resume is None else target.parent.parent
+            self._made_folder = not folder.exists()
+            self._lock = RunDir(folder).lock()
         try:
             self._setup(config, resume, overwrite)
         except BaseException:
@@ -115,8 +117,12 @@ class Trainer:
     def release(self) -> None:
         """Let another process train into this run folder (train() does this at its end)."""
         if self._lock is not None:
+            folder = Path(self._lock.name).parent
             self._lock.close()
             self._lock = None
+            if self._made_folder and [p.name for p in folder.iterdir()] == [".lock"]:
+                (folder / ".lock").unlink()  # refused before it began: leave no folder behind
+                folder.rmdir()
 
     def _setup(self, config: Config, resume: str | Path | None, overwrite: bool) -> None:
         if resume is not None and Path(resume).is_dir() and RunDir(resume).never_checkpointed():
