@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from softtriple.atomic import atomic_path, write_json
@@ -60,3 +61,21 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
             atomic_path(small_disk / "emb.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, embeddings=np.zeros((200_000,), np.float32))
     assert sorted(p.name for p in small_disk.iterdir()) == ["run"]
+
+
+def test_embeddings_streamed_in_blocks_equal_the_array_written_whole(tmp_path):
+    from softtriple.run import read_class_names, read_embeddings, write_embeddings
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    labels, paths = np.arange(10) % 3, [f"img{i}.png" for i in range(10)]
+    whole = write_embeddings(tmp_path / "whole", x, labels, paths, [f"c{i}" for i in labels])
+    blocks = write_embeddings(tmp_path / "blocks.npz", iter([x[:0], x[:4], x[4:9], x[9:]]),
+                              labels, paths, [f"c{i}" for i in labels])
+    for file in (whole, blocks):
+        got, got_labels, got_paths = read_embeddings(file)
+        np.testing.assert_array_equal(got, x)
+        np.testing.assert_array_equal(got_labels, labels)
+        assert got_paths == paths and read_class_names(file) == [f"c{i}" for i in labels]
+    with pytest.raises(ValueError, match="9 embeddings for 10 labels"):
+        write_embeddings(tmp_path / "short.npz", iter([x[:9]]), labels, paths)
+    assert not (tmp_path / "short.npz").exists()  # nothing half-written

@@ -172,6 +172,11 @@ def test_a_two_node_job_on_one_machine_trains_like_one_process(data_root, tmp_pa
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
     r2 = json.loads((tmp_path / "nodes" / "results.json").read_text())["metrics"]
     assert r1["recall@1"] == pytest.approx(r2["recall@1"], abs=1e-6)
+    from softtriple.run import read_embeddings  # streamed shard by shard into one file
+    e1, l1, p1 = read_embeddings(tmp_path / "one" / "test_embeddings.npz")
+    e2, l2, p2 = read_embeddings(tmp_path / "nodes" / "test_embeddings.npz")
+    np.testing.assert_allclose(e1, e2, rtol=1e-4, atol=1e-5)
+    assert (l1 == l2).all() and p1 == p2
 
 
 def test_initial_sharded_centers_do_not_depend_on_the_process_count():

@@ -20,6 +20,8 @@ import fcntl
 import json
 import os
 import shutil
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -135,19 +137,40 @@ class RunDir:
         write_text(self.bad_images, "".join(f"{path}\t{why}\n" for path, why in bad))
 
 
-def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray,
-                     paths: list[str], names: list[str] | None = None) -> Path:
+def write_embeddings(path: str | Path, embeddings: np.ndarray | Iterable[np.ndarray],
+                     labels: np.ndarray, paths: list[str],
+                     names: list[str] | None = None) -> Path:
     """Write an embeddings file atomically, with each item's class name when given; a missing
-    .npz suffix is added (np.load and search expect it). Returns the path written."""
+    .npz suffix is added (np.load and search expect it). Returns the path written.
+
+    ``embeddings`` is the (N, d) array or its row blocks in order (e.g. each process's shard as
+    it arrives): blocks are streamed into the file, so the whole array is never in memory."""
     out = Path(path)
     if out.suffix != EMBEDDINGS_SUFFIX:
         out = out.with_name(out.name + EMBEDDINGS_SUFFIX)
-    arrays: dict[str, Any] = {"embeddings": embeddings, "labels": labels,
-                              "paths": np.array([str(p) for p in paths])}
+    blocks = [embeddings] if isinstance(embeddings, np.ndarray) else embeddings
+    others: dict[str, np.ndarray] = {"labels": np.asarray(labels),
+                                     "paths": np.array([str(p) for p in paths])}
     if names is not None:
-        arrays["names"] = np.array([str(n) for n in names])
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        others["names"] = np.array([str(n) for n in names])
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        rows, header = 0, False
+        with archive.open("embeddings.npy", "w", force_zip64=True) as member:
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=np.float32)
+                if not header:  # the .npy header: the whole array's shape, then raw rows
+                    header = True
+                    np.lib.format.write_array_header_2_0(member, {
+                        "descr": np.lib.format.dtype_to_descr(block.dtype),
+                        "fortran_order": False, "shape": (len(others["labels"]),
+                                                          block.shape[1])})
+                member.write(block.tobytes())
+                rows += block.shape[0]
+        if rows != len(others["labels"]):
+            raise ValueError(f"{rows} embeddings for {len(others['labels'])} labels")
+        for name, array in others.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
     return out
 
 

@@ -11,6 +11,7 @@ whole global batch through ``gather_batch``. See docs/DISTRIBUTED.md.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +50,26 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def stream_to_main(obj: Any) -> Iterator[Any]:
+    """Rank 0: an iterator over every rank's ``obj`` in rank order, each received only when the
+    iterator reaches it (so rank 0 holds one at a time; it must consume them all). Other
+    ranks: send ``obj`` to rank 0 (blocking until it is received); an empty iterator."""
+    if not dist.is_initialized():
+        return iter([obj])
+    if dist.get_rank() != 0:
+        dist.send_object_list([obj], dst=0)
+        return iter(())
+
+    def receive() -> Iterator[Any]:
+        yield obj
+        for source in range(1, dist.get_world_size()):
+            box: list[Any] = [None]
+            dist.recv_object_list(box, src=source)
+            yield box[0]
+
+    return receive()
 
 
 def broadcast(obj: Any) -> Any:

@@ -457,10 +457,11 @@ class Trainer:
             metrics = {**metrics, "effective_centers": float(counts.mean())}
         results = {"epochs": self.epoch, "steps": self.step, "metrics": metrics,
                    "run": str(self.out)}
-        all_test = np.concatenate(dist.gather(self.last_embeddings))  # one file: rank 0 writes
+        # one file, written by rank 0 as each rank's shard arrives (never all of them at once)
+        shards = dist.stream_to_main(self.last_embeddings)
         if dist.is_main():
             table = self.loaders.test_table
-            write_embeddings(self.run_dir.embeddings, all_test,
+            write_embeddings(self.run_dir.embeddings, shards,
                              table.encoded_labels()[0], [str(p) for p in table.paths],
                              table.item_class_names())
             self.run_dir.write_results(results)
