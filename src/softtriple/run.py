@@ -76,6 +76,8 @@ class RunDir:
             raise RunInUseError(f"run folder {self.root} is in use by another process (pid "
                                 f"{holder}); wait for it to finish, stop it, or choose another "
                                 f"--out") from None
+        except OSError:  # a file system without locks (some network mounts): go on unlocked
+            return handle
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
