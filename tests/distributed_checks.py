@@ -78,6 +78,17 @@ def check_losses() -> None:
             close(mean.detach(), ref_value.detach(), f"{name}'s loss")
             for n in expected:
                 close(got[n], expected[n], f"{name}'s gradient of {n}")
+    from softtriple.losses.sharded import ShardedSoftTripleLoss
+    uneven = torch.randn(4 + me, DIM)  # one line, not a failure deep inside an all-gather
+    for gather in (lambda e, y: dist.gather_batch(e, y),
+                   lambda e, y: ShardedSoftTripleLoss(CLASSES, DIM, centers_per_class=2)(e, y)):
+        try:
+            gather(uneven, torch.zeros(4 + me, dtype=torch.long))
+        except ValueError as error:
+            if "every process must pass a batch of the same size" not in str(error):
+                raise
+        else:
+            raise AssertionError("batches of different sizes were gathered")
     print(f"rank {me}: every loss equals one process on {world} processes")
 
 

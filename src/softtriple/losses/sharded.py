@@ -78,6 +78,18 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
+def check_equal_batches(size: int, device: torch.device,
+                        group: tdist.ProcessGroup | None = None) -> None:
+    """ValueError unless every rank of ``group`` passes a batch of ``size`` rows (one small
+    all-reduce); an all-gather of unequal batches would fail deep inside torch."""
+    bounds = torch.tensor([size, -size], device=device)
+    tdist.all_reduce(bounds, op=tdist.ReduceOp.MAX, group=group)
+    if int(bounds[0]) != -int(bounds[1]):
+        raise ValueError(f"every process must pass a batch of the same size; they range from "
+                         f"{-int(bounds[1])} to {int(bounds[0])} (use a sampler that drops the "
+                         f"last, short batch)")
+
+
 def _group_size_rank(group: tdist.ProcessGroup | None) -> tuple[int, int]:
     if not tdist.is_available() or not tdist.is_initialized():
         return 1, 0
@@ -145,6 +157,7 @@ class ShardedSoftTripleLoss(nn.Module):
         centers: Tensor = self.centers
         if self.world > 1:
             group = self._group()
+            check_equal_batches(embeddings.shape[0], embeddings.device, group)
             own = embeddings.view_as(embeddings)  # a fresh node for this step's hook
             world = self.world
             own.register_hook(lambda grad: grad * world)  # DDP's mean divides by W

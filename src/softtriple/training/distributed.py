@@ -112,11 +112,9 @@ def gather_batch(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return embeddings, labels
+    from softtriple.losses.sharded import check_equal_batches
     world, me = dist.get_world_size(), dist.get_rank()
-    sizes = gather(int(embeddings.shape[0]))
-    if len(set(sizes)) > 1:
-        raise ValueError(f"every rank must pass a batch of the same size to gather it; got "
-                         f"{sizes} (use a sampler that drops the last, short batch)")
+    check_equal_batches(int(embeddings.shape[0]), embeddings.device)
     if embeddings.dtype in (torch.float16, torch.bfloat16):
         embeddings = embeddings.float()  # the losses compute in float32 anyway
     parts = [torch.empty_like(embeddings) for _ in range(world)]
