@@ -252,3 +252,24 @@ def test_center_blocks_written_by_any_process_count_read_back_for_any_other(tmp_
         read_center_rows(tmp_path, names, 0, 11)
     with pytest.raises(CheckpointError, match="do not cover classes 0 to 10"):
         read_center_rows(tmp_path, [names[0], names[2]], 0, 11)
+
+
+def test_neighbours_command_on_two_processes_equals_knn(tmp_path):
+    from softtriple.evaluation import knn
+    from softtriple.run import read_embedding_rows, write_embeddings
+    rng = np.random.default_rng(0)
+    gallery, queries = rng.normal(size=(41, 6)), rng.normal(size=(13, 6))
+    write_embeddings(tmp_path / "g.npz", gallery, np.arange(41) % 5, [f"g{i}" for i in range(41)])
+    write_embeddings(tmp_path / "q.npz", queries, np.arange(13) % 5, [f"q{i}" for i in range(13)])
+    np.testing.assert_array_equal(read_embedding_rows(tmp_path / "g.npz", 7, 20),
+                                  gallery[7:20].astype(np.float32))  # memory-mapped rows
+    done = subprocess.run(torchrun(2, "-m", "softtriple", "neighbours", str(tmp_path / "g.npz"),
+                                   "--queries", str(tmp_path / "q.npz"), "-k", "4", "--out",
+                                   str(tmp_path / "knn.npz")), env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "on 2 process(es)" in done.stdout and "recall@4" in done.stdout
+    sims, index = knn(queries.astype(np.float32), 4, gallery.astype(np.float32))
+    with np.load(tmp_path / "knn.npz") as found:
+        np.testing.assert_array_equal(found["indices"], index.numpy())
+        np.testing.assert_allclose(found["similarities"], sims.numpy(), rtol=1e-5, atol=1e-6)

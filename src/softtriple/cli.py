@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   softtriple embed runs/digits --out runs/digits/test.npz
   softtriple search runs/digits/test.npz --query-index 0 -k 5
   softtriple search runs/digits/test.npz --query-index 0 -k 5 --index hnsw
+  torchrun --nproc_per_node=2 -m softtriple neighbours runs/digits/test.npz --out knn.npz
   softtriple report runs/digits
   softtriple export runs/digits --format torchscript --out runs/digits/model.pt
   softtriple compare configs/compare/glyphs_head.yaml --dry-run
@@ -109,6 +110,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          ) from error
     print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     serve(args.run, args.host, args.port)
+    return 0
+
+
+def cmd_neighbours(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from softtriple.atomic import atomic_path
+    from softtriple.evaluation.metrics import Neighbours, recall_from
+    from softtriple.evaluation.sharded import sharded_knn
+    from softtriple.losses.sharded import class_block
+    from softtriple.run import embeddings_count, read_embedding_rows, read_embeddings
+    from softtriple.training import distributed as dist
+
+    dist.setup(torch.device("cpu"))
+    world, rank = dist.world_size(), dist.rank()
+    gallery_rows = embeddings_count(args.gallery)
+    query_file = args.queries or args.gallery
+    query_rows = embeddings_count(query_file) if args.queries else gallery_rows
+    if query_rows < world or gallery_rows < world:
+        raise ValueError(f"{min(query_rows, gallery_rows)} rows cannot be shared by {world} "
+                         f"processes; use fewer")
+    queries = read_embedding_rows(query_file, *class_block(query_rows, world, rank))
+    gallery = read_embedding_rows(args.gallery, *class_block(gallery_rows, world, rank)) \
+        if args.queries else None
+    sims, index = sharded_knn(queries, gallery, args.k)
+    parts = list(dist.stream_to_main((sims.numpy(), index.numpy())))
+    if dist.is_main():
+        all_sims = np.concatenate([p[0] for p in parts])
+        all_index = np.concatenate([p[1] for p in parts])
+        out = Path(args.out)
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.savez(f, indices=all_index, similarities=all_sims)
+        print(f"wrote {out}: the {args.k} nearest of {query_rows} queries among {gallery_rows} "
+              f"items, exact, on {world} process(es)")
+        query_labels = read_embeddings(query_file)[1]
+        gallery_labels = read_embeddings(args.gallery)[1] if args.queries else None
+        found = Neighbours(np.empty((query_rows, 0)), query_labels, args.k,
+                           None if gallery_labels is None else np.empty((gallery_rows, 0)),
+                           gallery_labels, index=torch.from_numpy(all_index))
+        _print_metrics({f"recall@{k}": v for k, v in recall_from(found, sorted({1, args.k})
+                                                                  ).items()})
+    dist.teardown()
     return 0
 
 
@@ -314,6 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="IVF cells searched (nprobe) or HNSW search breadth (efSearch); "
                              "0: a default (nlist/8, 64)")
     search.set_defaults(func=cmd_search)
+
+    neighbours = commands.add_parser(
+        "neighbours", help="exact k nearest neighbours of every item (sharded under torchrun)",
+        description="The exact k nearest neighbours (cosine) of every query among a gallery, "
+                    "both embeddings files from 'softtriple embed'; without --queries, of every "
+                    "gallery item among the others. Under torchrun each process memory-maps "
+                    "only its shard of the files and the queries go round "
+                    "(softtriple.evaluation.sharded), so the gallery may exceed one process's "
+                    "memory. Writes indices and similarities (N, k) to --out and prints "
+                    "Recall@1 and Recall@k by the files' labels.",
+        epilog="example:\n  softtriple neighbours runs/digits/test.npz -k 5 --out "
+               "runs/digits/knn.npz", formatter_class=argparse.RawDescriptionHelpFormatter)
+    neighbours.add_argument("gallery", help="embeddings file (.npz) to search")
+    neighbours.add_argument("--queries", help="embeddings file of the queries (default: the "
+                                              "gallery, each item leaving itself out)")
+    neighbours.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    neighbours.add_argument("--out", required=True, help="where to write the neighbours (.npz)")
+    neighbours.set_defaults(func=cmd_neighbours)
 
     report = commands.add_parser(
         "report", help="plots and an HTML report of a finished run",

@@ -176,6 +176,50 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray | Iterable[np.ndar
     return out
 
 
+def read_embedding_rows(path: str | Path, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of an embeddings file's (N, d) array, memory-mapped from the file
+    (the .npz member is stored uncompressed), so a process reads only its shard; a compressed
+    file falls back to loading the array. DataError as ``read_embeddings``."""
+    file = Path(path)
+    try:
+        with zipfile.ZipFile(file) as archive:
+            info = archive.getinfo("embeddings.npy")
+            stored = info.compress_type == zipfile.ZIP_STORED
+        if not stored:
+            return read_embeddings(file)[0][start:stop]
+        with open(file, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)  # the local file header: name and extra field lengths at 26
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if fortran or len(shape) != 2 or dtype.hasobject:
+            raise ValueError("not a C-ordered 2-D float array")
+        rows = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
+        return np.array(rows[start:stop])
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
+        raise DataError(f"{file} is not an embeddings file from softtriple embed "
+                        f"({error.__class__.__name__})") from error
+
+
+def embeddings_count(path: str | Path) -> int:
+    """N, the rows of an embeddings file (its labels are read, not its embeddings)."""
+    if not Path(path).is_file():
+        raise DataError(f"embeddings file {path} not found; write one with softtriple embed "
+                        f"(or train a run to the end)")
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            return len(data["labels"])
+    except (KeyError, ValueError, OSError) as error:
+        raise DataError(f"{path} is not an embeddings file from softtriple embed "
+                        f"({error.__class__.__name__})") from error
+
+
 def read_class_names(path: str | Path) -> list[str] | None:
     """Each item's class name in an embeddings file, or None when it holds none (files written
     before names were stored)."""
