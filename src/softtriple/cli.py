@@ -121,14 +121,16 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     from softtriple.evaluation.metrics import Neighbours, recall_from
     from softtriple.evaluation.sharded import sharded_knn
     from softtriple.losses.sharded import class_block
-    from softtriple.run import embeddings_count, read_embedding_rows, read_embeddings
+    from softtriple.run import read_embedding_labels, read_embedding_rows
     from softtriple.training import distributed as dist
 
     dist.setup(torch.device("cpu"))
     world, rank = dist.world_size(), dist.rank()
-    gallery_rows = embeddings_count(args.gallery)
     query_file = args.queries or args.gallery
-    query_rows = embeddings_count(query_file) if args.queries else gallery_rows
+    query_labels = read_embedding_labels(query_file)
+    gallery_labels = read_embedding_labels(args.gallery) if args.queries else None
+    query_rows = len(query_labels)
+    gallery_rows = query_rows if gallery_labels is None else len(gallery_labels)
     if query_rows < world or gallery_rows < world:
         raise ValueError(f"{min(query_rows, gallery_rows)} rows cannot be shared by {world} "
                          f"processes; use fewer")
@@ -145,8 +147,6 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
             np.savez(f, indices=all_index, similarities=all_sims)
         print(f"wrote {out}: the {args.k} nearest of {query_rows} queries among {gallery_rows} "
               f"items, exact, on {world} process(es)")
-        query_labels = read_embeddings(query_file)[1]
-        gallery_labels = read_embeddings(args.gallery)[1] if args.queries else None
         found = Neighbours(np.empty((query_rows, 0)), query_labels, args.k,
                            None if gallery_labels is None else np.empty((gallery_rows, 0)),
                            gallery_labels, index=torch.from_numpy(all_index))

@@ -207,14 +207,14 @@ def read_embedding_rows(path: str | Path, start: int, stop: int) -> np.ndarray:
                         f"({error.__class__.__name__})") from error
 
 
-def embeddings_count(path: str | Path) -> int:
-    """N, the rows of an embeddings file (its labels are read, not its embeddings)."""
+def read_embedding_labels(path: str | Path) -> np.ndarray:
+    """The labels (N,) of an embeddings file, without reading its embeddings."""
     if not Path(path).is_file():
         raise DataError(f"embeddings file {path} not found; write one with softtriple embed "
                         f"(or train a run to the end)")
     try:
         with np.load(Path(path), allow_pickle=False) as data:
-            return len(data["labels"])
+            return data["labels"]
     except (KeyError, ValueError, OSError) as error:
         raise DataError(f"{path} is not an embeddings file from softtriple embed "
                         f"({error.__class__.__name__})") from error

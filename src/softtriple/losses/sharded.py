@@ -31,10 +31,14 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._checks import check_batch
 from softtriple.losses._fused import center_regularizer_fused
 from softtriple.losses._precision import float32_forward
-from softtriple.losses.softtriple import class_similarity, effective_center_counts
+from softtriple.losses.softtriple import (
+    check_arguments,
+    class_similarity,
+    effective_center_counts,
+)
 
 INIT_CHUNK = 1024  # classes per seeded draw, so the initial centers do not depend on W
 
@@ -119,13 +123,7 @@ class ShardedSoftTripleLoss(nn.Module):
                  compiled: bool = False, seed: int = 0,
                  group: tdist.ProcessGroup | None = None) -> None:
         super().__init__()
-        check_count("num_classes", num_classes)
-        check_count("embedding_dim", embedding_dim)
-        check_count("centers_per_class", centers_per_class)
-        check_positive("la", la)
-        check_positive("gamma", gamma, allow_zero=True)
-        check_positive("tau", tau, allow_zero=True)
-        check_positive("margin", margin, allow_zero=True)
+        check_arguments(num_classes, embedding_dim, centers_per_class, la, gamma, tau, margin)
         self.group = group
         self.world, self.rank = _group_size_rank(group)
         if num_classes < self.world:

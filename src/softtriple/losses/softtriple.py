@@ -63,6 +63,19 @@ def class_similarity(x: Tensor, centers: Tensor, gamma: float, chunk: int = 1024
     return relaxed_class_similarity(x, F.normalize(centers, dim=2), 0.0)
 
 
+def check_arguments(num_classes: int, embedding_dim: int, centers_per_class: int, la: float,
+                    gamma: float, tau: float, margin: float) -> None:
+    """ValueError naming the first of SoftTriple's arguments out of range (C, d, K >= 1;
+    lambda > 0; gamma, tau, delta >= 0)."""
+    check_count("num_classes", num_classes)
+    check_count("embedding_dim", embedding_dim)
+    check_count("centers_per_class", centers_per_class)
+    check_positive("la", la)
+    check_positive("gamma", gamma, allow_zero=True)
+    check_positive("tau", tau, allow_zero=True)
+    check_positive("margin", margin, allow_zero=True)
+
+
 MERGE_THRESHOLD = 0.9  # cosine similarity above which two centers of a class count as one
 
 
@@ -124,13 +137,7 @@ class SoftTripleLoss(nn.Module):
                  la: float = 20.0, gamma: float = 0.1, tau: float = 0.2,
                  margin: float = 0.01, compiled: bool = False) -> None:
         super().__init__()
-        check_count("num_classes", num_classes)
-        check_count("embedding_dim", embedding_dim)
-        check_count("centers_per_class", centers_per_class)
-        check_positive("la", la)
-        check_positive("gamma", gamma, allow_zero=True)
-        check_positive("tau", tau, allow_zero=True)
-        check_positive("margin", margin, allow_zero=True)
+        check_arguments(num_classes, embedding_dim, centers_per_class, la, gamma, tau, margin)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.centers_per_class = centers_per_class
         self.la, self.gamma = float(la), float(gamma)

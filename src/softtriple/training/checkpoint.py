@@ -67,8 +67,14 @@ def read_center_rows(folder: str | Path, names: list[str], start: int,
     range are read (memory-mapped), so a rank reads about its own share."""
     pieces: dict[str, list[Any]] = {}
     covered = start
-    for name in sorted(names, key=lambda n: int(BLOCK_NAME.fullmatch(n).group(1))):  # type: ignore[union-attr]
-        lo, hi = (int(v) for v in BLOCK_NAME.fullmatch(name).groups()[:2])  # type: ignore[union-attr]
+    ranges = []
+    for name in names:
+        match = BLOCK_NAME.fullmatch(name)
+        if match is None:
+            raise CheckpointError(f"{name} is not a center block's name; the checkpoint is "
+                                  f"not one softtriple wrote")
+        ranges.append((int(match.group(1)), int(match.group(2)), name))
+    for lo, hi, name in sorted(ranges):
         if hi <= start or lo >= stop:
             continue
         if max(start, lo) > covered:  # classes covered..lo - 1 are in no block

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from softtriple import faults
 from softtriple.data import ImageTable
-from softtriple.evaluation import evaluate
 from softtriple.evaluation.sharded import sharded_evaluate
 from softtriple.inference import PRECISIONS, build_config_loss, build_model, resolve_device
 from softtriple.models import EmbeddingModel, embed
@@ -279,12 +278,13 @@ class Trainer:
         """checkpoints/last.pt, written by rank 0 (and each rank's block of sharded centers
         first: last.pt names them, so a kill between leaves the previous set in use)."""
         blocks: list[str] = []
-        optimizer = self.optimizer.state_dict()
         if self.sharded:
             blocks, optimizer = self._save_center_blocks()
             dist.barrier()
         if not dist.is_main():
             return
+        if not self.sharded:
+            optimizer = self.optimizer.state_dict()
         np_state: Any = np.random.get_state()
         save_checkpoint(self.run_dir.checkpoint, {
             "model": self.model.state_dict(),
@@ -331,12 +331,9 @@ class Trainer:
         ev = self.config.evaluation
         # the kNN runs on the run's device: one copy there, none per tile
         local = torch.from_numpy(embeddings).to(self.device)
-        if self.world > 1:
-            metrics = sharded_evaluate(local, labels, ks=ev.ks, metrics=ev.metrics,
-                                       seed=self.config.run.seed, kmeans_settings=ev.kmeans)
-        else:
-            metrics = evaluate(local, labels, ks=ev.ks, metrics=ev.metrics,
-                               seed=self.config.run.seed, kmeans_settings=ev.kmeans)
+        # in one process this is evaluate(); under N it searches each rank's shard
+        metrics = sharded_evaluate(local, labels, ks=ev.ks, metrics=ev.metrics,
+                                   seed=self.config.run.seed, kmeans_settings=ev.kmeans)
         return dist.broadcast(metrics)  # type: ignore[no-any-return]
 
     # ----------------------------------------------------------------- training
