@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test sources sources-fonts setup clean
+.PHONY: demo test sources sources-demo sources-fonts setup clean
 
 setup: $(STAMP)
 
@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,faiss,emoji,export,serve]'
 	touch $(STAMP)
 
-# the built-in data sets are rendered from packages: `make sources` installs the missing Debian
-# ones (as root, or with sudo) and the npm one, and Debian's chromium for the search page's
-# browser test; CI runs it too, so that the tests that render glyphs, emoji and fonts run there. `make sources-fonts` adds the 90 packages of the whole fonts
+# the built-in data sets are rendered from packages. `make sources-demo` installs the Debian font
+# packages of glyphs, the only data set the demo uses (as root, or with sudo); `make sources` adds
+# what the tests render from (emoji's and fonts' test packages, the npm Twemoji) and Debian's
+# chromium for the search page's browser test; CI runs it too, so that the tests that render
+# glyphs, emoji and fonts run there. `make sources-fonts` adds the 90 packages of the whole fonts
 # data set (docs/DATA.md), which only `softtriple data prepare fonts` needs.
 APT_INSTALL = \
 	if [ -n "$$missing" ]; then \
@@ -28,9 +30,14 @@ APT_INSTALL = \
 	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null; }; \
 	fi
 
-sources: $(STAMP)
-	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import glyphs, emoji, fonts; \
-	print(' '.join(glyphs.missing_packages() + emoji.debian_packages_missing() + \
+sources-demo: $(STAMP)
+	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import glyphs; \
+	print(' '.join(glyphs.missing_packages()))"); \
+	$(APT_INSTALL)
+
+sources: sources-demo
+	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import emoji, fonts; \
+	print(' '.join(emoji.debian_packages_missing() + \
 	fonts.missing_packages(fonts.TEST_PACKAGES)))"); \
 	$(APT_INSTALL)
 	@missing=$$(command -v chromium >/dev/null || echo chromium); \
@@ -44,7 +51,7 @@ sources-fonts: $(STAMP)
 	print(' '.join(fonts.missing_packages()))"); \
 	$(APT_INSTALL)
 
-demo: sources
+demo: sources-demo
 	$(BIN)/softtriple demo
 
 test: $(STAMP)

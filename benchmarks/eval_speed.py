@@ -6,10 +6,15 @@ CUB-200-2011, Cars196 and Stanford Online Products test sets.
 
 Warm (the headline): both tools in one process, one warm-up call each (the peer's first call
 pays one-off set-up), then ``--repeats`` calls of each, interleaved, and the median of each.
-Cold: one call in a fresh process per tool, with its peak RSS. The same retrieval metrics on both
-sides (precision@1, R-precision, MAP@R with k = the largest class; ours adds Recall@1/2/4/8), and
+The floor: this machine's fastest way to the same neighbours without our selection, timed
+interleaved with both tools: the full (N x N) similarity product by each BLAS on the machine
+(torch's, numpy's, faiss's exact search with the same k), plus one torch top-k of its rows; the
+fastest of them. Cold: one call in a fresh process per tool, with its peak RSS. The same
+retrieval metrics on both sides (precision@1, R-precision, MAP@R with k = the largest class;
+ours adds Recall@1/2/4/8), and
 the benchmark checks that they agree within 1e-4. Writes benchmarks/results/eval_speed.json, which
-docs/PERFORMANCE.md quotes.
+docs/PERFORMANCE.md quotes, with the conditions (CPU, BLAS, threads, load before and after;
+benchmarks/conditions.py); it refuses to run on a busy machine unless ``--noisy``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from conditions import Conditions
 
 from softtriple.atomic import write_json
 
@@ -79,9 +84,33 @@ def tools(x: np.ndarray, y: np.ndarray) -> dict[str, Callable[[], dict[str, floa
     return {"ours": ours, "pml": peer}
 
 
+def floors(x: np.ndarray, k: int) -> dict[str, Callable[[], Any]]:
+    """The same neighbours by each BLAS here without our selection: the (N x N) product and one
+    torch top-k of its rows (torch's MKL, numpy's OpenBLAS), and faiss's exact search."""
+    import faiss
+    import torch
+
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    xt = torch.from_numpy(xn)
+
+    def faiss_search() -> Any:
+        index = faiss.IndexFlatIP(xn.shape[1])
+        index.add(xn)
+        return index.search(xn, k + 1)
+
+    return {"torch matmul + topk": lambda: (xt @ xt.T).topk(k + 1, dim=1),
+            "numpy matmul + topk": lambda: torch.from_numpy(xn @ xn.T).topk(k + 1, dim=1),
+            "faiss exact search": faiss_search}
+
+
 def warm(x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
-    """Median seconds of each tool after one warm-up call, calls interleaved in this process."""
-    calls = tools(x, y)
+    """Median seconds of each tool and floor after one warm-up call, calls interleaved in this
+    process (the floors only where the N x N product fits in memory)."""
+    from softtriple.evaluation.metrics import required_k
+
+    calls: dict[str, Callable[[], Any]] = dict(tools(x, y))
+    if len(x) ** 2 * 4 < 2**31:
+        calls.update(floors(x, required_k(y, (1, 2, 4, 8))))
     metrics = {name: call() for name, call in calls.items()}  # warm-up
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -95,7 +124,8 @@ def warm(x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
         if abs(metrics["ours"][ours_key] - metrics["pml"][peer_key]) > 1e-4:
             raise AssertionError(f"{ours_key}: ours {metrics['ours'][ours_key]} != peer "
                                  f"{metrics['pml'][peer_key]}")
-    return {name: {"seconds": statistics.median(t), "all_seconds": t, "metrics": metrics[name]}
+    return {name: {"seconds": statistics.median(t), "all_seconds": t,
+                   **({"metrics": metrics[name]} if name in ("ours", "pml") else {})}
             for name, t in times.items()}
 
 
@@ -130,14 +160,20 @@ def main() -> None:
                         help="run only these shapes (repeatable)")
     parser.add_argument("--repeats", type=int, default=5, help="warm calls per tool (median)")
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write results")
+    parser.add_argument("--noisy", action="store_true",
+                        help="run on a busy machine anyway; the results are marked noisy")
     parser.add_argument("--child", nargs=2, metavar=("TOOL", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    import pytorch_metric_learning
-    import torch
+    import faiss  # noqa: F401  (loaded before the conditions record its BLAS)
+    import pytorch_metric_learning  # noqa: F401
+    import torch  # noqa: F401
 
+    from softtriple.evaluation.matmul import cpu_engine
+
+    conditions = Conditions.start(allow_noisy=args.noisy)
     rows = []
     for name in args.only or list(SHAPES):
         x, y = make_data(name)
@@ -149,21 +185,24 @@ def main() -> None:
                                          / row[kind]["pml"]["seconds"])
         row["cold_memory_ratio"] = (row["cold"]["ours"]["peak_rss_bytes"]
                                     / row["cold"]["pml"]["peak_rss_bytes"])
+        floor = {key: value for key, value in row["warm"].items() if key not in ("ours", "pml")}
+        if floor:
+            fastest = min(floor, key=lambda key: floor[key]["seconds"])
+            row["floor"] = {"fastest": fastest, "seconds": floor[fastest]["seconds"]}
+            row["floor_ratio"] = row["warm"]["ours"]["seconds"] / floor[fastest]["seconds"]
         rows.append(row)
         gib = 2**30
+        floor_text = (f" | floor ({row['floor']['fastest']}) {row['floor']['seconds']:.2f} s, "
+                      f"ours x{row['floor_ratio']:.2f}" if floor else "")
         print(f"{name:>5} warm: ours {row['warm']['ours']['seconds']:6.2f} s, pml "
-              f"{row['warm']['pml']['seconds']:6.2f} s, x{row['warm_time_ratio']:.2f} | cold: "
-              f"ours {row['cold']['ours']['seconds']:6.2f} s "
+              f"{row['warm']['pml']['seconds']:6.2f} s, x{row['warm_time_ratio']:.2f}{floor_text}"
+              f" | cold: ours {row['cold']['ours']['seconds']:6.2f} s "
               f"{row['cold']['ours']['peak_rss_bytes'] / gib:.2f} GiB, pml "
               f"{row['cold']['pml']['seconds']:6.2f} s "
               f"{row['cold']['pml']['peak_rss_bytes'] / gib:.2f} GiB, "
               f"x{row['cold_time_ratio']:.2f}",
               flush=True)
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version(), "torch": torch.__version__,
-                          "pytorch_metric_learning": pytorch_metric_learning.__version__,
-                          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                          "load_average_at_end": os.getloadavg()},
+    report = {"conditions": conditions.finish(), "knn_matmul_engine": cpu_engine(),
               "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/eval_speed.py",
               "repeats": args.repeats, "rows": rows}
     write_json(args.json, report)

@@ -281,3 +281,44 @@ def test_approximate_indexes_report_their_recall_against_the_exact_search():
     assert 0.9 <= hnsw.recall_against_exact(10, 300) <= 1.0
     with pytest.raises(ValueError, match="unknown index 'lsh'; valid: flat, ivf, hnsw"):
         EmbeddingIndex(x, labels, paths, "lsh")
+
+
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+def test_knn_equals_stable_sort_with_either_matmul_engine(engine, monkeypatch):
+    """The tile products by numpy's BLAS or torch's: the same exact neighbours and tie rule."""
+    from softtriple.evaluation import matmul
+
+    monkeypatch.setenv("SOFTTRIPLE_MATMUL", engine)
+    monkeypatch.setattr(matmul, "SMALL", 0)  # every tile through the engine
+    matmul.cpu_engine.cache_clear()
+    try:
+        assert matmul.cpu_engine() == engine
+        for ties in (False, True):
+            x, _ = _data(7, n=301, d=6, ties=ties)
+            xn = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+            sims = xn @ xn.T
+            np.fill_diagonal(sims, -np.inf)
+            _, index = knn(x.astype(np.float32), 5, block=100)
+            np.testing.assert_array_equal(index.numpy(),
+                                          np.argsort(-sims, axis=1, kind="stable")[:, :5])
+    finally:
+        matmul.cpu_engine.cache_clear()
+
+
+def test_matmul_engine_is_measured_or_named(monkeypatch):
+    from softtriple.evaluation import matmul
+
+    times = matmul.measure(repeats=1)
+    assert set(times) == {"torch", "numpy"} and all(t > 0 for t in times.values())
+    monkeypatch.setenv("SOFTTRIPLE_MATMUL", "auto")
+    matmul.cpu_engine.cache_clear()
+    try:
+        assert matmul.cpu_engine() in ("torch", "numpy")
+        monkeypatch.setenv("SOFTTRIPLE_MATMUL", "mkl")
+        matmul.cpu_engine.cache_clear()
+        with pytest.raises(ValueError, match="SOFTTRIPLE_MATMUL='mkl'; valid: auto, torch, numpy"):
+            matmul.cpu_engine()
+    finally:
+        matmul.cpu_engine.cache_clear()
+    a, b = torch.randn(40, 8), torch.randn(30, 8)
+    torch.testing.assert_close(matmul.similarity_tile(a, b), a @ b.T)

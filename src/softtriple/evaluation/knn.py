@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softtriple.evaluation.matmul import similarity_tile
+
 ArrayLike = Tensor | np.ndarray
 Backend = Literal["torch", "faiss"]
 PENDING = 8  # candidates kept per row, in multiples of k, before they are reduced to k
@@ -96,35 +98,45 @@ def top_k_of_k_plus_one(values: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]
     return vals[keep].view(-1, k), pos[keep].view(-1, k), ambiguous
 
 
-def tile_topk(tile: Tensor, offset: int, k: int) -> tuple[Tensor, Tensor]:
-    """The exact top-k set of each row of a (b, m) tile whose columns are offset..offset+m-1.
+def tile_topk(tile: Tensor, offset: int, k: int, query_dim: int = 0) -> tuple[Tensor, Tensor]:
+    """The exact top-k set of each query of a tile whose gallery indices are offset..offset+m-1.
+
+    Chunk c of a query's m similarities is the strided set of columns {c, c + g, c + 2g, ...}
+    (g = m // s chunks of s): its maxima are an elementwise max of s contiguous slabs of the
+    tile, fast in either orientation, so one tile serves its rows and its columns without a
+    transposed copy.
+
+    Args:
+        tile: (b, m) with the queries along ``query_dim`` = 0, or (m, b) with ``query_dim`` = 1.
 
     Returns:
         (b, min(k, m)) similarities and gallery indices, in no particular order.
     """
-    b, m = tile.shape
+    rows = tile if query_dim == 0 else tile.T  # (b, m), a view
+    b, m = rows.shape
     device = tile.device
     if m <= k:
-        return tile, torch.arange(offset, offset + m, device=device).expand(b, m)
+        return rows, torch.arange(offset, offset + m, device=device).expand(b, m)
     s = chunk_size(m, k)
     if s == 1:
-        sims, column, ambiguous = top_k_of_k_plus_one(tile, k)
-    else:  # chunks of s columns, and the last m % s columns always among the candidates
-        groups, rest = divmod(m, s)
-        chunks = tile[:, :groups * s].unflatten(1, (groups, s))  # (b, groups, s), a view
-        _, chosen, chunk_tie = top_k_of_k_plus_one(chunks.amax(dim=2), k)  # (b, k)
-        candidates = chunks.gather(1, chosen[:, :, None].expand(b, k, s)).view(b, k * s)
-        columns = (chosen[:, :, None] * s + torch.arange(s, device=device)).view(b, k * s)
-        if rest:
-            candidates = torch.cat([candidates, tile[:, groups * s:]], dim=1)
-            columns = torch.cat([columns, torch.arange(groups * s, m, device=device)
-                                 .expand(b, rest)], dim=1)
-        sims, pick, ambiguous = top_k_of_k_plus_one(candidates, k)
+        sims, column, ambiguous = top_k_of_k_plus_one(rows, k)
+    else:  # g strided chunks of s columns, and the last m - s g columns always candidates
+        g = m // s
+        if query_dim == 0:
+            maxima = tile[:, :s * g].view(b, s, g).amax(dim=1)  # (b, g)
+        else:
+            maxima = tile[:s * g].view(s, g, b).amax(dim=0).T  # (b, g)
+        _, chosen, chunk_tie = top_k_of_k_plus_one(maxima, k)  # (b, k)
+        columns = (chosen[:, :, None] + g * torch.arange(s, device=device)).view(b, k * s)
+        if s * g < m:
+            columns = torch.cat([columns, torch.arange(s * g, m, device=device)
+                                 .expand(b, m - s * g)], dim=1)
+        sims, pick, ambiguous = top_k_of_k_plus_one(rows.gather(1, columns), k)
         column = columns.gather(1, pick)
         ambiguous |= chunk_tie  # a tied chunk left out may hold a value tied with the k-th
     redo = ambiguous.nonzero()[:, 0]
     if len(redo):  # redo exactly: among equals the lower column wins
-        sims[redo], column[redo] = select_topk(tile[redo], torch.arange(m, device=device), k)
+        sims[redo], column[redo] = select_topk(rows[redo], torch.arange(m, device=device), k)
     return sims, column + offset
 
 
@@ -209,7 +221,7 @@ def _knn_gallery(q: Tensor, g: Tensor, k: int, block: int) -> tuple[Tensor, Tens
         running = _RunningTopk(k)
         rows = q[a:a + q_size]
         for c in g_starts:
-            running.add(tile_topk(rows @ g[c:c + g_size].T, c, k))
+            running.add(tile_topk(similarity_tile(rows, g[c:c + g_size]), c, k))
         found.append(running.best())
     return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
 
@@ -222,12 +234,12 @@ def _knn_self(x: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
         rows = x[a:a + size]
         for j in range(i, len(starts)):
             b = starts[j]
-            tile = rows @ x[b:b + size].T  # (b_i, b_j), serves rows i and (transposed) rows j
+            tile = similarity_tile(rows, x[b:b + size])  # (b_i, b_j): serves rows i and j
             if i == j:
                 tile.fill_diagonal_(float("-inf"))  # never retrieve yourself
             running[i].add(tile_topk(tile, b, k))
             if j != i:
-                running[j].add(tile_topk(tile.T.contiguous(), a, k))
+                running[j].add(tile_topk(tile, a, k, query_dim=1))
         found.append(running[i].best())  # row block i has seen every tile now
         running[i] = _RunningTopk(k)  # free its candidates
     return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])

@@ -59,8 +59,12 @@ class Neighbours:
     def __init__(self, embeddings: ArrayLike, labels: ArrayLike, k: int,
                  gallery: ArrayLike | None = None, gallery_labels: ArrayLike | None = None,
                  backend: Backend = "torch", index: Tensor | None = None) -> None:
-        queries = as_tensor(embeddings, "embeddings") if index is None else torch.empty(
+        # only the shape here: knn validates the embeddings (a second finite check of an (N, d)
+        # array costs as much as the metrics)
+        queries = torch.as_tensor(embeddings) if index is None else torch.empty(
             len(np.asarray(labels)), 1)
+        if queries.dim() != 2:
+            as_tensor(queries, "embeddings")  # its one-line error
         if (gallery is None) != (gallery_labels is None):
             raise ValueError("pass gallery and gallery_labels together, or neither")
         self.query_labels = _labels(labels, queries.shape[0], "labels")
@@ -72,8 +76,9 @@ class Neighbours:
             size = queries.shape[0] - 1
         else:
             assert gallery is not None and gallery_labels is not None
-            gallery_t = as_tensor(gallery, "gallery") if index is None else torch.as_tensor(
-                gallery)
+            gallery_t = torch.as_tensor(gallery)
+            if gallery_t.dim() != 2:
+                as_tensor(gallery_t, "gallery")
             self.gallery_labels = _labels(gallery_labels, gallery_t.shape[0], "gallery_labels")
             size = gallery_t.shape[0]
             if size < 1:
