@@ -89,8 +89,8 @@ def set_threads(threads: int) -> dict[str, int]:
     return counts
 
 
-class BusyMachine(RuntimeError):
-    """The machine was not quiet at the start of a benchmark."""
+class BusyMachine(SystemExit):
+    """The machine was not quiet at the start of a benchmark: exits with its one-line message."""
 
 
 @dataclass
@@ -103,26 +103,34 @@ class Conditions:
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def start(cls, threads: int | None = None, allow_noisy: bool = False) -> Conditions:
-        """Check the machine is quiet (or that noise is allowed) and set the threads.
+    def start(cls, threads: int | None = None, allow_noisy: bool = False,
+              wait: float = 180.0) -> Conditions:
+        """Wait up to ``wait`` seconds for a quiet machine (the 1-minute load average decays
+        for a minute after a heavy job ends), then set the threads.
 
         Raises:
-            BusyMachine: load average above MAX_LOAD_PER_CORE per core, noise not allowed.
+            BusyMachine: still busy after ``wait`` seconds and noise not allowed.
         """
-        load = os.getloadavg()
         cores = os.cpu_count() or 1
+        deadline = time.monotonic() + wait
+        load = os.getloadavg()
+        while load[0] > MAX_LOAD_PER_CORE * cores and time.monotonic() < deadline:
+            if not allow_noisy:
+                print(f"load average {load[0]:.2f}: waiting for a quiet machine", flush=True)
+            time.sleep(10)
+            load = os.getloadavg()
         noisy = load[0] > MAX_LOAD_PER_CORE * cores
         if noisy and not allow_noisy:
             raise BusyMachine(
-                f"load average {load[0]:.2f} on {cores} cores (over {MAX_LOAD_PER_CORE} per core): "
-                f"stop what else runs and wait a minute, or pass --noisy to write results "
+                f"load average {load[0]:.2f} on {cores} cores (over {MAX_LOAD_PER_CORE} per core) "
+                f"after {wait:.0f} s: stop what else runs, or pass --noisy to write results "
                 f"marked noisy")
         return cls(set_threads(threads or cores), load, noisy)
 
     def finish(self) -> dict[str, Any]:
         return {"cpu": cpu(), "blas": blas(), "versions": versions(), "threads": self.threads,
                 "env": {key: os.environ.get(key) for key in
-                        ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "SOFTTRIPLE_MATMUL")},
+                        ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "SOFTTRIPLE_KNN_ENGINE")},
                 "load_average_before": list(self.load_before),
                 "load_average_after": list(os.getloadavg()),
                 "max_load_per_core": MAX_LOAD_PER_CORE, "noisy": self.noisy,

@@ -171,7 +171,7 @@ def main() -> None:
     import pytorch_metric_learning  # noqa: F401
     import torch  # noqa: F401
 
-    from softtriple.evaluation.matmul import cpu_engine
+    from softtriple.evaluation.engines import cpu_engine
 
     conditions = Conditions.start(allow_noisy=args.noisy)
     rows = []
@@ -202,7 +202,7 @@ def main() -> None:
               f"{row['cold']['pml']['peak_rss_bytes'] / gib:.2f} GiB, "
               f"x{row['cold_time_ratio']:.2f}",
               flush=True)
-    report = {"conditions": conditions.finish(), "knn_matmul_engine": cpu_engine(),
+    report = {"conditions": conditions.finish(), "knn_engine": cpu_engine(),
               "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/eval_speed.py",
               "repeats": args.repeats, "rows": rows}
     write_json(args.json, report)

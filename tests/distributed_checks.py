@@ -29,6 +29,9 @@ LOSS_ARGS = {  # small, fast settings of every loss
     "proxy_nca": {"num_classes": CLASSES, "embedding_dim": DIM},
     "proxy_anchor": {"num_classes": CLASSES, "embedding_dim": DIM},
     "npair": {}, "lifted": {}, "triplet": {}, "clustering": {},
+    "contrastive": {}, "multi_similarity": {},
+    "arcface": {"num_classes": CLASSES, "embedding_dim": DIM},
+    "cosface": {"num_classes": CLASSES, "embedding_dim": DIM},
 }
 
 

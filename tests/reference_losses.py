@@ -189,3 +189,74 @@ def proxy_anchor_reference(x: Tensor, labels: Tensor, proxies: Tensor, alpha: fl
             pos = pos + torch.log(1 + pos_sum)
         neg = neg + torch.log(1 + neg_sum)
     return pos / len(positive_proxies) + neg / len(proxies)
+
+
+def _cos(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(_unit(a), _unit(b))
+
+
+def contrastive_reference(x: Tensor, labels: Tensor, pos_margin: float,
+                          neg_margin: float) -> Tensor:
+    """Every ordered pair i != j; each of the two means over the pairs with a positive loss."""
+    pos, neg = [], []
+    for i in range(len(x)):
+        for j in range(len(x)):
+            if i == j:
+                continue
+            d = torch.sqrt(((_unit(x[i]) - _unit(x[j])) ** 2).sum())
+            if labels[i] == labels[j]:
+                pos.append(torch.relu(d - pos_margin))
+            else:
+                neg.append(torch.relu(neg_margin - d))
+    total = x.new_zeros(())
+    for terms in (pos, neg):
+        active = [t for t in terms if float(t) > 0]
+        if active:
+            total = total + sum(active) / len(active)
+    return total
+
+
+def multi_similarity_reference(x: Tensor, labels: Tensor, alpha: float, beta: float,
+                               base: float, epsilon: float | None) -> Tensor:
+    """Paper eq. 6 anchor by anchor, with its pair mining (eq. 3, 4) when epsilon is set."""
+    n = len(x)
+    total = x.new_zeros(())
+    for i in range(n):
+        sims = {j: _cos(x[i], x[j]) for j in range(n) if j != i}
+        pos = [j for j in sims if labels[j] == labels[i]]
+        neg = [j for j in sims if labels[j] != labels[i]]
+        if epsilon is not None:
+            max_neg = max((float(sims[j]) for j in neg), default=float("-inf"))
+            min_pos = min((float(sims[j]) for j in pos), default=float("inf"))
+            pos = [j for j in pos if float(sims[j]) - epsilon < max_neg]
+            neg = [j for j in neg if float(sims[j]) + epsilon > min_pos]
+        pos_sum = sum((torch.exp(-alpha * (sims[j] - base)) for j in pos), x.new_zeros(()))
+        neg_sum = sum((torch.exp(beta * (sims[j] - base)) for j in neg), x.new_zeros(()))
+        total = total + torch.log1p(pos_sum) / alpha + torch.log1p(neg_sum) / beta
+    return total / n
+
+
+def margin_softmax_reference(x: Tensor, labels: Tensor, weights: Tensor, scale: float,
+                             margin: float, kind: str) -> Tensor:
+    """CosFace (cos - m) or ArcFace (cos(theta + m), margin in degrees, cos(theta) - m sin(m)
+    past theta = pi - m) on the target class, cross-entropy of scale x logits."""
+    import math
+
+    total = x.new_zeros(())
+    for i in range(len(x)):
+        logits = []
+        for c in range(len(weights)):
+            cos = _cos(x[i], weights[c])
+            if c == int(labels[i]):
+                if kind == "cosface":
+                    cos = cos - margin
+                else:
+                    m = math.radians(margin)
+                    theta = torch.acos(cos.clamp(-1, 1))
+                    cos = (torch.cos(theta + m) if float(theta) <= math.pi - m
+                           else cos - m * math.sin(m))
+            logits.append(scale * cos)
+        top = max(float(v.detach()) for v in logits)
+        log_z = top + torch.log(sum(torch.exp(v - top) for v in logits))
+        total = total + log_z - logits[int(labels[i])]
+    return total / len(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -283,42 +284,68 @@ def test_approximate_indexes_report_their_recall_against_the_exact_search():
         EmbeddingIndex(x, labels, paths, "lsh")
 
 
-@pytest.mark.parametrize("engine", ["torch", "numpy"])
-def test_knn_equals_stable_sort_with_either_matmul_engine(engine, monkeypatch):
-    """The tile products by numpy's BLAS or torch's: the same exact neighbours and tie rule."""
-    from softtriple.evaluation import matmul
+@pytest.mark.parametrize("engine", ["torch", "numpy", "faiss"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_knn_equals_stable_sort_with_every_engine(engine, ties, monkeypatch):
+    """Tiles by numpy's BLAS or torch's, or faiss's exact search with its tied rows redone: the
+    same exact neighbours and tie rule (lower index first), by name and through "auto"."""
+    if engine == "faiss":
+        pytest.importorskip("faiss")
+    from softtriple.evaluation import engines
 
-    monkeypatch.setenv("SOFTTRIPLE_MATMUL", engine)
-    monkeypatch.setattr(matmul, "SMALL", 0)  # every tile through the engine
-    matmul.cpu_engine.cache_clear()
+    monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", engine)
+    monkeypatch.setattr(engines, "SMALL", 0)  # every search through the engine
+    engines.cpu_engine.cache_clear()
     try:
-        assert matmul.cpu_engine() == engine
-        for ties in (False, True):
-            x, _ = _data(7, n=301, d=6, ties=ties)
-            xn = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-            sims = xn @ xn.T
-            np.fill_diagonal(sims, -np.inf)
-            _, index = knn(x.astype(np.float32), 5, block=100)
-            np.testing.assert_array_equal(index.numpy(),
-                                          np.argsort(-sims, axis=1, kind="stable")[:, :5])
+        assert engines.cpu_engine() == engine
+        x, _ = _data(7, n=301, d=6, ties=ties)
+        x = x.astype(np.float32)
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        sims = xn @ xn.T
+        np.fill_diagonal(sims, -np.inf)
+        for backend in ("auto", engine):
+            for k in (5, 300):
+                _, index = knn(x, k, block=100, backend=backend)
+                np.testing.assert_array_equal(
+                    index.numpy(), np.argsort(-sims, axis=1, kind="stable")[:, :k])
+            _, index_g = knn(x[:50], 9, gallery=x, block=100, backend=backend)
+            np.testing.assert_array_equal(
+                index_g.numpy(), np.argsort(-(xn[:50] @ xn.T), axis=1, kind="stable")[:, :9])
     finally:
-        matmul.cpu_engine.cache_clear()
+        engines.cpu_engine.cache_clear()
 
 
-def test_matmul_engine_is_measured_or_named(monkeypatch):
-    from softtriple.evaluation import matmul
+def test_knn_engine_is_measured_or_named(monkeypatch, tmp_path):
+    from softtriple.evaluation import engines
 
-    times = matmul.measure(repeats=1)
-    assert set(times) == {"torch", "numpy"} and all(t > 0 for t in times.values())
-    monkeypatch.setenv("SOFTTRIPLE_MATMUL", "auto")
-    matmul.cpu_engine.cache_clear()
+    monkeypatch.setattr(engines, "PROBE", (256, 32))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    times = engines.measure(repeats=1)
+    assert set(times) == set(engines.available()) and all(t > 0 for t in times.values())
+    monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", "auto")
+    engines.cpu_engine.cache_clear()
     try:
-        assert matmul.cpu_engine() in ("torch", "numpy")
-        monkeypatch.setenv("SOFTTRIPLE_MATMUL", "mkl")
-        matmul.cpu_engine.cache_clear()
-        with pytest.raises(ValueError, match="SOFTTRIPLE_MATMUL='mkl'; valid: auto, torch, numpy"):
-            matmul.cpu_engine()
+        engine = engines.cpu_engine()
+        assert engine in engines.available()
+        cached = json.loads((tmp_path / "softtriple" / "knn_engine.json").read_text())
+        assert cached["engine"] == engine and cached["machine"] == engines.machine_key()
+        other = next(e for e in engines.available() if e != engine)
+        cached["engine"] = other  # the cache, not a new measurement, decides the next process
+        (tmp_path / "softtriple" / "knn_engine.json").write_text(json.dumps(cached))
+        engines.cpu_engine.cache_clear()
+        assert engines.cpu_engine() == other
+        (tmp_path / "softtriple" / "knn_engine.json").write_text("{not json")
+        engines.cpu_engine.cache_clear()
+        assert engines.cpu_engine() in engines.available()  # a corrupt cache: measured again
+        monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", "mkl")
+        engines.cpu_engine.cache_clear()
+        with pytest.raises(ValueError, match="SOFTTRIPLE_KNN_ENGINE='mkl'; valid: auto, torch, "
+                                             "numpy, faiss"):
+            engines.cpu_engine()
     finally:
-        matmul.cpu_engine.cache_clear()
-    a, b = torch.randn(40, 8), torch.randn(30, 8)
-    torch.testing.assert_close(matmul.similarity_tile(a, b), a @ b.T)
+        engines.cpu_engine.cache_clear()
+    small = torch.randn(40, 8)
+    assert engines.choose(small, 40) == "torch"  # small searches are not measured
+    with pytest.raises(ValueError, match="unknown backend 'blas'; valid: auto, torch, numpy"):
+        knn(small, 3, backend="blas")  # type: ignore[arg-type]

@@ -3,8 +3,9 @@
 Similarity is the dot product of L2-normalized rows (cosine similarity); inputs are normalized
 here, so raw embeddings are fine. Ties are broken deterministically: among equal similarities the
 lower gallery index ranks first (the order of a stable descending sort), in both the selection
-and the ordering of the k neighbours. The ``faiss`` backend returns the same neighbours when no
-two similarities tie; on exact ties it follows faiss's own order.
+and the ordering of the k neighbours, by every backend: torch's or numpy's BLAS for the tiles
+below, or faiss's exact search, whose rows with a tie at the k-th place are redone here.
+``backend="auto"`` (the default) takes the fastest on this machine (``evaluation.engines``).
 
 The search runs on the inputs' device (CPU or CUDA) and copies nothing to the host until the end.
 Each (block x block) tile of similarities yields the exact top-k set of each of its rows in two
@@ -18,16 +19,18 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from softtriple.evaluation.matmul import similarity_tile
+from softtriple.evaluation.engines import Engine, choose, faiss_search, tile_product
 
 ArrayLike = Tensor | np.ndarray
-Backend = Literal["torch", "faiss"]
+Backend = Literal["auto", "torch", "numpy", "faiss"]
+Product = Callable[[Tensor, Tensor], Tensor]
 PENDING = 8  # candidates kept per row, in multiples of k, before they are reduced to k
 
 
@@ -161,7 +164,7 @@ class _RunningTopk:
 
 
 def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
-        backend: Backend = "torch", block: int = 4096) -> tuple[Tensor, Tensor]:
+        backend: Backend = "auto", block: int = 4096) -> tuple[Tensor, Tensor]:
     """The k most similar gallery rows of every query, by cosine similarity.
 
     Without ``gallery`` the queries are the gallery and no query retrieves itself. When the
@@ -172,7 +175,9 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
         queries: (Nq, d) float16/32/64, numpy or torch, on any device.
         k: neighbours per query, 1 <= k <= gallery size (excluding the query itself).
         gallery: (Ng, d) or None, on the queries' device.
-        backend: ``"torch"`` (default, exact tiled products) or ``"faiss"`` (IndexFlatIP, CPU).
+        backend: ``"auto"`` (the fastest engine here for a large float32 CPU search, else
+            torch), ``"torch"`` or ``"numpy"`` (exact tiled products by that library's BLAS), or
+            ``"faiss"`` (IndexFlatIP on the CPU); the same tie rule for all.
         block: at most this many rows per tile; memory is O(block x block + N x k).
 
     Returns:
@@ -200,11 +205,13 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
         raise ValueError(f"k must be in [1, {available}] (the gallery size); got {k}")
     if block < 1:
         raise ValueError(f"block must be >= 1; got {block}")
-    if backend == "faiss":
+    if backend not in ("auto", "torch", "numpy", "faiss"):
+        raise ValueError(f"unknown backend {backend!r}; valid: auto, torch, numpy, faiss")
+    engine: Engine = choose(q, available + 1) if backend == "auto" else backend
+    if engine == "faiss":
         return _knn_faiss(q, k, g)
-    if backend != "torch":
-        raise ValueError(f"unknown backend {backend!r}; valid: torch, faiss")
-    return _knn_self(q, k, block) if g is None else _knn_gallery(q, g, k, block)
+    product = tile_product(engine)
+    return _knn_self(q, k, block, product) if g is None else _knn_gallery(q, g, k, block, product)
 
 
 def _starts(n: int, block: int) -> tuple[list[int], int]:
@@ -213,7 +220,8 @@ def _starts(n: int, block: int) -> tuple[list[int], int]:
     return list(range(0, n, size)), size
 
 
-def _knn_gallery(q: Tensor, g: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+def _knn_gallery(q: Tensor, g: Tensor, k: int, block: int,
+                 product: Product) -> tuple[Tensor, Tensor]:
     q_starts, q_size = _starts(q.shape[0], block)
     g_starts, g_size = _starts(g.shape[0], block)
     found = []
@@ -221,12 +229,12 @@ def _knn_gallery(q: Tensor, g: Tensor, k: int, block: int) -> tuple[Tensor, Tens
         running = _RunningTopk(k)
         rows = q[a:a + q_size]
         for c in g_starts:
-            running.add(tile_topk(similarity_tile(rows, g[c:c + g_size]), c, k))
+            running.add(tile_topk(product(rows, g[c:c + g_size]), c, k))
         found.append(running.best())
     return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
 
 
-def _knn_self(x: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+def _knn_self(x: Tensor, k: int, block: int, product: Product) -> tuple[Tensor, Tensor]:
     starts, size = _starts(x.shape[0], block)
     running = [_RunningTopk(k) for _ in starts]
     found = []
@@ -234,7 +242,7 @@ def _knn_self(x: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
         rows = x[a:a + size]
         for j in range(i, len(starts)):
             b = starts[j]
-            tile = similarity_tile(rows, x[b:b + size])  # (b_i, b_j): serves rows i and j
+            tile = product(rows, x[b:b + size])  # (b_i, b_j): serves rows i and j
             if i == j:
                 tile.fill_diagonal_(float("-inf"))  # never retrieve yourself
             running[i].add(tile_topk(tile, b, k))
@@ -246,26 +254,41 @@ def _knn_self(x: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
 
 
 def _knn_faiss(q: Tensor, k: int, g: Tensor | None) -> tuple[Tensor, Tensor]:
+    """faiss's exact search for k + 1 neighbours (k + 2 among the queries themselves, one of
+    them the query); a row whose k-th and (k+1)-th similarities tie is redone exactly, and the
+    k kept are ordered by (similarity desc, index asc): the tie rule of the tiles."""
     try:
-        import faiss
+        import faiss  # noqa: F401
     except ImportError as error:
         raise ValueError("backend='faiss' needs faiss: pip install 'softtriple[faiss]'") from error
-    device = q.device
-    qn = np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32)
-    gn = qn if g is None else np.ascontiguousarray(g.cpu().numpy(), dtype=np.float32)
-    index = faiss.IndexFlatIP(gn.shape[1])
-    index.add(gn)
-    extra = 1 if g is None else 0
-    sims, ids = index.search(qn, k + extra)
-    sims_t, ids_t = torch.from_numpy(sims), torch.from_numpy(ids)
+    device, dtype = q.device, q.dtype
+    qc = q.detach().cpu()
+    gc = qc if g is None else g.detach().cpu()
+    qn = np.ascontiguousarray(qc.numpy(), dtype=np.float32)
+    gn = qn if g is None else np.ascontiguousarray(gc.numpy(), dtype=np.float32)
+    own = 1 if g is None else 0
+    want = min(k + 1 + own, len(gn))
+    sims_n, ids_n = faiss_search(qn, gn, want)
+    sims_t, ids_t = torch.from_numpy(sims_n), torch.from_numpy(ids_n).long()
     if g is None:  # drop the query itself (or the last neighbour when duplicates hid it)
-        own = ids_t == torch.arange(q.shape[0])[:, None]
-        own[:, -1] |= ~own.any(dim=1)
-        keep = ~own
-        sims_t, ids_t = sims_t[keep].view(-1, k), ids_t[keep].view(-1, k)
-    ids_t = ids_t.long()
-    for row in (~q.cpu().any(dim=1)).nonzero()[:, 0].tolist():  # an all-zero query: every
-        first = torch.arange(k + extra)  # similarity is 0, so the lowest indices, as in torch
-        first = first[first != row][:k] if g is None else first
-        sims_t[row], ids_t[row] = 0.0, first
-    return sims_t.to(device, q.dtype), ids_t.to(device)
+        drop = ids_t == torch.arange(len(qn))[:, None]
+        drop[:, -1] |= ~drop.any(dim=1)
+        sims_t, ids_t = sims_t[~drop].view(len(qn), -1), ids_t[~drop].view(len(qn), -1)
+    if sims_t.shape[1] > k:  # a (k+1)-th neighbour: is the k-th place tied?
+        tied = sims_t[:, k - 1] == sims_t[:, k]
+        sims_t, ids_t = sims_t[:, :k].contiguous(), ids_t[:, :k].contiguous()
+    else:
+        tied = torch.zeros(len(qn), dtype=torch.bool)
+    tied |= ~qc.any(dim=1)  # an all-zero query: every similarity is 0
+    order = torch.argsort(ids_t, dim=1)  # ascending index, then a stable sort by similarity
+    sims_t, ids_t = sims_t.gather(1, order), ids_t.gather(1, order)
+    order = torch.sort(sims_t, dim=1, descending=True, stable=True).indices
+    sims_t, ids_t = sims_t.gather(1, order), ids_t.gather(1, order)
+    redo = tied.nonzero()[:, 0]
+    if len(redo):
+        gf = torch.from_numpy(gn)
+        row_sims = torch.from_numpy(qn[redo.numpy()]) @ gf.T  # (r, Ng)
+        if g is None:
+            row_sims[torch.arange(len(redo)), redo] = float("-inf")
+        sims_t[redo], ids_t[redo] = select_topk(row_sims, torch.arange(len(gn)), k)
+    return sims_t.to(device, dtype), ids_t.to(device)

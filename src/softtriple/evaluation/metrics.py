@@ -51,14 +51,14 @@ class Neighbours:
         embeddings: (N, d) queries. labels: (N,) int.
         gallery, gallery_labels: (M, d) and (M,), or None to search the queries among themselves.
         k: neighbours to find; clipped (with a warning) to the gallery size.
-        backend: knn backend, ``"torch"`` or ``"faiss"``.
+        backend: knn backend (``"auto"``, ``"torch"``, ``"numpy"`` or ``"faiss"``).
         index: (N, k) neighbours already found (``evaluation.sharded``); ``embeddings`` then
             only gives N and ``gallery`` only its size (any (M, d)-shaped array).
     """
 
     def __init__(self, embeddings: ArrayLike, labels: ArrayLike, k: int,
                  gallery: ArrayLike | None = None, gallery_labels: ArrayLike | None = None,
-                 backend: Backend = "torch", index: Tensor | None = None) -> None:
+                 backend: Backend = "auto", index: Tensor | None = None) -> None:
         # only the shape here: knn validates the embeddings (a second finite check of an (N, d)
         # array costs as much as the metrics)
         queries = torch.as_tensor(embeddings) if index is None else torch.empty(
@@ -144,7 +144,7 @@ def map_at_r_from(nb: Neighbours) -> float:
 
 def recall_at_k(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8),
                 gallery: ArrayLike | None = None, gallery_labels: ArrayLike | None = None,
-                backend: Backend = "torch") -> dict[int, float]:
+                backend: Backend = "auto") -> dict[int, float]:
     """Recall@K in the metric-learning sense: the fraction of queries with *at least one* item of
     their own class among their K nearest neighbours (not IR recall, which divides by the number
     of relevant items). Without a gallery every item queries all the others, never itself.
@@ -159,20 +159,20 @@ def recall_at_k(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1
 
 
 def precision_at_1(embeddings: ArrayLike, labels: ArrayLike, gallery: ArrayLike | None = None,
-                   gallery_labels: ArrayLike | None = None, backend: Backend = "torch") -> float:
+                   gallery_labels: ArrayLike | None = None, backend: Backend = "auto") -> float:
     """Fraction of queries (with at least one positive) whose nearest neighbour shares the label."""
     return precision_at_1_from(Neighbours(embeddings, labels, 1, gallery, gallery_labels, backend))
 
 
 def r_precision(embeddings: ArrayLike, labels: ArrayLike, gallery: ArrayLike | None = None,
-                gallery_labels: ArrayLike | None = None, backend: Backend = "torch") -> float:
+                gallery_labels: ArrayLike | None = None, backend: Backend = "auto") -> float:
     """Mean over queries of (positives among the top R) / R, R = the query's positive count."""
     k = required_k(labels, (), gallery_labels)
     return r_precision_from(Neighbours(embeddings, labels, k, gallery, gallery_labels, backend))
 
 
 def map_at_r(embeddings: ArrayLike, labels: ArrayLike, gallery: ArrayLike | None = None,
-             gallery_labels: ArrayLike | None = None, backend: Backend = "torch") -> float:
+             gallery_labels: ArrayLike | None = None, backend: Backend = "auto") -> float:
     """MAP@R: mean over queries of (1/R) sum_{j<=R} P(j) [item j is a positive]."""
     k = required_k(labels, (), gallery_labels)
     return map_at_r_from(Neighbours(embeddings, labels, k, gallery, gallery_labels, backend))
@@ -244,7 +244,7 @@ def retrieval_metrics(nb: Neighbours, ks: Sequence[int],
 
 def evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8),
              metrics: Sequence[str] = DEFAULT_METRICS, gallery: ArrayLike | None = None,
-             gallery_labels: ArrayLike | None = None, backend: Backend = "torch",
+             gallery_labels: ArrayLike | None = None, backend: Backend = "auto",
              seed: int = 0,
              kmeans_settings: KMeansSettings = KMeansSettings()) -> dict[str, Any]:  # noqa: B008
     """All requested metrics from one neighbour search (and one k-means for NMI/AMI, whose

@@ -12,7 +12,10 @@ from typing import Any
 from torch import nn
 
 from softtriple.losses.clustering import ClusteringLoss
+from softtriple.losses.contrastive import ContrastiveLoss
 from softtriple.losses.lifted import LiftedStructureLoss
+from softtriple.losses.margin_softmax import ArcFaceLoss, CosFaceLoss
+from softtriple.losses.multi_similarity import MultiSimilarityLoss
 from softtriple.losses.npair import NPairLoss
 from softtriple.losses.proxy_anchor import ProxyAnchorLoss
 from softtriple.losses.proxy_nca import ProxyNCALoss
@@ -30,6 +33,10 @@ LOSSES: dict[str, type[nn.Module]] = {
     "lifted": LiftedStructureLoss,
     "triplet": TripletLoss,
     "clustering": ClusteringLoss,
+    "contrastive": ContrastiveLoss,
+    "multi_similarity": MultiSimilarityLoss,
+    "arcface": ArcFaceLoss,
+    "cosface": CosFaceLoss,
 }
 
 
@@ -57,9 +64,13 @@ def build_loss(name: str, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "LOSSES",
+    "ArcFaceLoss",
     "ClusteringLoss",
+    "ContrastiveLoss",
+    "CosFaceLoss",
     "HardTripleLoss",
     "LiftedStructureLoss",
+    "MultiSimilarityLoss",
     "NPairLoss",
     "ProxyAnchorLoss",
     "ProxyNCALoss",

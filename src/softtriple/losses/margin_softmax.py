@@ -1,0 +1,98 @@
+"""Additive-margin softmax losses on normalized class weights: CosFace (Wang et al., "CosFace:
+Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018) and ArcFace (Deng et al.,
+"ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019). Their class
+weights are proxies, like SoftTriple's centers, trained with the loss's own learning rate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._precision import float32_forward
+
+
+class _MarginSoftmax(nn.Module):
+    """Cross-entropy on s * cos(x, w_c), the target class's cosine replaced by ``target_logit``.
+
+    Args:
+        num_classes: C. embedding_dim: d. scale: s. margin: m (its unit is the subclass's).
+
+    Shapes:
+        embeddings (B, d) float, labels (B,) int64 in [0, C) -> scalar; weights (C, d).
+    """
+
+    needs_global_batch: bool = False  # a mean of per-example terms: DDP's mean is exact
+
+    def __init__(self, num_classes: int, embedding_dim: int, scale: float,
+                 margin: float) -> None:
+        super().__init__()
+        check_count("num_classes", num_classes)
+        check_count("embedding_dim", embedding_dim)
+        check_positive("scale", scale)
+        check_positive("margin", margin, allow_zero=True)
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.scale, self.margin = float(scale), float(margin)
+        self.weights = nn.Parameter(torch.randn(num_classes, embedding_dim))  # (C, d)
+
+    def target_logit(self, cos: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @float32_forward
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
+        dtype = torch.promote_types(embeddings.dtype, self.weights.dtype)
+        cos = F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(
+            self.weights.to(dtype), dim=1).T  # (B, C)
+        target = cos.gather(1, labels[:, None])  # (B, 1)
+        logits = cos.scatter(1, labels[:, None], self.target_logit(target))
+        return F.cross_entropy(self.scale * logits, labels)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+                f"scale={self.scale}, margin={self.margin}")
+
+
+class CosFaceLoss(_MarginSoftmax):
+    """CosFace (large margin cosine loss): the target logit is s (cos(theta_y) - m).
+
+    Args:
+        num_classes: C. embedding_dim: d. scale: s (paper: 64). margin: m, in cosine (0.35).
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
+                 margin: float = 0.35) -> None:
+        super().__init__(num_classes, embedding_dim, scale, margin)
+
+    def target_logit(self, cos: Tensor) -> Tensor:
+        return cos - self.margin
+
+
+class ArcFaceLoss(_MarginSoftmax):
+    """ArcFace (additive angular margin): the target logit is s cos(theta_y + m) while
+    theta_y + m <= pi, and s (cos(theta_y) - m sin(m)) beyond, which keeps it decreasing in
+    theta_y (as the official code and pytorch-metric-learning do).
+
+    cos(theta + m) is computed as cos(theta) cos(m) - sin(theta) sin(m), with sin(theta) =
+    sqrt(1 - cos^2) clamped away from 0, so the gradient stays finite where theta is 0 or pi.
+
+    Args:
+        num_classes: C. embedding_dim: d. scale: s (paper: 64).
+        margin: m in degrees (paper: 0.5 rad = 28.6 degrees), below 90.
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
+                 margin: float = 28.6) -> None:
+        super().__init__(num_classes, embedding_dim, scale, margin)
+        if margin >= 90:
+            raise ValueError(f"margin is in degrees and must be below 90; got {margin}")
+        self.radians = math.radians(self.margin)
+
+    def target_logit(self, cos: Tensor) -> Tensor:
+        m = self.radians
+        sin = torch.sqrt((1.0 - cos * cos).clamp_min(1e-12))
+        shifted = cos * math.cos(m) - sin * math.sin(m)  # cos(theta + m)
+        return torch.where(cos >= -math.cos(m), shifted, cos - m * math.sin(m))
