@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -291,13 +292,13 @@ def test_knn_equals_stable_sort_with_every_engine(engine, ties, monkeypatch):
     same exact neighbours and tie rule (lower index first), by name and through "auto"."""
     if engine == "faiss":
         pytest.importorskip("faiss")
-    from softtriple.evaluation import engines
+    knn_module = importlib.import_module("softtriple.evaluation.knn")
 
     monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", engine)
-    monkeypatch.setattr(engines, "SMALL", 0)  # every search through the engine
-    engines.cpu_engine.cache_clear()
+    monkeypatch.setattr(knn_module, "SMALL", 0)  # every search through the engine
+    knn_module.cpu_engine.cache_clear()
     try:
-        assert engines.cpu_engine() == engine
+        assert knn_module.cpu_engine() == engine
         x, _ = _data(7, n=301, d=6, ties=ties)
         x = x.astype(np.float32)
         xn = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -312,40 +313,41 @@ def test_knn_equals_stable_sort_with_every_engine(engine, ties, monkeypatch):
             np.testing.assert_array_equal(
                 index_g.numpy(), np.argsort(-(xn[:50] @ xn.T), axis=1, kind="stable")[:, :9])
     finally:
-        engines.cpu_engine.cache_clear()
+        knn_module.cpu_engine.cache_clear()
 
 
 def test_knn_engine_is_measured_or_named(monkeypatch, tmp_path):
     from softtriple.evaluation import engines
+    knn_module = importlib.import_module("softtriple.evaluation.knn")
 
-    monkeypatch.setattr(engines, "PROBE", (256, 32))
+    monkeypatch.setattr(knn_module, "PROBE", (256, 32, 8))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-
-    times = engines.measure(repeats=1)
+    cache = tmp_path / "softtriple" / "knn_engine.json"
+    times = knn_module.measure_engines(repeats=1)
     assert set(times) == set(engines.available()) and all(t > 0 for t in times.values())
     monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", "auto")
-    engines.cpu_engine.cache_clear()
+    knn_module.cpu_engine.cache_clear()
     try:
-        engine = engines.cpu_engine()
+        engine = knn_module.cpu_engine()
         assert engine in engines.available()
-        cached = json.loads((tmp_path / "softtriple" / "knn_engine.json").read_text())
+        cached = json.loads(cache.read_text())
         assert cached["engine"] == engine and cached["machine"] == engines.machine_key()
         other = next(e for e in engines.available() if e != engine)
         cached["engine"] = other  # the cache, not a new measurement, decides the next process
-        (tmp_path / "softtriple" / "knn_engine.json").write_text(json.dumps(cached))
-        engines.cpu_engine.cache_clear()
-        assert engines.cpu_engine() == other
-        (tmp_path / "softtriple" / "knn_engine.json").write_text("{not json")
-        engines.cpu_engine.cache_clear()
-        assert engines.cpu_engine() in engines.available()  # a corrupt cache: measured again
+        cache.write_text(json.dumps(cached))
+        knn_module.cpu_engine.cache_clear()
+        assert knn_module.cpu_engine() == other
+        cache.write_text("{not json")
+        knn_module.cpu_engine.cache_clear()
+        assert knn_module.cpu_engine() in engines.available()  # a corrupt cache: measured again
         monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", "mkl")
-        engines.cpu_engine.cache_clear()
+        knn_module.cpu_engine.cache_clear()
         with pytest.raises(ValueError, match="SOFTTRIPLE_KNN_ENGINE='mkl'; valid: auto, torch, "
                                              "numpy, faiss"):
-            engines.cpu_engine()
+            knn_module.cpu_engine()
     finally:
-        engines.cpu_engine.cache_clear()
+        knn_module.cpu_engine.cache_clear()
     small = torch.randn(40, 8)
-    assert engines.choose(small, 40) == "torch"  # small searches are not measured
+    assert knn_module.choose(small, 40) == "torch"  # small searches are not measured
     with pytest.raises(ValueError, match="unknown backend 'blas'; valid: auto, torch, numpy"):
         knn(small, 3, backend="blas")  # type: ignore[arg-type]

@@ -17,7 +17,11 @@ all tiles are then reduced to its k neighbours.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import statistics
+import time
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -26,12 +30,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softtriple.evaluation.engines import Engine, choose, faiss_search, tile_product
+from softtriple.evaluation.engines import (
+    ENGINES,
+    Engine,
+    available,
+    faiss_search,
+    measured_engine,
+    tile_product,
+)
 
 ArrayLike = Tensor | np.ndarray
 Backend = Literal["auto", "torch", "numpy", "faiss"]
 Product = Callable[[Tensor, Tensor], Tensor]
 PENDING = 8  # candidates kept per row, in multiples of k, before they are reduced to k
+PROBE = (3072, 512, 32)  # rows, width and k of the engines' measurement: at 768 or 2,048 rows a
+# product and a top-k ranked torch first on one Xeon, where faiss's search is the fastest at 5,924
+SMALL = 2**28  # multiply-adds below which a search goes to torch unmeasured (about 10 ms)
 
 
 def as_tensor(array: ArrayLike, name: str) -> Tensor:
@@ -212,6 +226,47 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
         return _knn_faiss(q, k, g)
     product = tile_product(engine)
     return _knn_self(q, k, block, product) if g is None else _knn_gallery(q, g, k, block, product)
+
+
+def measure_engines(repeats: int = 2) -> dict[Engine, float]:
+    """Median seconds of each available engine's whole search (``PROBE``: k nearest neighbours of
+    random rows among themselves), over ``repeats`` consecutive calls after a warm-up call. Not
+    interleaved: a BLAS whose threads keep spinning after its product slows torch's next
+    operations (numpy's OpenBLAS doubled the time of torch's top-k on an Intel Xeon), and that
+    cost belongs to the engine that causes it."""
+    rows, width, k = PROBE
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
+    times: dict[Engine, float] = {}
+    for engine in available():
+        seconds = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            knn(x, k, backend=engine)
+            seconds.append(time.perf_counter() - start)
+        times[engine] = statistics.median(seconds[1:])
+    return times
+
+
+@functools.cache
+def cpu_engine() -> Engine:
+    """The engine of large float32 CPU searches: $SOFTTRIPLE_KNN_ENGINE, or the fastest measured
+    on this machine (``engines.measured_engine``)."""
+    setting = os.environ.get("SOFTTRIPLE_KNN_ENGINE", "auto")
+    if setting in ENGINES:
+        return setting  # type: ignore[return-value]
+    if setting != "auto":
+        raise ValueError(f"SOFTTRIPLE_KNN_ENGINE={setting!r}; valid: auto, "
+                         f"{', '.join(ENGINES)}")
+    return measured_engine(measure_engines)
+
+
+def choose(queries: Tensor, gallery_rows: int) -> Engine:
+    """The engine ``backend="auto"`` uses: the measured one for a large float32 CPU search,
+    torch for anything else (small, float64, or on a GPU)."""
+    large = queries.shape[0] * gallery_rows * queries.shape[1] >= SMALL
+    if large and queries.device.type == "cpu" and queries.dtype == torch.float32:
+        return cpu_engine()
+    return "torch"
 
 
 def _starts(n: int, block: int) -> tuple[list[int], int]:
