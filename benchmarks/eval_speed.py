@@ -171,7 +171,7 @@ def main() -> None:
     import pytorch_metric_learning  # noqa: F401
     import torch  # noqa: F401
 
-    from softtriple.evaluation.engines import cpu_engine
+    from softtriple.evaluation.knn import cpu_engine
 
     conditions = Conditions.start(allow_noisy=args.noisy)
     rows = []

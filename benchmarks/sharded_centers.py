@@ -104,6 +104,16 @@ def worker(mode: str, classes: int, out: Path) -> None:
     dist.teardown()
 
 
+def ratios(rows: list[dict]) -> list[dict]:
+    """Sharded over replicated, memory and step time, for each class count both modes ran."""
+    by = {(r["mode"], r["classes"]): r for r in rows if "step_s" in r}
+    return [{"classes": c,
+             "memory": by["sharded", c]["peak_gib_per_process"]
+             / by["replicated", c]["peak_gib_per_process"],
+             "step_time": by["sharded", c]["step_s"] / by["replicated", c]["step_s"]}
+            for mode, c in by if mode == "sharded" and ("replicated", c) in by]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, nargs="*", default=list(CLASSES))
@@ -131,7 +141,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     write_json(args.out, {
-        "batch": BATCH, "embedding_dim": DIM, "centers_per_class": K, "steps": STEPS,
+        "ratios": ratios(rows), "batch": BATCH, "embedding_dim": DIM, "centers_per_class": K, "steps": STEPS,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per process",
         "torch": torch.__version__, "command": "benchmarks/sharded_centers.py", "rows": rows})
 

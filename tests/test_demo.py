@@ -1,5 +1,6 @@
 """The demo's job, shrunk to seconds, and its settings equal to configs/glyphs.yaml."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,8 @@ def test_demo_runs_and_reports_three_columns(tmp_path, monkeypatch, capsys):
     for word in ("raw pixels", "pretrained", "trained", "recall@1", "run folder"):
         assert word in out
     assert (tmp_path / "run" / "results.json").is_file()
+    summary = json.loads((tmp_path / "run" / "demo.json").read_text())  # the README's table
+    assert summary["seed"] == 0 and summary["cpu"]
+    for column in ("raw pixels", "pretrained", "trained"):
+        assert set(summary[column]) == set(demo.SHOWN)
+        assert f"{summary[column]['recall@1']:.3f}" in out

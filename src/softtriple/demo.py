@@ -4,12 +4,18 @@ next to the raw-pixel baseline. The settings are configs/glyphs.yaml's (a test k
 
 from __future__ import annotations
 
+import platform
 import time
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from softtriple.atomic import write_json
 from softtriple.data.baseline import raw_pixels
 from softtriple.data.builtin import glyphs, prepare
 from softtriple.evaluation import evaluate
+from softtriple.run import RunDir
 from softtriple.training import Trainer
 from softtriple.training.config import Config, apply_overrides, check_config, config_from_dict
 
@@ -67,5 +73,19 @@ def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
     print("\n" + f"{'held-out':<12}" + "".join(f"{c:>12}" for c in columns))
     for key in SHOWN:
         print(f"{key:<12}" + "".join(f"{results[c][key]:>12.3f}" for c in columns))
-    print(f"\nrun folder: {results['run']['folder']} ({time.perf_counter() - start:.0f} s)")
+    seconds = time.perf_counter() - start
+    summary = RunDir(str(results["run"]["folder"])).demo_summary
+    write_json(summary, {
+        "command": "make demo", "seed": config.run.seed, "seconds": round(seconds, 1),
+        "cpu": cpu_model(), "torch": torch.__version__,
+        **{column: {key: results[column][key] for key in SHOWN} for column in columns}})
+    print(f"\nrun folder: {results['run']['folder']} ({seconds:.0f} s; the table in {summary})")
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name: the last digits of the demo's metrics differ between CPUs."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())

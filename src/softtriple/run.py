@@ -8,6 +8,7 @@
     RUN/results.json           the final metrics
     RUN/test_embeddings.npz    the held-out embeddings (an embeddings file, below)
     RUN/plots/, RUN/report.html, RUN/bad_images.txt
+    RUN/demo.json              `softtriple demo`'s table: raw pixels, pretrained, trained
     RUN/.lock                  held (flock) by the process training into the folder
 
 An embeddings file (``.npz``: ``embeddings`` (N, d) float32, ``labels`` (N,) int, ``paths``
@@ -41,7 +42,7 @@ class RunDir:
     """A run folder at ``root`` (which may not exist yet)."""
 
     FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "results.json",
-             "test_embeddings.npz", "plots", "report.html", "bad_images.txt")
+             "test_embeddings.npz", "plots", "report.html", "bad_images.txt", "demo.json")
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -55,6 +56,7 @@ class RunDir:
     plots = property(lambda self: self.root / "plots")
     report = property(lambda self: self.root / "report.html")
     bad_images = property(lambda self: self.root / "bad_images.txt")
+    demo_summary = property(lambda self: self.root / "demo.json")
 
     # ------------------------------------------------------------------ state
     def lock(self) -> IO[str]:
