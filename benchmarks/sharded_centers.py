@@ -141,7 +141,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     write_json(args.out, {
-        "ratios": ratios(rows), "batch": BATCH, "embedding_dim": DIM, "centers_per_class": K, "steps": STEPS,
+        "ratios": ratios(rows), "batch": BATCH, "embedding_dim": DIM, "centers_per_class": K,
+        "steps": STEPS,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per process",
         "torch": torch.__version__, "command": "benchmarks/sharded_centers.py", "rows": rows})
 

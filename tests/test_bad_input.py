@@ -49,6 +49,11 @@ def world(data_root, tmp_path_factory):
     data = (run / "checkpoints" / "last.pt").read_bytes()
     (root / "truncated" / "checkpoints" / "last.pt").write_bytes(data[: len(data) // 2])
     (root / "a_file").write_text("x")
+    emb = np.load(root / "emb.npz")  # labels (and paths) shorter than its rows
+    np.savez(root / "short_labels.npz", embeddings=emb["embeddings"], labels=emb["labels"][:-3],
+             paths=emb["paths"][:-3])
+    full = (root / "emb.npz").read_bytes()
+    (root / "truncated.npz").write_bytes(full[: len(full) // 2])
     return root
 
 
@@ -84,6 +89,18 @@ CASES = [  # (command with {root} for the fixture's folder, the line's expected 
     (["search", "{root}/emb.npz", "--query-embedding", "{root}/nan.npy"], "NaN or inf"),
     (["search", "{root}/emb.npz", "--query-embedding", "{root}/wide.npy"], "query has shape"),
     (["search", "{root}/emb.npz", "--query-index", "0", "-k", "0"], "k must be in [1, "),
+    (["search", "{root}/short_labels.npz", "--query-index", "0"],
+     "but 893 labels and 893 paths; it is damaged"),
+    (["search", "{root}/truncated.npz", "--query-index", "0"],
+     "is not an embeddings file from softtriple embed (BadZipFile)"),
+    (["neighbours", "{root}/short_labels.npz", "-k", "3", "--out", "{root}/knn.npz"],
+     "(896, 8) but 893 labels; it is damaged"),
+    (["neighbours", "{root}/truncated.npz", "-k", "3", "--out", "{root}/knn.npz"],
+     "is not an embeddings file from softtriple embed (BadZipFile)"),
+    (["search", "{root}/emb.npz", "--query-index", "0", "--index", "hnsw", "--probes", "-1"],
+     "probes must be an integer >= 1 (or 0 for the index's default); got -1"),
+    (["search", "{root}/emb.npz", "--query-index", "0", "--index", "ivf", "--probes", "-5"],
+     "probes must be an integer >= 1"),
 ]
 
 

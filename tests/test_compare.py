@@ -103,6 +103,16 @@ def test_dry_run_lists_runs_and_bad_suites_fail_early(data_root, tmp_path, capsy
         compare.load_suite(suite_file)
     assert main(["compare", str(suite_file)]) == 2
     assert "unknown config key loss.nam" in capsys.readouterr().err
+    for wrong, message in [("loss.name=proxy_ncaa", "loss.name='proxy_ncaa' is not a loss"),
+                           ("loss.args.centres_per_class=4",
+                            "loss.args.centres_per_class is not an argument of loss "
+                            "'softmax_norm'; valid: la, margin"),
+                           ("loss.args.la=-1", "loss.args of softmax_norm: la must be")]:
+        suite_file.write_text(text.replace("loss.nam=softmax_norm",
+                                           f"loss.name=softmax_norm, {wrong}"))
+        assert main(["compare", str(suite_file), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
 
 
 def test_feature_cache_is_reused_and_rebuilt_when_an_image_changes(tmp_path, monkeypatch):

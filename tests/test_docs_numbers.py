@@ -1,8 +1,9 @@
 """Every number in a table of README.md, docs/PERFORMANCE.md and docs/RESULTS.md comes from a
 results file that its section names (``benchmarks/results/....json``): each numeric cell, at the
 precision it is printed with, must equal a value of one of those files (seconds also as ms,
-bytes as MiB, GiB or GB). A cell with words beyond units is prose and not checked. A table whose section names no results file, or a number that none of its
-files holds, fails with the table's place and the number."""
+bytes as MiB, GiB or GB; a compare summary's runs also as each variant's mean run time). A cell
+with words beyond units is prose and not checked. A table whose section names no results file,
+or a number that none of its files holds, fails with the table's place and the number."""
 
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def test_the_checker_catches_a_changed_number(tmp_path, monkeypatch):
                    f"| row | 1200 ms | 3.00 GiB |\n")
     monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
     assert check("doc.md") == []
-    doc.write_text(f"## Changed\nFrom `benchmarks/results/x.json`.\n\n{table}| row | 0.832 | 1.2 s |\n")
+    doc.write_text(f"## Changed\nFrom `benchmarks/results/x.json`.\n\n{table}"
+                   f"| row | 0.832 | 1.2 s |\n")
     assert check("doc.md") == ["doc.md, 'Changed', row 'row': '0.832' is in none of "
                                "benchmarks/results/x.json"]
     doc.write_text(f"## Uncited\n\n{table}| row | 0.830 | 1.2 s |\n")

@@ -191,6 +191,10 @@ def test_nmi_clusters_separated_data_and_is_deterministic():
     (lambda: knn(np.ones((3, 2)), 3), r"k must be in \[1, 2\]"),
     (lambda: evaluate(np.ones((3, 2)), np.arange(3), metrics=("mapr",)), "valid: recall"),
     (lambda: recall_at_k(np.ones((3, 2)), np.arange(3), gallery=np.ones((2, 2))), "together"),
+    *[(lambda ks=ks: evaluate(np.eye(4), np.arange(4) % 2, ks=ks),
+       "ks must be a non-empty sequence of integers >= 1")
+      for ks in [(0,), (-1,), (), (True,), (1.5,), "4", 4, (1, None)]],
+    (lambda: recall_at_k(np.eye(4), np.arange(4) % 2, ks=(0, 1)), r"got \(0, 1\)"),
 ])
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):

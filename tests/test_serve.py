@@ -76,6 +76,11 @@ def test_upload_finds_neighbours_and_bad_uploads_are_refused(client):
     big = client.post("/upload", files={"file": ("big.png", b"\0" * (MAX_UPLOAD_BYTES + 1),
                                                  "image/png")})
     assert big.status_code == 413 and "larger than" in big.json()["detail"]
+    bomb = io.BytesIO()  # 12,000 x 12,000 1-bit: a few KB that decode to 144 M pixels
+    Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 100_000
+    refused = client.post("/upload", files={"file": ("bomb.png", bomb.getvalue(), "image/png")})
+    assert refused.status_code == 413 and "12000 x 12000 pixels" in refused.json()["detail"]
 
 
 @pytest.mark.parametrize("path", ["/plots/../config.yaml", "/plots/%2e%2e%2fconfig.yaml",

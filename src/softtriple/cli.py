@@ -134,9 +134,9 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     if query_rows < world or gallery_rows < world:
         raise ValueError(f"{min(query_rows, gallery_rows)} rows cannot be shared by {world} "
                          f"processes; use fewer")
-    queries = read_embedding_rows(query_file, *class_block(query_rows, world, rank))
-    gallery = read_embedding_rows(args.gallery, *class_block(gallery_rows, world, rank)) \
-        if args.queries else None
+    queries = read_embedding_rows(query_file, *class_block(query_rows, world, rank), query_rows)
+    gallery = read_embedding_rows(args.gallery, *class_block(gallery_rows, world, rank),
+                                  gallery_rows) if args.queries else None
     sims, index = sharded_knn(queries, gallery, args.k)
     parts = list(dist.stream_to_main((sims.numpy(), index.numpy())))
     if dist.is_main():

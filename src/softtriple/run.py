@@ -178,10 +178,12 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray | Iterable[np.ndar
     return out
 
 
-def read_embedding_rows(path: str | Path, start: int, stop: int) -> np.ndarray:
+def read_embedding_rows(path: str | Path, start: int, stop: int,
+                        labels: int | None = None) -> np.ndarray:
     """Rows [start, stop) of an embeddings file's (N, d) array, memory-mapped from the file
     (the .npz member is stored uncompressed), so a process reads only its shard; a compressed
-    file falls back to loading the array. DataError as ``read_embeddings``."""
+    file falls back to loading the array. DataError as ``read_embeddings``, and when ``labels``
+    (the file's label count) is not N."""
     file = Path(path)
     try:
         with zipfile.ZipFile(file) as archive:
@@ -202,8 +204,12 @@ def read_embedding_rows(path: str | Path, start: int, stop: int) -> np.ndarray:
             offset = f.tell()
         if fortran or len(shape) != 2 or dtype.hasobject:
             raise ValueError("not a C-ordered 2-D float array")
+        if labels is not None:
+            check_rows(file, shape, labels, None)
         rows = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
         return np.array(rows[start:stop])
+    except DataError:
+        raise
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise DataError(f"{file} is not an embeddings file from softtriple embed "
                         f"({error.__class__.__name__})") from error
@@ -217,7 +223,7 @@ def read_embedding_labels(path: str | Path) -> np.ndarray:
     try:
         with np.load(Path(path), allow_pickle=False) as data:
             return data["labels"]
-    except (KeyError, ValueError, OSError) as error:
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"{path} is not an embeddings file from softtriple embed "
                         f"({error.__class__.__name__})") from error
 
@@ -241,7 +247,20 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]
                         f"(or train a run to the end)")
     try:
         with np.load(file, allow_pickle=False) as data:
-            return data["embeddings"], data["labels"], [str(p) for p in data["paths"]]
-    except (KeyError, IndexError, TypeError, ValueError, OSError) as error:
+            embeddings, labels = data["embeddings"], data["labels"]
+            paths = [str(p) for p in data["paths"]]
+    except (KeyError, IndexError, TypeError, ValueError, OSError, EOFError,
+            zipfile.BadZipFile) as error:
         raise DataError(f"{file} is not an embeddings file from softtriple embed "
                         f"({error.__class__.__name__})") from error
+    check_rows(file, embeddings.shape, len(labels), len(paths))
+    return embeddings, labels, paths
+
+
+def check_rows(file: Path, shape: tuple[int, ...], labels: int, paths: int | None) -> None:
+    """DataError unless an embeddings file's (N, d) array has one label (and path) per row."""
+    if len(shape) != 2 or shape[0] != labels or (paths is not None and paths != shape[0]):
+        raise DataError(f"{file} holds embeddings of shape {tuple(shape)} but {labels} labels"
+                        + ("" if paths is None else f" and {paths} paths")
+                        + "; it is damaged or was not written by softtriple embed: write it "
+                          "again")

@@ -30,6 +30,9 @@ class EmbeddingIndex:
                  kind: str = "flat", probes: int = 0, names: list[str] | None = None) -> None:
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index {kind!r}; valid: {', '.join(INDEX_KINDS)}")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
+            raise ValueError(f"probes must be an integer >= 1 (or 0 for the index's default); "
+                             f"got {probes!r}")
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
         self.embeddings, self.labels, self.paths = x, labels, paths

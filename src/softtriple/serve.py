@@ -23,6 +23,8 @@ from softtriple.run import RunDir
 from softtriple.search import EmbeddingIndex
 
 MAX_UPLOAD_BYTES = 8 * 2**20
+MAX_UPLOAD_PIXELS = 40_000_000  # decoded size cap, read from the header before decoding: a
+# 17.5 KB 1-bit PNG of 12,000 x 12,000 (under Pillow's own limit) took the server to 2.35 GB
 MAX_K = 50
 PICK = 48  # held-out images offered as queries on the front page
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;color:#222}
@@ -132,6 +134,11 @@ def create_app(run: str | Path) -> Any:
 
         try:
             picture = Image.open(io.BytesIO(data))
+            width, height = picture.size
+            if width * height > MAX_UPLOAD_PIXELS:
+                raise HTTPException(413, f"{file.filename or 'the upload'} is {width} x {height} "
+                                         f"pixels, over the {MAX_UPLOAD_PIXELS:,} this page "
+                                         f"decodes; upload a smaller image")
             picture.load()
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
                 ValueError) as error:

@@ -35,6 +35,15 @@ def _labels(labels: ArrayLike, n: int, name: str) -> np.ndarray:
     return array
 
 
+def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """The Ks of Recall@K as a tuple; ValueError unless a non-empty sequence of integers >= 1."""
+    if isinstance(ks, str | bytes) or not isinstance(ks, Sequence) or not ks or any(
+            isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of integers >= 1, e.g. (1, 2, 4, 8); "
+                         f"got {ks!r}")
+    return tuple(int(k) for k in ks)
+
+
 def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray,
                      self_search: bool) -> np.ndarray:
     """R_i: how many gallery items (other than the query itself) share query i's label."""
@@ -154,6 +163,7 @@ def recall_at_k(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1
     >>> recall_at_k(x, np.array([0, 0, 1, 1]), ks=(1,))
     {1: 1.0}
     """
+    ks = check_ks(ks)
     nb = Neighbours(embeddings, labels, max(ks), gallery, gallery_labels, backend)
     return recall_from(nb, ks)
 
@@ -254,6 +264,8 @@ def evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2
         ``{"recall@1": ..., "precision_at_1": ..., "r_precision": ..., "map_at_r": ...,
         "nmi": ..., "queries": N, "lone_queries": left out of the R-based metrics}``.
     """
+    if "recall" in metrics:
+        ks = check_ks(ks)
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(ALL_METRICS)}")

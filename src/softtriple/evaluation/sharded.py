@@ -25,6 +25,7 @@ from softtriple.evaluation.metrics import (
     CLUSTER_METRICS,
     RETRIEVAL_METRICS,
     Neighbours,
+    check_ks,
     evaluate,
     required_k,
     retrieval_metrics,
@@ -141,6 +142,8 @@ def sharded_evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int]
     embedding in one k-means, so for them the embeddings are gathered on rank 0. Returns the
     metrics on rank 0 and {} on the others; in one process, ``evaluate``.
     """
+    if "recall" in metrics:
+        ks = check_ks(ks)
     world, me = _world()
     if world == 1:
         return evaluate(embeddings, labels, ks, metrics, seed=seed,

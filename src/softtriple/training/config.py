@@ -240,10 +240,34 @@ def check_config(config: Config) -> Config:
         ev.kmeans.check()
     except ValueError as error:
         raise ConfigError(f"evaluation.kmeans: {error}") from error
+    check_loss(config)
     if config.data.feature_cache and (config.data.augment or not config.model.freeze_backbone):
         raise ConfigError("data.feature_cache needs model.freeze_backbone=true and "
                           "data.augment=false (features are computed once, unaugmented)")
     return config
+
+
+def check_loss(config: Config) -> None:
+    """ConfigError unless loss.name is a registered loss and loss.args are its arguments with
+    valid values (the loss is built once, for two classes, to let it check them): a misspelt
+    name or argument fails when the config is read, not after the data are loaded."""
+    from softtriple.losses import LOSSES, build_loss, loss_arguments
+
+    name, args = config.loss.name, config.loss.args
+    if name not in LOSSES:
+        raise ConfigError(f"loss.name={name!r} is not a loss; valid: {', '.join(LOSSES)}")
+    sized = {"num_classes": 2, "embedding_dim": config.model.embedding_dim}
+    valid = [a for a in loss_arguments(name) if a not in sized]
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise ConfigError(f"loss.args.{unknown[0]} is not an argument of loss {name!r}; valid: "
+                          f"{', '.join(valid)}")
+    if config.loss.shard_centers:
+        return  # the sharded loss checks its own arguments when built
+    try:
+        build_loss(name, **{k: v for k, v in sized.items() if k in loss_arguments(name)}, **args)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"loss.args of {name}: {error}") from error
 
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
