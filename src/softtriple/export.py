@@ -98,6 +98,8 @@ def export(run: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     record = {"format": fmt, "model": out.name, "input": "images", "output": "embeddings",
               "layout": "NCHW float32, RGB", "image_size": config.data.image_size,
               "resize": "shorter side to round(image_size * 256 / 224), center crop image_size",
+              "interpolation": model.interpolation,  # a bicubic resize of bilinear weights
+              # (Pillow's default) loses 1-2% cosine
               "scale": "pixel values / 255, then (x - mean) / std per channel",
               "mean": list(model.mean), "std": list(model.std),
               "embedding_dim": config.model.embedding_dim,

@@ -40,7 +40,9 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
     """The embedding model ``config.model`` describes (pretrained weights where it names some)."""
-    backbone = build_backbone(config.model.backbone, config.model.weights, pretrained)
+    backbone = build_backbone(config.model.backbone, config.model.weights, pretrained,
+                              fetch=pretrained and config.model.pretrained,
+                              options=config.model.backbone_args)
     return EmbeddingModel(backbone, config.model.embedding_dim, config.model.freeze_bn,
                           config.model.freeze_backbone, config.model.head_hidden,
                           config.model.normalize)
@@ -95,7 +97,8 @@ def split_dataset(model: EmbeddingModel, config: Config,
     transform), yielding (image, encoded label, index); and its table."""
     table = load_table(config.data).split(split)
     return ImageDataset(table, table.encoded_labels()[0],
-                        eval_transform(config.data.image_size, model.mean, model.std)), table
+                        eval_transform(config.data.image_size, model.mean, model.std,
+                                       model.interpolation)), table
 
 
 def embed_split(model: EmbeddingModel, config: Config,
@@ -120,5 +123,6 @@ def embed_image(model: EmbeddingModel, config: Config, image: str | Path) -> np.
 @torch.no_grad()
 def embed_pil(model: EmbeddingModel, config: Config, picture: Any) -> np.ndarray:
     """The embedding (d,) of one RGB PIL image, with the run's test transform."""
-    tensor = eval_transform(config.data.image_size, model.mean, model.std)(picture)
+    tensor = eval_transform(config.data.image_size, model.mean, model.std,
+                            model.interpolation)(picture)
     return model.eval().cpu()(tensor[None]).float().numpy()[0]  # type: ignore[no-any-return]

@@ -52,7 +52,7 @@ def _center_assignments(run: Path, classes: int = 3,
     table = load_table(config.data).split("train")
     labels, original = table.encoded_labels()
     dataset = ImageDataset(table, labels, eval_transform(config.data.image_size, model.mean,
-                                                         model.std))
+                                                         model.std, model.interpolation))
     rng = np.random.default_rng(config.run.seed)
     sampled = rng.choice(len(original), min(candidates, len(original)), replace=False)
     found = []

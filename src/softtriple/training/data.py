@@ -95,7 +95,8 @@ class Loaders:
 
 def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float, ...],
                   eval_batch_size: int, seed: int, world: int = 1, rank: int = 0,
-                  features: FeatureFn | None = None, pin_memory: bool = False) -> Loaders:
+                  features: FeatureFn | None = None, pin_memory: bool = False,
+                  interpolation: str = "bilinear") -> Loaders:
     """Training loader (this rank's share of each global batch) and test loader (this rank's
     contiguous shard of the test set). With ``features`` (the head protocol) the loaders yield
     each image's cached backbone features in place of the image. ``pin_memory`` (for a CUDA
@@ -135,11 +136,12 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
         test_set = FeatureDataset(features(test_table), test_labels)
         workers = 0  # rows of a tensor in memory: worker processes only add start-up time
     else:
-        transform = (train_transform(config.image_size, config.flip, mean, std)
-                     if config.augment else eval_transform(config.image_size, mean, std))
+        transform = (train_transform(config.image_size, config.flip, mean, std, interpolation)
+                     if config.augment else
+                     eval_transform(config.image_size, mean, std, interpolation))
         train_set = ImageDataset(train_table, train_labels, transform, seed=seed)
         test_set = ImageDataset(test_table, test_labels,
-                                eval_transform(config.image_size, mean, std))
+                                eval_transform(config.image_size, mean, std, interpolation))
     test_set = torch.utils.data.Subset(test_set, shard.tolist())
     generator = torch.Generator().manual_seed(seed)
     # workers are not persistent: they restart, reseeded from the generator, every epoch

@@ -164,7 +164,7 @@ class Trainer:
         self.loaders: Loaders = build_loaders(
             config.data, self.model.mean, self.model.std, config.evaluation.batch_size,
             config.run.seed, self.world, self.rank, self._feature_fn(),
-            pin_memory=self.device.type == "cuda")
+            pin_memory=self.device.type == "cuda", interpolation=self.model.interpolation)
         self.loss = build_config_loss(config, self.loaders.num_classes).to(self.device)
         gather = (self.world > 1 and config.loss.gather
                   and getattr(self.loss, "needs_global_batch", True))
@@ -203,7 +203,8 @@ class Trainer:
         config = self.config
         if not config.data.feature_cache:
             return None
-        if config.model.weights is None and config.model.backbone not in WHEEL_WEIGHTS:
+        if (config.model.weights is None and config.model.backbone not in WHEEL_WEIGHTS
+                and not config.model.pretrained):
             raise ConfigError(f"data.feature_cache needs pretrained features: set model.weights "
                               f"for {config.model.backbone} (a random backbone's features "
                               f"change with the seed), or use {', '.join(WHEEL_WEIGHTS)}")
