@@ -94,3 +94,22 @@ def test_the_command_line_offers_the_registries_names_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "False"  # --help answers at once
+
+
+def test_make_demo_installs_only_what_the_demo_uses(tmp_path):
+    """`make demo` names no browser and no test extras; `make test` installs the extras."""
+    import shutil
+
+    if shutil.which("make") is None:
+        import pytest
+        pytest.skip("make is not installed")
+    repo = SRC.parent
+    for name in ("Makefile", "pyproject.toml"):  # a fresh checkout: no .venv, no stamps
+        shutil.copy(repo / name, tmp_path / name)
+    demo = subprocess.run(["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout
+    assert "softtriple demo" in demo and "pip install --quiet -e ." in demo
+    assert "chromium" not in demo and "[dev" not in demo and "npm" not in demo
+    test = subprocess.run(["make", "-n", "test"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout
+    assert "[dev," in test and "pytest" in test
