@@ -1,6 +1,14 @@
-"""Trainer throughput: images per second of `softtriple train` (Trainer) against a bare PyTorch
-loop over the same model, loss, data and transforms, in the same process and run, so that any
-overhead of the trainer or its data pipeline shows as a ratio below 1.
+"""Training speed of the demo's recipe, three figures in one run:
+
+1. the **compute floor**: model, loss and optimizer on one in-memory batch (no data loading), in
+   each memory format and precision this CPU offers (float32 NCHW, float32 channels_last, bf16
+   autocast in both); the fastest is the floor;
+2. a **bare loop**: a plain PyTorch loop over the real loader (workers decoding and augmenting
+   images on the same cores), the model in the trainer's memory format;
+3. the **trainer**: `softtriple train`'s own epoch (sampler, loader, progress, logging).
+
+Each as images per second, with the ratios to the floor, interleaved where they can be (the
+floor's variants), on a quiet machine (benchmarks/conditions.py).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_speed.py [--steps N]
 
@@ -11,12 +19,14 @@ benchmarks/results/train_speed.json; docs/PERFORMANCE.md quotes it.
 from __future__ import annotations
 
 import argparse
-import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from conditions import Conditions
 
 from softtriple.atomic import write_json
 from softtriple.training import Trainer, load_config
@@ -27,19 +37,50 @@ SETTINGS = ["model.backbone=efficientnet_lite0", "model.embedding_dim=64",
             "data.workers=2", "data.max_classes=300", "schedule.epochs=1",
             "evaluation.before_training=false", "evaluation.every=0", "run.progress=false",
             "run.report=false", "loss.args={centers_per_class: 4}"]
+VARIANTS = {  # name: (channels_last, autocast dtype)
+    "float32 NCHW": (False, None), "float32 channels_last": (True, None),
+    "bf16 NCHW": (False, torch.bfloat16), "bf16 channels_last": (True, torch.bfloat16)}
+
+
+def floor(trainer: Trainer, repeats: int) -> dict[str, dict[str, Any]]:
+    """ms per step of each variant on one in-memory batch of the real loader, the variants'
+    steps interleaved, median after two warm-up rounds."""
+    images, labels, _ = next(iter(trainer.loaders.train))
+    model, loss_fn, optimizer = trainer.model, trainer.loss, trainer.optimizer
+    model.train()
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for round_ in range(repeats + 2):
+        for name, (channels_last, dtype) in VARIANTS.items():
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            model.to(memory_format=fmt)
+            x = images.contiguous(memory_format=fmt)
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                embeddings = model(x)
+            loss_fn(embeddings.float(), labels).backward()
+            optimizer.step()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    batch = len(labels)
+    return {name: {"ms_per_step": 1000 * statistics.median(t),
+                   "images_per_second": batch / statistics.median(t)}
+            for name, t in times.items()}
 
 
 def bare_loop(trainer: Trainer, steps: int) -> float:
-    """Images per second of a plain loop over the trainer's own model, loss and loader, timed
-    like the trainer's epoch: from the loader's start (worker start-up included)."""
+    """Images per second of a plain loop over the trainer's model (in its memory format), loss
+    and loader, timed like the trainer's epoch: from the loader's start."""
     model, loss_fn, optimizer = trainer.model, trainer.loss, trainer.optimizer
+    fmt = torch.channels_last if trainer.config.model.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     model.train()
     seen, start = 0, time.perf_counter()
     for i, (images, labels, _) in enumerate(trainer.loaders.train):
         if i == steps:
             break
         optimizer.zero_grad()
-        loss_fn(model(images), labels).backward()
+        loss_fn(model(images.contiguous(memory_format=fmt)), labels).backward()
         optimizer.step()
         seen += len(labels)
     return seen / (time.perf_counter() - start)
@@ -58,18 +99,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=8, help="floor steps per variant")
+    parser.add_argument("--noisy", action="store_true", help="run on a busy machine anyway")
     args = parser.parse_args()
+    conditions = Conditions.start(allow_noisy=args.noisy)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(None, [*SETTINGS, f"run.out={tmp}/bare"])
+        variants = floor(Trainer(config), args.repeats)
         bare_loop(Trainer(config), 3)  # warm the process up (threads, allocator) for both
         bare = bare_loop(Trainer(config), args.steps)
         ours = trainer_speed(args.steps, f"{tmp}/trainer")
-    report = {"images_per_second": {"bare_loop": bare, "trainer": ours},
-              "trainer_over_bare": ours / bare, "steps": args.steps, "settings": SETTINGS,
-              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()},
+    fastest = max(variants, key=lambda name: variants[name]["images_per_second"])
+    best = variants[fastest]["images_per_second"]
+    nchw = variants["float32 NCHW"]["images_per_second"]
+    report = {"conditions": conditions.finish(),
+              "floor": {"variants": variants, "fastest": fastest, "images_per_second": best},
+              "images_per_second": {"bare_loop": bare, "trainer": ours},
+              "trainer_over_bare": ours / bare, "trainer_over_floor": ours / best,
+              "bare_over_floor": bare / best, "trainer_over_nchw_floor": ours / nchw,
+              "channels_last": config.model.channels_last, "steps": args.steps,
+              "settings": SETTINGS,
               "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_speed.py"}
-    print(f"bare loop {bare:.1f} img/s, trainer {ours:.1f} img/s, ratio {ours / bare:.2f}")
+    for name, v in variants.items():
+        print(f"floor {name:<24} {v['ms_per_step']:6.0f} ms/step {v['images_per_second']:6.1f} "
+              f"img/s")
+    print(f"bare loop {bare:.1f} img/s, trainer {ours:.1f} img/s; trainer / floor "
+          f"({fastest}) {ours / best:.2f}, trainer / float32 NCHW floor {ours / nchw:.2f}")
     write_json(RESULTS, report)
 
 

@@ -109,3 +109,25 @@ def test_efficientnet_lite1_and_lite2_load_their_wheels():
         assert backbone.out_channels == channels and backbone.classifier is not None
     with pytest.raises(WeightsError, match="not found"):
         build_backbone("efficientnet_lite1", weights="/nowhere.pth")
+
+
+def test_the_readme_backbone_example_runs(tmp_path, monkeypatch):
+    """README's "Backbones" command, with its weights file made here (timm's ResNet-50 without
+    weights, saved as .safetensors) and the examples' fast settings appended."""
+    import shlex
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    repo = Path(__file__).resolve().parents[1]
+    block = (repo / "README.md").read_text().split("## Backbones", 1)[1].split("```", 2)[1]
+    commands = [line for line in block.splitlines() if line.startswith("softtriple")]
+    assert len(commands) == 1
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet50").state_dict().items()},
+              str(tmp_path / "resnet50.safetensors"))
+    (tmp_path / "configs").symlink_to(repo / "configs")
+    monkeypatch.chdir(tmp_path)
+    args = shlex.split(commands[0])[1:] + ["--out", str(tmp_path / "run")]
+    for item in ["data.root=digits", "data.max_classes=0", *FAST[1:]]:
+        args += ["--set", item]
+    assert main(args) == 0
