@@ -100,8 +100,8 @@ def check_pipeline() -> None:
     class-balanced sampler, a small CNN with frozen BatchNorm): each rank's batch is its block
     of the one-process batch, augmentation included, and every loss's gradients of the whole
     network equal one process's."""
-    from softtriple.inference import build_config_loss, build_model
     from softtriple.training import load_config
+    from softtriple.training.build import build_config_loss, build_model
     from softtriple.training.data import build_loaders
     world, me = dist.world_size(), dist.rank()
     per_rank = 2 if world == 2 else 1  # classes per rank: 5 digits to train on

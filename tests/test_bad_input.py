@@ -52,6 +52,10 @@ def world(data_root, tmp_path_factory):
     emb = np.load(root / "emb.npz")  # labels (and paths) shorter than its rows
     np.savez(root / "short_labels.npz", embeddings=emb["embeddings"], labels=emb["labels"][:-3],
              paths=emb["paths"][:-3])
+    (root / "empty.yaml").write_text("\n")
+    import shutil
+    shutil.copytree(run, root / "bad_results")
+    (root / "bad_results" / "results.json").write_text("{not json")
     full = (root / "emb.npz").read_bytes()
     (root / "truncated.npz").write_bytes(full[: len(full) // 2])
     return root
@@ -101,7 +105,35 @@ CASES = [  # (command with {root} for the fixture's folder, the line's expected 
      "probes must be an integer >= 1 (or 0 for the index's default); got -1"),
     (["search", "{root}/emb.npz", "--query-index", "0", "--index", "ivf", "--probes", "-5"],
      "probes must be an integer >= 1"),
+    (["train", "--config", "{root}/empty.yaml"], "empty.yaml is empty; it must hold a mapping"),
+    (["report", "{root}/bad_results"], "results.json is not a results file (JSONDecodeError)"),
+    (["serve", "{root}/bad_results", "--port", "8791"],
+     "results.json is not a results file (JSONDecodeError)"),
 ]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["data", "prepare", "nothing"], "invalid choice: 'nothing'"),
+    (["serve", "RUN", "--port", "99999"], "--port: must be a number in [1, 65535]; got '99999'"),
+    (["serve", "RUN", "--port", "http"], "--port: must be a number in [1, 65535]"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_usage_errors_are_one_line(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0] and "--help" in lines[0], lines
+
+
+def test_serve_refuses_a_port_in_use(world, capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", str(world / "run"), "--port", str(port)]) == 2
+    err = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}" in err.err and "serving" not in err.out
 
 
 @pytest.mark.parametrize(("command", "fragment"), CASES,

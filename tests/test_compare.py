@@ -121,7 +121,7 @@ def test_feature_cache_is_reused_and_rebuilt_when_an_image_changes(tmp_path, mon
 
     monkeypatch.setenv("SOFTTRIPLE_DATA", str(tmp_path))
     prepare("digits", tmp_path)
-    from softtriple.inference import build_model
+    from softtriple.training.build import build_model
     from softtriple.training.feature_cache import cached_features
 
     config = load_config(None, ["model.freeze_backbone=true", "data.root=digits",

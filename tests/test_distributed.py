@@ -138,8 +138,8 @@ def test_sharded_centers_train_like_one_process_and_resume_on_another_count(data
 
 
 def test_shard_centers_is_refused_for_a_loss_without_centers():
-    from softtriple.inference import build_config_loss
     from softtriple.training import load_config
+    from softtriple.training.build import build_config_loss
     config = load_config(None, ["loss.name=triplet", "loss.shard_centers=true"])
     with pytest.raises(ConfigError, match="loss.shard_centers applies to softtriple, "
                                           "hardtriple, softmax_norm; triplet has no class"):

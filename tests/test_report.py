@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from softtriple.cli import main
-from softtriple.training import Trainer, load_config
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +17,14 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     mp = pytest.MonkeyPatch()
     mp.setenv("SOFTTRIPLE_DATA", str(root / "data"))
-    config = load_config(None, [
-        "model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16",
-        "data.workers=0", "data.batch_size=32", "schedule.epochs=2",
-        "schedule.max_steps_per_epoch=6", "run.progress=false", f"run.out={root / 'run'}",
-        "loss.args={centers_per_class: 3}", "evaluation.metrics=[recall, map_at_r, nmi]"])
-    Trainer(config).train()  # writes the report at its end
+    args = ["train"]
+    for item in ["model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16",
+                 "data.workers=0", "data.batch_size=32", "schedule.epochs=2",
+                 "schedule.max_steps_per_epoch=6", "run.progress=false",
+                 f"run.out={root / 'run'}", "loss.args={centers_per_class: 3}",
+                 "evaluation.metrics=[recall, map_at_r, nmi]"]:
+        args += ["--set", item]
+    assert main(args) == 0  # softtriple train writes the report when the trainer returns
     yield root / "run"
     mp.undo()
 

@@ -69,6 +69,28 @@ def test_no_import_circle_in_the_package():
     assert cycles(graph) == []
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph folded to the package's subpackages and top-level modules
+    (softtriple.training.trainer -> softtriple.training)."""
+    def unit(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    folded: dict[str, set[str]] = {}
+    for module, edges in graph.items():
+        folded.setdefault(unit(module), set()).update(
+            unit(e) for e in edges if unit(e) != unit(module))
+    return folded
+
+
+def test_no_import_circle_between_subpackages_and_top_level_modules():
+    """The layers, with imports anywhere in a file counted: training (its build layer makes the
+    model and loss) below inference, which is below the CLI, the report, export and serve."""
+    graph = package_graph(import_graph())
+    assert "softtriple.inference" not in graph["softtriple.training"]
+    assert "softtriple.analysis" not in graph["softtriple.training"]
+    assert cycles(graph) == []
+
+
 def test_the_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from softtriple.cli import main
-from softtriple.inference import build_model
 from softtriple.models import WeightsError, build_backbone
 from softtriple.training import load_config
+from softtriple.training.build import build_model
 
 timm = pytest.importorskip("timm")
 
@@ -127,7 +127,7 @@ def test_the_readme_backbone_example_runs(tmp_path, monkeypatch):
               str(tmp_path / "resnet50.safetensors"))
     (tmp_path / "configs").symlink_to(repo / "configs")
     monkeypatch.chdir(tmp_path)
-    args = shlex.split(commands[0])[1:] + ["--out", str(tmp_path / "run")]
+    args = [*shlex.split(commands[0])[1:], "--out", str(tmp_path / "run")]
     for item in ["data.root=digits", "data.max_classes=0", *FAST[1:]]:
         args += ["--set", item]
     assert main(args) == 0

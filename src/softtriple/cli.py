@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from softtriple import __version__
 
@@ -49,6 +49,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = Trainer(config, resume=run if args.resume else None,
                       overwrite=args.overwrite).train()
     if dist.is_main():
+        if config.run.report:
+            from softtriple.analysis.report import write_report
+            write_report(results["run"])
         print(f"run folder: {results['run']}")
         _print_metrics(results["metrics"])
     dist.teardown()
@@ -68,7 +71,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from softtriple.evaluation import evaluate
-    from softtriple.inference import resolve_device
+    from softtriple.training.build import resolve_device
 
     embeddings, labels, _, _, config = _embed(args.checkpoint, args.split)
     on_device = torch.from_numpy(embeddings).to(resolve_device(config.run.device))
@@ -108,8 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise ValueError("serve needs fastapi and uvicorn: pip install 'softtriple[serve]'"
                          ) from error
-    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve(args.run, args.host, args.port)
+    serve(args.run, args.host, args.port,  # the run is checked and its model loaded first
+          ready=lambda: print(f"serving {args.run} on http://{args.host}:{args.port}/ "
+                              f"(Ctrl-C stops)", flush=True))
     return 0
 
 
@@ -263,10 +267,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args.set)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (its own prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a number in [1, 65535]; got {text!r}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     from softtriple.names import BUILTIN_DATASETS, DATA_FORMATS, EXPORT_FORMATS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="softtriple", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Deep metric learning with the SoftTriple loss (Qian et al., ICCV 2019): "
                     "train embedding models, evaluate retrieval on held-out classes, embed and "
@@ -334,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "metrics and plots. Listens on 127.0.0.1 unless --host says otherwise; "
                     "stop it with Ctrl-C. Needs the 'serve' extra.")
     serve.add_argument("run", metavar="RUN_DIR", help="a finished run folder")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1, this machine only)")
     serve.set_defaults(func=cmd_serve)

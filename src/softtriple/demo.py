@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from softtriple.analysis.report import write_report
 from softtriple.atomic import write_json
 from softtriple.data.baseline import raw_pixels
 from softtriple.data.builtin import glyphs, prepare
@@ -50,6 +51,8 @@ def run(overrides: list[str] = ()) -> dict[str, dict[str, float]]:  # type: igno
     prepare("glyphs")
     trainer = Trainer(demo_config(overrides), overwrite=True)  # the demo's folder is its own
     results = trainer.train()
+    if trainer.config.run.report:
+        write_report(results["run"])
     before = {k.removeprefix("test/"): v for k, v in trainer.history[0].items()
               if k.startswith("test/")}
     return {"raw pixels": raw_pixel_metrics(trainer), "pretrained": before,

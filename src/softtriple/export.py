@@ -42,12 +42,13 @@ def _check_images(model: EmbeddingModel, config: Config) -> torch.Tensor:
 
 
 def _torchscript(model: EmbeddingModel, example: torch.Tensor, out: Path) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with warnings.catch_warnings():  # TorchScript's own deprecation notice, once per call:
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the format is what was
+        warnings.simplefilter("ignore", FutureWarning)  # asked for; the check below runs it
         traced = torch.jit.trace(model, example)
-    with atomic_path(out) as tmp:
-        traced.save(str(tmp))
-    loaded = torch.jit.load(str(out))
+        with atomic_path(out) as tmp:
+            traced.save(str(tmp))
+        loaded = torch.jit.load(str(out))
     return lambda x: loaded(torch.from_numpy(x)).detach().numpy()
 
 

@@ -1,80 +1,23 @@
-"""Using a model: build it (and its loss) from a config, load a trained one from a run folder
-or checkpoint, and embed a split or one image on the run's device and precision. One home for
-the trainer, the CLI (evaluate, embed, search) and the report; it never imports the trainer."""
+"""Using a trained model: load it from a run folder or checkpoint, and embed a split or one image
+on the run's device and precision. One home for the CLI (evaluate, embed, search), the report,
+export and the search page; above the training package (whose build layer, training/build.py,
+makes the model and loss from a config), never imported by it."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from softtriple.data import ImageDataset, ImageTable, eval_transform, load_image
-from softtriple.losses import LOSSES, build_loss, loss_arguments
-from softtriple.models import EmbeddingModel, build_backbone, embed
+from softtriple.models import EmbeddingModel, embed
+from softtriple.training.build import PRECISIONS, build_model, resolve_device
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint
-from softtriple.training.config import Config, ConfigError, config_from_dict
+from softtriple.training.config import Config, config_from_dict
 from softtriple.training.data import load_table
-
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
-                                             "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``run.device`` names (auto: CUDA when visible); under torchrun, GPU number
-    LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device is cuda but no GPU is visible; use auto or cpu")
-    if name == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device(name)
-
-
-def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
-    """The embedding model ``config.model`` describes (pretrained weights where it names some)."""
-    backbone = build_backbone(config.model.backbone, config.model.weights, pretrained,
-                              fetch=pretrained and config.model.pretrained,
-                              options=config.model.backbone_args)
-    return EmbeddingModel(backbone, config.model.embedding_dim, config.model.freeze_bn,
-                          config.model.freeze_backbone, config.model.head_hidden,
-                          config.model.normalize)
-
-
-# the losses whose centers loss.shard_centers can shard, as arguments of ShardedSoftTripleLoss
-SHARDABLE: dict[str, dict[str, Any]] = {
-    "softtriple": {}, "hardtriple": {"gamma": 0.0},
-    "softmax_norm": {"centers_per_class": 1, "tau": 0.0}}
-
-
-def build_config_loss(config: Config, num_classes: int) -> nn.Module:
-    """The loss ``config.loss`` names, sized for ``num_classes`` training classes; with
-    ``loss.shard_centers`` this process's block of a ShardedSoftTripleLoss."""
-    if config.loss.name not in LOSSES:
-        raise ConfigError(f"unknown loss.name {config.loss.name!r}; valid: {', '.join(LOSSES)}")
-    if config.loss.shard_centers:
-        from softtriple.losses.sharded import ShardedSoftTripleLoss
-        if config.loss.name not in SHARDABLE:
-            raise ConfigError(f"loss.shard_centers applies to {', '.join(SHARDABLE)}; "
-                              f"{config.loss.name} has no class centers to shard")
-        args = dict(config.loss.args) | SHARDABLE[config.loss.name]
-        try:
-            return ShardedSoftTripleLoss(num_classes, config.model.embedding_dim, **args,
-                                         seed=config.run.seed)
-        except TypeError as error:
-            raise ConfigError(f"loss.args {sorted(config.loss.args)} do not fit the sharded "
-                              f"{config.loss.name}: {error}") from error
-    params = loss_arguments(config.loss.name)
-    sized = {"num_classes": num_classes, "embedding_dim": config.model.embedding_dim}
-    kwargs = {k: v for k, v in sized.items() if k in params} | dict(config.loss.args)
-    return build_loss(config.loss.name, **kwargs)
 
 
 def load_model(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]]:

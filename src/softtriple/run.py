@@ -135,7 +135,11 @@ class RunDir:
         if not self.results.is_file():
             raise ValueError(f"{self.results} not found: the run has not finished; train it to "
                              f"the end (or resume it) first")
-        return dict(json.loads(self.results.read_text()))
+        try:
+            return dict(json.loads(self.results.read_text()))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{self.results} is not a results file ({error.__class__.__name__})"
+                             f"; it is damaged: train the run again, or resume it") from error
 
     def write_bad_images(self, bad: list[tuple[Path, str]]) -> None:
         write_text(self.bad_images, "".join(f"{path}\t{why}\n" for path, why in bad))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,9 @@ def _page(title: str, body: str) -> str:
             f"</title><style>{CSS}</style></head><body>{body}</body></html>")
 
 
-def create_app(run: str | Path) -> Any:
-    """The FastAPI application over the finished run in ``run``."""
+def create_app(run: str | Path, load_now: bool = False) -> Any:
+    """The FastAPI application over the finished run in ``run``; ``load_now`` loads its model
+    at once (else on the first upload)."""
     run_dir = RunDir(run)
     results = run_dir.read_results()
     neighbours = EmbeddingIndex.load(run_dir.embeddings)
@@ -155,11 +157,26 @@ def create_app(run: str | Path) -> Any:
                       f"alt='upload'><br>{html.escape(file.filename or 'upload')}</div>")
         return results_page(query_html, neighbours.search(query_vector, min(k, len(paths))), None)
 
+    if load_now:
+        model()
     return app
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the search page with uvicorn until interrupted."""
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          ready: Callable[[], None] = lambda: None) -> None:
+    """Run the search page with uvicorn until interrupted. The run is read and its model loaded
+    before anything is served (a damaged run is refused at the start, not per request); a port
+    that cannot be bound is one ValueError."""
+    import socket
+
     import uvicorn
 
-    uvicorn.run(create_app(run), host=host, port=port, log_level="warning")
+    app = create_app(run, load_now=True)
+    try:  # bind once here: uvicorn reports a taken port as a log line and sys.exit
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose "
+                         f"another --port or --host") from error
+    ready()
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -30,7 +30,8 @@ def _center_assignments(run: Path, classes: int = 3,
     sampled) whose images spread over the most centers, the images each center attracts most;
     None when the run's loss has no (C, K, d) centers."""
     from softtriple.data import ImageDataset, eval_transform
-    from softtriple.inference import build_config_loss, load_model
+    from softtriple.inference import load_model
+    from softtriple.training.build import build_config_loss
     from softtriple.training.data import load_table
 
     model, config, state = load_model(run)

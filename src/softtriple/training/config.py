@@ -309,9 +309,12 @@ def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]
     if not file.is_file():
         raise ConfigError(f"{what} {file} not found")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = yaml.safe_load(file.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{file} is not valid YAML: {error}".splitlines()[0]) from error
+    if values is None:
+        raise ConfigError(f"{file} is empty; it must hold a mapping ({holds}), or leave it out "
+                          f"to use the defaults")
     if not isinstance(values, dict):
         raise ConfigError(f"{file} must hold a mapping ({holds})")
     return _numbers(values)  # type: ignore[no-any-return]

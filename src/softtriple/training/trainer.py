@@ -22,11 +22,11 @@ from tqdm import tqdm
 from softtriple import faults
 from softtriple.data import ImageTable
 from softtriple.evaluation.sharded import sharded_evaluate
-from softtriple.inference import PRECISIONS, build_config_loss, build_model, resolve_device
 from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
 from softtriple.run import RunDir, write_embeddings
 from softtriple.training import distributed as dist
+from softtriple.training.build import PRECISIONS, build_config_loss, build_model, resolve_device
 from softtriple.training.checkpoint import (
     CheckpointError,
     center_block_name,
@@ -465,8 +465,5 @@ class Trainer:
             self.run_dir.write_results(results)
             if self.writer is not None:
                 self.writer.close()
-            if self.config.run.report:
-                from softtriple.analysis.report import write_report
-                write_report(self.out)
         return results
 
