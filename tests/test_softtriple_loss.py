@@ -203,3 +203,23 @@ def test_build_loss_registry():
         build_loss("softriple", num_classes=3, embedding_dim=4)
     with pytest.raises(ValueError, match="unknown argument.*centres.*valid: .*centers_per_class"):
         build_loss("softtriple", num_classes=3, embedding_dim=4, centres=3)
+
+
+def test_centers_from_the_data_are_each_class_k_means_centroids():
+    """init_centers_from: K = 3 well-separated modes per class give 3 centers on the modes; a
+    class with fewer examples than K keeps them and fills the rest near them."""
+    g = torch.Generator().manual_seed(0)
+    modes = torch.nn.functional.normalize(torch.randn(2, 3, 16, generator=g), dim=2)
+    x = (modes[:, :, None, :] + 0.01 * torch.randn(2, 3, 20, 16, generator=g)).reshape(-1, 16)
+    y = torch.arange(2).repeat_interleave(60)
+    few = torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=1)
+    loss = SoftTripleLoss(3, 16, centers_per_class=3)
+    loss.init_centers_from(torch.cat([x, few]), torch.cat([y, torch.tensor([2, 2])]))
+    centers = torch.nn.functional.normalize(loss.centers.detach(), dim=2)
+    for c in range(2):
+        best = (centers[c] @ modes[c].T).max(dim=0).values  # each mode has a center on it
+        assert bool((best > 0.99).all()), best
+    assert bool(((centers[2] @ few.T).max(dim=1).values > 0.99).all())  # kept, then filled near
+    assert loss.effective_centers(0.9999).tolist()[:2] == [3, 3]
+    with pytest.raises(ValueError, match=r"needs \(N, 16\) embeddings"):
+        loss.init_centers_from(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))

@@ -267,3 +267,26 @@ def test_a_run_folder_in_use_by_another_process_is_refused(data_root, tmp_path):
     Trainer(tiny(tmp_path / "run", "schedule.epochs=1")).train()
     Trainer(tiny(tmp_path / "run", "schedule.epochs=2"), resume=tmp_path / "run").train()
     assert ".lock" not in RunDir(tmp_path / "run").held()  # not a run file
+
+
+def test_data_initialized_centers_start_on_the_training_embeddings(data_root, tmp_path):
+    """loss.init_centers=data: before the first step, every center of a class lies near that
+    class's initial embeddings (far nearer than random centers do), and the run trains."""
+    trainer = Trainer(tiny(tmp_path / "data_init", "loss.init_centers=data",
+                           "loss.args={centers_per_class: 2}"))
+    random = Trainer(tiny(tmp_path / "random_init", "loss.args={centers_per_class: 2}"))
+    for t in (trainer, random):
+        t.model.eval()
+    x, y, _ = next(iter(trainer.loaders.train))
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(trainer.model(x), dim=1)
+
+    def nearest_own_center(t):
+        w = torch.nn.functional.normalize(t.loss.centers.detach(), dim=2)[y]  # (B, K, d)
+        return torch.einsum("bd,bkd->bk", e, w).max(dim=1).values.mean()
+
+    assert nearest_own_center(trainer) > 0.9 > nearest_own_center(random)
+    trainer.model.train()
+    assert trainer.train()["epochs"] >= 1
+    with pytest.raises(ConfigError, match="init_centers=data applies to softtriple"):
+        Trainer(tiny(tmp_path / "proxy", "loss.name=proxy_nca", "loss.init_centers=data"))

@@ -173,6 +173,40 @@ class SoftTripleLoss(nn.Module):
         """
         return effective_center_counts(self.centers, threshold)
 
+    @torch.no_grad()
+    def init_centers_from(self, embeddings: Tensor, labels: Tensor, seed: int = 0) -> None:
+        """Centers from the data instead of at random (a variant the paper did not try): each
+        class's K centers are the k-means centroids (scikit-learn, k-means++, 3 starts) of its
+        L2-normalized embeddings; a class with fewer than K examples keeps its examples and
+        fills the rest with random unit vectors near them (noise 0.01), so that no two
+        centers start equal.
+
+        Args:
+            embeddings: (N, d) the initial model's training embeddings. labels: (N,) in [0, C).
+            seed: k-means's and the filling's random state.
+        """
+        from sklearn.cluster import KMeans
+
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim or \
+                labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"init_centers_from needs (N, {self.embedding_dim}) embeddings and "
+                             f"(N,) labels; got {tuple(embeddings.shape)} and "
+                             f"{tuple(labels.shape)}")
+        x = torch.nn.functional.normalize(embeddings.detach().double().cpu(), dim=1)
+        y = labels.cpu()
+        k = self.centers_per_class
+        generator = torch.Generator().manual_seed(seed)
+        for c in torch.unique(y).tolist():
+            points = x[y == c]
+            if len(points) >= k:
+                fit = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(points.numpy())
+                rows = torch.from_numpy(fit.cluster_centers_)
+            else:
+                extra = points[torch.arange(k - len(points)) % len(points)]
+                noise = 0.01 * torch.randn(extra.shape, generator=generator, dtype=extra.dtype)
+                rows = torch.cat([points, extra + noise])
+            self.centers[c] = torch.nn.functional.normalize(rows, dim=1).to(self.centers)
+
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
                 f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "

@@ -70,6 +70,9 @@ class LossConfig:
     # several processes: each rank holds only its block of the classes' centers (softtriple,
     # hardtriple, softmax_norm), for catalogues too large to replicate (docs/DISTRIBUTED.md)
     shard_centers: bool = False
+    # softtriple / hardtriple: "random" (the paper's: like a Linear layer) or "data" (each
+    # class's k-means centroids of the initial model's training embeddings; one process)
+    init_centers: str = "random"
 
 
 @dataclass
@@ -210,6 +213,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("run", "device"): _one_of("auto", "cpu", "cuda"),
     ("run", "precision"): _one_of("fp32", "bf16", "fp16"),
     ("run", "threads"): _at_least(0),
+    ("loss", "init_centers"): _one_of("random", "data"),
     ("run", "seed"): _at_least(0),
 }
 

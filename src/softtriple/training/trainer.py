@@ -22,6 +22,7 @@ from tqdm import tqdm
 from softtriple import faults
 from softtriple.data import ImageTable
 from softtriple.evaluation.sharded import sharded_evaluate
+from softtriple.losses import SoftTripleLoss
 from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
 from softtriple.run import RunDir, write_embeddings
@@ -195,6 +196,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if self.state is not None:
             self._restore(self.state)
+        elif config.loss.init_centers == "data":
+            self._init_centers_from_data()
         self.writer: Any = None
         self.last_embeddings = np.zeros((0, config.model.embedding_dim), dtype=np.float32)
 
@@ -217,6 +220,26 @@ class Trainer:
             return rows
 
         return features
+
+    @torch.no_grad()
+    def _init_centers_from_data(self) -> None:
+        """loss.init_centers=data: the centers from k-means of each class's embeddings by the
+        initial model (the training set in order, its training transform; a generator of its
+        own, so the run's other random draws are those of a random-init run)."""
+        if not isinstance(self.loss, SoftTripleLoss) or self.sharded or self.world > 1:
+            raise ConfigError("loss.init_centers=data applies to softtriple and hardtriple in one "
+                              "process (not sharded)")
+        dataset = self.loaders.train.dataset
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.config.evaluation.batch_size, shuffle=False,
+            generator=torch.Generator().manual_seed(self.config.run.seed))
+        self.model.eval()
+        parts, labels = [], []
+        for inputs, y, _ in loader:
+            parts.append(self.model(inputs.to(self.device)).float().cpu())
+            labels.append(y)
+        self.model.train()
+        self.loss.init_centers_from(torch.cat(parts), torch.cat(labels), self.config.run.seed)
 
     @property
     def run_dir(self) -> RunDir:
