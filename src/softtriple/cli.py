@@ -246,8 +246,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
     if args.dry_run:
+        width = max(len(variant.label) for variant in suite.variants) + 2
         for run in compare.runs(suite):
-            print(f"{run.status:<8}{run.variant.label:<24}seed {run.seed:<4}{run.folder}")
+            print(f"{run.status:<8}{run.variant.label:<{width}}seed {run.seed:<4}{run.folder}")
             if args.verbose:
                 print("        " + " ".join(compare.train_command(suite, run, 0)[3:]))
         return 0
