@@ -26,20 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from softtriple.machine import cpu_info, cpu_model
+
 MAX_LOAD_PER_CORE = 0.5
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu() -> dict[str, Any]:
     """Model, vendor, cores and the instruction sets that decide BLAS speed."""
-    info: dict[str, str] = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
+    info = cpu_info()
     flags = set(info.get("flags", "").split())
-    return {"model": info.get("model name", platform.processor() or platform.machine()),
+    return {"model": cpu_model(),
             "vendor": info.get("vendor_id", "unknown"), "cores": os.cpu_count(),
             "flags": [f for f in FLAGS if f in flags], "platform": platform.platform()}
 

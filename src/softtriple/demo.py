@@ -4,9 +4,7 @@ next to the raw-pixel baseline. The settings are configs/glyphs.yaml's (a test k
 
 from __future__ import annotations
 
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +14,7 @@ from softtriple.atomic import write_json
 from softtriple.data.baseline import raw_pixels
 from softtriple.data.builtin import glyphs, prepare
 from softtriple.evaluation import evaluate
+from softtriple.machine import cpu_model
 from softtriple.run import RunDir
 from softtriple.training import Trainer
 from softtriple.training.config import Config, apply_overrides, check_config, config_from_dict
@@ -85,10 +84,3 @@ def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
     print(f"\nrun folder: {results['run']['folder']} ({seconds:.0f} s; the table in {summary})")
     return 0
 
-
-def cpu_model() -> str:
-    """The CPU's model name: the last digits of the demo's metrics differ between CPUs."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())

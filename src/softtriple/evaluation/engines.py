@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from softtriple.atomic import DiskFullError, write_json
+from softtriple.machine import cpu_model
 
 Engine = Literal["torch", "numpy", "faiss"]
 ENGINES: tuple[Engine, ...] = ("torch", "numpy", "faiss")
@@ -69,16 +69,11 @@ def cache_file() -> Path:
 
 def machine_key() -> str:
     """The CPU and the versions of the libraries whose BLAS is measured."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("model name")), model)
     versions = [f"torch {torch.__version__}", f"numpy {np.__version__}"]
     if "faiss" in available():
         import faiss
         versions.append(f"faiss {faiss.__version__}")
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; " + \
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; " + \
         ", ".join(versions)
 
 
