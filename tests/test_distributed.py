@@ -180,7 +180,8 @@ def test_a_two_node_job_on_one_machine_trains_like_one_process(data_root, tmp_pa
 
 
 def test_initial_sharded_centers_do_not_depend_on_the_process_count():
-    from softtriple.losses.sharded import class_block, init_center_block
+    from softtriple.losses.sharded import init_center_block
+    from softtriple.parallel import block as class_block
     full = init_center_block(0, 3000, 3, 8, seed=1)
     for world in (2, 3, 7):
         blocks = [class_block(3000, world, rank) for rank in range(world)]
@@ -221,7 +222,7 @@ def test_a_per_process_batch_that_splits_a_class_is_refused(data_root):
 
 
 def test_center_blocks_written_by_any_process_count_read_back_for_any_other(tmp_path):
-    from softtriple.losses.sharded import class_block
+    from softtriple.parallel import block as class_block
     from softtriple.training.checkpoint import (
         CheckpointError,
         center_block_name,

@@ -118,44 +118,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_neighbours(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from softtriple.atomic import atomic_path
     from softtriple.evaluation.metrics import Neighbours, recall_from
-    from softtriple.evaluation.sharded import sharded_knn
-    from softtriple.losses.sharded import class_block
-    from softtriple.run import read_embedding_labels, read_embedding_rows
+    from softtriple.run import write_neighbours
+    from softtriple.search import file_neighbours
     from softtriple.training import distributed as dist
 
     dist.setup(torch.device("cpu"))
-    world, rank = dist.world_size(), dist.rank()
-    query_file = args.queries or args.gallery
-    query_labels = read_embedding_labels(query_file)
-    gallery_labels = read_embedding_labels(args.gallery) if args.queries else None
-    query_rows = len(query_labels)
-    gallery_rows = query_rows if gallery_labels is None else len(gallery_labels)
-    if query_rows < world or gallery_rows < world:
-        raise ValueError(f"{min(query_rows, gallery_rows)} rows cannot be shared by {world} "
-                         f"processes; use fewer")
-    queries = read_embedding_rows(query_file, *class_block(query_rows, world, rank), query_rows)
-    gallery = read_embedding_rows(args.gallery, *class_block(gallery_rows, world, rank),
-                                  gallery_rows) if args.queries else None
-    sims, index = sharded_knn(queries, gallery, args.k)
-    parts = list(dist.stream_to_main((sims.numpy(), index.numpy())))
-    if dist.is_main():
-        all_sims = np.concatenate([p[0] for p in parts])
-        all_index = np.concatenate([p[1] for p in parts])
-        out = Path(args.out)
-        with atomic_path(out) as tmp, open(tmp, "wb") as f:
-            np.savez(f, indices=all_index, similarities=all_sims)
-        print(f"wrote {out}: the {args.k} nearest of {query_rows} queries among {gallery_rows} "
-              f"items, exact, on {world} process(es)")
-        found = Neighbours(np.empty((query_rows, 0)), query_labels, args.k,
-                           None if gallery_labels is None else np.empty((gallery_rows, 0)),
-                           gallery_labels, index=torch.from_numpy(all_index))
-        _print_metrics({f"recall@{k}": v for k, v in recall_from(found, sorted({1, args.k})
-                                                                  ).items()})
+    found = file_neighbours(args.gallery, args.k, args.queries)
+    if found is not None:
+        out = write_neighbours(args.out, found.indices, found.similarities)
+        gallery = len(found.query_labels if found.gallery_labels is None else found.gallery_labels)
+        print(f"wrote {out}: the {args.k} nearest of {len(found.query_labels)} queries among "
+              f"{gallery} items, exact, on {found.processes} process(es)")
+        ranked = Neighbours.from_index(found.indices, found.query_labels, found.gallery_labels)
+        _print_metrics({f"recall@{k}": v
+                        for k, v in recall_from(ranked, sorted({1, args.k})).items()})
     dist.teardown()
     return 0
 

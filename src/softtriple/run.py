@@ -12,7 +12,8 @@
     RUN/.lock                  held (flock) by the process training into the folder
 
 An embeddings file (``.npz``: ``embeddings`` (N, d) float32, ``labels`` (N,) int, ``paths``
-(N,) str) is written by the trainer and ``embed`` and read by search and the report.
+(N,) str) is written by the trainer and ``embed`` and read by search and the report; a
+neighbours file (``.npz``: ``indices`` and ``similarities``, (N, k)) by ``neighbours``.
 """
 
 from __future__ import annotations
@@ -179,6 +180,15 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray | Iterable[np.ndar
         for name, array in others.items():
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
+    return out
+
+
+def write_neighbours(path: str | Path, indices: np.ndarray, similarities: np.ndarray) -> Path:
+    """A neighbours file (``softtriple neighbours``): ``indices`` (N, k) int64 into the gallery
+    and ``similarities`` (N, k) float32, best first; written atomically."""
+    out = Path(path)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, indices=indices, similarities=similarities)
     return out
 
 

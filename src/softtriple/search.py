@@ -6,6 +6,7 @@ exact search ``recall_against_exact`` measures. Galleries larger than one node's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,46 @@ class EmbeddingIndex:
 
         model, config, _ = load_model(checkpoint)
         return embed_image(model, config, image)
+
+
+@dataclass
+class FileNeighbours:
+    """The exact k nearest neighbours of every query of an embeddings file."""
+
+    similarities: np.ndarray  # (N, k) float32, best first
+    indices: np.ndarray  # (N, k) int64 into the gallery
+    query_labels: np.ndarray  # (N,)
+    gallery_labels: np.ndarray | None  # (M,), or None when the queries are the gallery
+    processes: int
+
+
+def file_neighbours(gallery_file: str | Path, k: int,
+                    queries_file: str | Path | None = None) -> FileNeighbours | None:
+    """The exact k nearest neighbours (cosine) of each row of ``queries_file`` among
+    ``gallery_file``'s rows (of each gallery row among the others without ``queries_file``).
+    Under torchrun each process memory-maps only its block of the rows and the blocks go round
+    (``evaluation.sharded.sharded_knn``); the result reaches rank 0, the others get None."""
+    from softtriple.evaluation.sharded import sharded_knn
+    from softtriple.parallel import block
+    from softtriple.run import read_embedding_labels, read_embedding_rows
+    from softtriple.training import distributed as dist
+
+    world, rank = dist.world_size(), dist.rank()
+    query_file = queries_file or gallery_file
+    query_labels = read_embedding_labels(query_file)
+    gallery_labels = read_embedding_labels(gallery_file) if queries_file else None
+    query_rows = len(query_labels)
+    gallery_rows = query_rows if gallery_labels is None else len(gallery_labels)
+    if query_rows < world or gallery_rows < world:
+        raise ValueError(f"{min(query_rows, gallery_rows)} rows cannot be shared by {world} "
+                         f"processes; use fewer")
+    queries = read_embedding_rows(query_file, *block(query_rows, world, rank), query_rows)
+    gallery = read_embedding_rows(gallery_file, *block(gallery_rows, world, rank),
+                                  gallery_rows) if queries_file else None
+    sims, index = sharded_knn(queries, gallery, k)
+    parts = list(dist.stream_to_main((sims.numpy(), index.numpy())))
+    if not dist.is_main():
+        return None
+    return FileNeighbours(np.concatenate([p[0] for p in parts]),
+                          np.concatenate([p[1] for p in parts]), query_labels, gallery_labels,
+                          world)

@@ -56,53 +56,80 @@ def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray,
 class Neighbours:
     """The ranked gallery labels of each query and the counts every retrieval metric needs.
 
+    ``Neighbours(embeddings, labels, k, ...)`` searches; ``Neighbours.from_index(index, labels,
+    ...)`` takes neighbours already found (a sharded search, ``softtriple neighbours``).
+
     Args:
         embeddings: (N, d) queries. labels: (N,) int.
         gallery, gallery_labels: (M, d) and (M,), or None to search the queries among themselves.
         k: neighbours to find; clipped (with a warning) to the gallery size.
         backend: knn backend (``"auto"``, ``"torch"``, ``"numpy"`` or ``"faiss"``).
-        index: (N, k) neighbours already found (``evaluation.sharded``); ``embeddings`` then
-            only gives N and ``gallery`` only its size (any (M, d)-shaped array).
     """
 
     def __init__(self, embeddings: ArrayLike, labels: ArrayLike, k: int,
                  gallery: ArrayLike | None = None, gallery_labels: ArrayLike | None = None,
-                 backend: Backend = "auto", index: Tensor | None = None) -> None:
+                 backend: Backend = "auto") -> None:
         # only the shape here: knn validates the embeddings (a second finite check of an (N, d)
         # array costs as much as the metrics)
-        queries = torch.as_tensor(embeddings) if index is None else torch.empty(
-            len(np.asarray(labels)), 1)
+        queries = torch.as_tensor(embeddings)
         if queries.dim() != 2:
             as_tensor(queries, "embeddings")  # its one-line error
         if (gallery is None) != (gallery_labels is None):
             raise ValueError("pass gallery and gallery_labels together, or neither")
-        self.query_labels = _labels(labels, queries.shape[0], "labels")
-        self_search = gallery is None
-        if self_search:
-            if queries.shape[0] < 2:
-                raise ValueError("need at least two embeddings to retrieve one from the other")
-            self.gallery_labels = self.query_labels
-            size = queries.shape[0] - 1
-        else:
-            assert gallery is not None and gallery_labels is not None
+        gallery_rows = None
+        if gallery is not None:
             gallery_t = torch.as_tensor(gallery)
             if gallery_t.dim() != 2:
                 as_tensor(gallery_t, "gallery")
-            self.gallery_labels = _labels(gallery_labels, gallery_t.shape[0], "gallery_labels")
-            size = gallery_t.shape[0]
+            gallery_rows = gallery_t.shape[0]
+        self._count(labels, queries.shape[0], gallery_labels, gallery_rows, k)
+        _, index = knn(queries, self.k, gallery, backend=backend)
+        self._rank(index)
+
+    @classmethod
+    def from_index(cls, index: Tensor | np.ndarray, labels: ArrayLike,
+                   gallery_labels: ArrayLike | None = None) -> Neighbours:
+        """Neighbours already found: index (N, k) into the gallery (the queries themselves when
+        ``gallery_labels`` is None, none of them its own query)."""
+        index = torch.as_tensor(index)
+        query_labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+        if index.dim() != 2 or index.shape[0] != len(query_labels):
+            raise ValueError(f"index has shape {tuple(index.shape)}; expected "
+                             f"({len(query_labels)}, k)")
+        found = cls.__new__(cls)
+        gallery_rows = None if gallery_labels is None else len(np.asarray(gallery_labels))
+        found._count(query_labels, len(query_labels), gallery_labels, gallery_rows,
+                     index.shape[1])
+        if found.k != index.shape[1]:
+            raise ValueError(f"index has {index.shape[1]} neighbours per query, more than the "
+                             f"gallery's {found.k}")
+        found._rank(index)
+        return found
+
+    def _count(self, labels: ArrayLike, queries: int, gallery_labels: ArrayLike | None,
+               gallery_rows: int | None, k: int) -> None:
+        """Labels, k clipped to the gallery, and each query's number of relevant items."""
+        self.query_labels = _labels(labels, queries, "labels")
+        self_search = gallery_labels is None
+        if self_search:
+            if queries < 2:
+                raise ValueError("need at least two embeddings to retrieve one from the other")
+            self.gallery_labels = self.query_labels
+            size = queries - 1
+        else:
+            assert gallery_labels is not None and gallery_rows is not None
+            self.gallery_labels = _labels(gallery_labels, gallery_rows, "gallery_labels")
+            size = gallery_rows
             if size < 1:
                 raise ValueError("the gallery is empty")
         if k > size:
             warnings.warn(f"k={k} is larger than the gallery ({size} items); using k={size}",
-                          stacklevel=3)
+                          stacklevel=4)
             k = size
         self.k = k
         self.relevant = _relevant_counts(self.query_labels, self.gallery_labels, self_search)
-        if index is None:
-            _, index = knn(queries, k, None if self_search else gallery, backend=backend)
-        elif tuple(index.shape) != (queries.shape[0], k):
-            raise ValueError(f"index has shape {tuple(index.shape)}; expected "
-                             f"({queries.shape[0]}, {k})")
+
+    def _rank(self, index: Tensor) -> None:
         ranked = self.gallery_labels[index.cpu().numpy()]  # (N, k)
         self.matches = ranked == self.query_labels[:, None]  # (N, k) bool
 

@@ -30,16 +30,11 @@ from softtriple.evaluation.metrics import (
     required_k,
     retrieval_metrics,
 )
-
-
-def _world() -> tuple[int, int]:
-    if not tdist.is_available() or not tdist.is_initialized():
-        return 1, 0
-    return tdist.get_world_size(), tdist.get_rank()
+from softtriple.parallel import size_and_rank
 
 
 def _sizes(n: int) -> list[int]:
-    world, _ = _world()
+    world, _ = size_and_rank()
     if world == 1:
         return [n]
     out: list[Any] = [None] * world
@@ -76,7 +71,7 @@ def sharded_knn(queries: ArrayLike, gallery: ArrayLike | None, k: int, *,
     self_search = gallery is None
     g = q if gallery is None else torch.nn.functional.normalize(as_tensor(gallery, "gallery"),
                                                                  dim=1)
-    world, me = _world()
+    world, me = size_and_rank()
     if world == 1:
         return knn(q, k, None if self_search else g, block=block)
     if g.shape[1] != q.shape[1]:
@@ -144,7 +139,7 @@ def sharded_evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int]
     """
     if "recall" in metrics:
         ks = check_ks(ks)
-    world, me = _world()
+    world, me = size_and_rank()
     if world == 1:
         return evaluate(embeddings, labels, ks, metrics, seed=seed,
                         kmeans_settings=kmeans_settings)
@@ -160,8 +155,7 @@ def sharded_evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int]
         parts: list[Any] = [None] * world
         tdist.gather_object(index.cpu(), parts if me == 0 else None, dst=0)
         if me == 0:
-            nb = Neighbours(np.empty((len(y), 0)), y, min(k, len(y) - 1),
-                            index=torch.cat(parts))
+            nb = Neighbours.from_index(torch.cat(parts), y)
             out.update(retrieval_metrics(nb, ks, metrics))
     cluster = [m for m in metrics if m in CLUSTER_METRICS]
     if cluster:

@@ -1,7 +1,7 @@
 """SoftTriple (and SoftMax-norm, K = 1) with its centers sharded over processes by class, for
 catalogues too large to replicate (in the spirit of Partial FC; model parallelism for the loss).
 
-Rank r of W owns the contiguous block of classes ``class_block(C, W, r)`` and only their centers
+Rank r of W owns the contiguous block of classes ``parallel.block(C, W, r)`` and only their centers
 (and their optimizer state). One step:
 
 1. the embeddings of every rank are all-gathered (torch's functional collectives,
@@ -39,15 +39,9 @@ from softtriple.losses.softtriple import (
     class_similarity,
     effective_center_counts,
 )
+from softtriple.parallel import block, size_and_rank
 
 INIT_CHUNK = 1024  # classes per seeded draw, so the initial centers do not depend on W
-
-
-def class_block(num_classes: int, world: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of rank's classes: contiguous blocks whose sizes differ by at most one."""
-    base, extra = divmod(num_classes, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
 
 
 def init_center_block(start: int, stop: int, centers_per_class: int, embedding_dim: int,
@@ -94,12 +88,6 @@ def check_equal_batches(size: int, device: torch.device,
                          f"last, short batch)")
 
 
-def _group_size_rank(group: tdist.ProcessGroup | None) -> tuple[int, int]:
-    if not tdist.is_available() or not tdist.is_initialized():
-        return 1, 0
-    return tdist.get_world_size(group), tdist.get_rank(group)
-
-
 class ShardedSoftTripleLoss(nn.Module):
     """SoftTripleLoss with the classes' centers split over the ranks of ``group`` (default: the
     whole job; one process holds them all). Same arguments and loss as ``SoftTripleLoss``
@@ -125,7 +113,7 @@ class ShardedSoftTripleLoss(nn.Module):
         super().__init__()
         check_arguments(num_classes, embedding_dim, centers_per_class, la, gamma, tau, margin)
         self.group = group
-        self.world, self.rank = _group_size_rank(group)
+        self.world, self.rank = size_and_rank(group)
         if num_classes < self.world:
             raise ValueError(f"cannot shard {num_classes} classes over {self.world} processes; "
                              f"use fewer processes or replicated centers")
@@ -134,7 +122,7 @@ class ShardedSoftTripleLoss(nn.Module):
         self.la, self.gamma, self.tau, self.margin = float(la), float(gamma), float(tau), \
             float(margin)
         self.compiled = bool(compiled)
-        self.start, self.stop = class_block(num_classes, self.world, self.rank)
+        self.start, self.stop = block(num_classes, self.world, self.rank)
         self.centers = nn.Parameter(init_center_block(self.start, self.stop, centers_per_class,
                                                       embedding_dim, seed))
 

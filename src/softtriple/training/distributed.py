@@ -18,13 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from softtriple.parallel import size_and_rank
+
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return size_and_rank()[0]
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return size_and_rank()[1]
 
 
 def is_main() -> bool:
