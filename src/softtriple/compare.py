@@ -181,7 +181,7 @@ def _execute(suite: Suite, run: Run, threads: int) -> tuple[Run, bool, float, st
         shutil.rmtree(run.folder)  # a start that died before its first checkpoint
     run.folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with (run.folder / "compare.log").open("a") as log:
+    with RunDir(run.folder).compare_log.open("a") as log:
         code = subprocess.call(train_command(suite, run, threads), stdout=log,
                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
@@ -191,7 +191,7 @@ def _execute(suite: Suite, run: Run, threads: int) -> tuple[Run, bool, float, st
     write_json(timing, {"seconds": spent + seconds})
     tail = ""
     if code != 0:
-        lines = (run.folder / "compare.log").read_text().strip().splitlines()
+        lines = RunDir(run.folder).compare_log.read_text().strip().splitlines()
         tail = lines[-1] if lines else f"exit status {code}"
     return run, code == 0, seconds, tail
 
@@ -209,7 +209,7 @@ def run_suite(suite: Suite, jobs: int = 1, log: Any = print) -> list[str]:
             run, ok, seconds, tail = future.result()
             name = f"{run.variant.label} seed {run.seed}"
             log(f"[{done}/{len(todo)}] {name}: {'done' if ok else 'FAILED'} in {seconds:.0f} s"
-                + ("" if ok else f": {tail} (log: {run.folder / 'compare.log'})"))
+                + ("" if ok else f": {tail} (log: {RunDir(run.folder).compare_log})"))
             if not ok:
                 failures.append(f"{name}: {tail}")
     return failures

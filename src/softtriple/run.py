@@ -9,6 +9,7 @@
     RUN/test_embeddings.npz    the held-out embeddings (an embeddings file, below)
     RUN/plots/, RUN/report.html, RUN/bad_images.txt
     RUN/demo.json              `softtriple demo`'s table: raw pixels, pretrained, trained
+    RUN/compare.log            `softtriple compare`'s log of the run's training
     RUN/.lock                  held (flock) by the process training into the folder
 
 An embeddings file (``.npz``: ``embeddings`` (N, d) float32, ``labels`` (N,) int, ``paths``
@@ -44,6 +45,7 @@ class RunDir:
 
     FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "results.json",
              "test_embeddings.npz", "plots", "report.html", "bad_images.txt", "demo.json")
+    # compare.log is not one of them: compare writes it before the run's training starts
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -51,13 +53,15 @@ class RunDir:
     config = property(lambda self: self.root / "config.yaml")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     tensorboard = property(lambda self: self.root / "tensorboard")
-    checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
+    checkpoint = property(lambda self: self.checkpoints / "last.pt")
     results = property(lambda self: self.root / "results.json")
     embeddings = property(lambda self: self.root / "test_embeddings.npz")
     plots = property(lambda self: self.root / "plots")
     report = property(lambda self: self.root / "report.html")
     bad_images = property(lambda self: self.root / "bad_images.txt")
     demo_summary = property(lambda self: self.root / "demo.json")
+    compare_log = property(lambda self: self.root / "compare.log")
+    checkpoints = property(lambda self: self.root / "checkpoints")  # last.pt, center blocks
 
     # ------------------------------------------------------------------ state
     def lock(self) -> IO[str]:

@@ -37,7 +37,7 @@ def _center_assignments(run: Path, classes: int = 3,
     model, config, state = load_model(run)
     if config.loss.shard_centers:  # blocks of centers written by each process: all of them
         from softtriple.training.checkpoint import read_center_rows
-        rows = read_center_rows(run / "checkpoints", state["center_blocks"], 0,
+        rows = read_center_rows(RunDir(run).checkpoints, state["center_blocks"], 0,
                                 int(state["num_classes"]))["centers"]
         if rows.shape[1] == 1:  # SoftMax-norm: one center per class
             return None
