@@ -29,7 +29,7 @@ class ModelConfig:
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (official --freeze_BN)
     freeze_backbone: bool = False  # train only the embedding layer (fast, keeps the features)
     # memory format of the network and its input batch: channels_last by default, measured
-    # faster for the demo's recipe on both CPUs tried (1.30x on an Intel Xeon, 1.43x on an AMD
+    # faster for the demo's recipe on both CPUs tried (1.28-1.30x on an Intel Xeon, 1.43x on an AMD
     # EPYC; benchmarks/train_speed.py); false for torch's default NCHW
     channels_last: bool = True
     head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
