@@ -381,7 +381,7 @@ class Trainer:
                 break
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            if self.config.model.channels_last:
+            if self.config.model.channels_last and images.dim() == 4:  # images, not features
                 images = images.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.objective(images, labels)
