@@ -127,9 +127,13 @@ def test_a_browser_picks_a_query_and_reads_its_neighbours(run):
             assert hits.count() == 8
             captions = hits.all_inner_texts()
             assert all("class" in c for c in captions)
+            # every neighbour's picture arrives and decodes (waited for: on a loaded machine the
+            # server answers the image requests after the page itself)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#neighbours img')].every("
+                "e => e.complete && e.naturalWidth > 0)", timeout=60_000)
             images = page.locator("#neighbours img")
-            loaded = images.evaluate_all("els => els.every(e => e.complete && e.naturalWidth > 0)")
-            assert loaded
+            assert images.count() == 8
             browser.close()
     finally:
         server.terminate()
