@@ -9,10 +9,24 @@ Writes benchmarks/results/center_usage_NAME.json; docs/RESULTS.md quotes it.
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 from softtriple.analysis.centers import center_usage
 from softtriple.atomic import write_json
+
+KEYS = ("effective_centers", "centers_winning_none", "winning_centers_per_class",
+        "busiest_center_share", "examples_per_class")
+
+
+def by_variant(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Each variant's (the run folder's parent's name) mean over its seeds of each figure."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(Path(row["run"]).parent.name, []).append(row)
+    return {name: {"seeds": len(group), **{key: statistics.mean(r[key] for r in group)
+                                           for key in KEYS}}
+            for name, group in groups.items()}
 
 
 def main() -> None:
@@ -28,7 +42,7 @@ def main() -> None:
                 rows.append(usage)
                 print(usage, flush=True)
     path = Path(__file__).parent / "results" / f"center_usage_{args.out}.json"
-    write_json(path, {"suite": str(args.suite_out), "rows": rows,
+    write_json(path, {"suite": str(args.suite_out), "by_variant": by_variant(rows), "rows": rows,
                       "command": f".venv/bin/python benchmarks/center_usage.py "
                                  f"{args.suite_out} --out {args.out}"})
     print(f"wrote {path}")
