@@ -20,13 +20,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from data_baseline import pretrained_features
+from data_baseline import builtin_split, pretrained_features
 from sklearn.cluster import KMeans
 
 from softtriple.atomic import write_json
-from softtriple.data import ImageTable
-from softtriple.data.builtin import BUILTINS, default_root, prepared
-from softtriple.data.formats import read_folder
 
 RESULTS = Path(__file__).parent / "results" / "class_modality.json"
 KS = (2, 4)
@@ -62,15 +59,10 @@ def modality(features: np.ndarray, labels: np.ndarray, k: int) -> dict[str, floa
 def main() -> None:
     results = {}
     for entry in sys.argv[1:] or ["glyphs:300", "emoji"]:
-        name, _, limit = entry.partition(":")
-        if prepared(name) is None:
-            print(f"{name}: not prepared (softtriple data prepare {name})")
+        found = builtin_split(entry, "train")
+        if found is None:
             continue
-        table = read_folder(default_root() / name, BUILTINS[name].train_fraction).split("train")
-        if limit:
-            keep = np.isin(table.labels, np.unique(table.labels)[:int(limit)])
-            table = ImageTable([p for p, k in zip(table.paths, keep, strict=True) if k],
-                               table.labels[keep], table.splits[keep], table.root)
+        name, table = found
         features = pretrained_features(name, table)
         sizes = np.unique(table.labels, return_counts=True)[1]
         results[entry] = {"train_images": len(table), "train_classes": len(sizes),

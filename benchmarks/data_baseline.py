@@ -46,22 +46,31 @@ def pretrained_features(name: str, table: ImageTable) -> np.ndarray:
     return features
 
 
+def builtin_split(entry: str, split: str) -> tuple[str, ImageTable] | None:
+    """``NAME[:MAX_CLASSES]``'s split of a prepared built-in data set (its first MAX_CLASSES
+    classes, as ``data.max_classes`` keeps them), or None (with a line) when not prepared."""
+    name, _, limit = entry.partition(":")
+    if prepared(name) is None:
+        print(f"{name}: not prepared (softtriple data prepare {name})")
+        return None
+    table = read_folder(default_root() / name, BUILTINS[name].train_fraction).split(split)
+    if limit:
+        keep = np.isin(table.labels, np.unique(table.labels)[:int(limit)])
+        table = ImageTable([p for p, k in zip(table.paths, keep, strict=True) if k],
+                           table.labels[keep], table.splits[keep], table.root)
+    return name, table
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--features"]
     with_features = "--features" in sys.argv[1:]
     names = args or [n for n in BUILTINS if prepared(n)]
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for entry in names:
-        name, _, limit = entry.partition(":")
-        manifest = prepared(name)
-        if manifest is None:
-            print(f"{name}: not prepared (softtriple data prepare {name})")
+        found = builtin_split(entry, "test")
+        if found is None:
             continue
-        table = read_folder(default_root() / name, BUILTINS[name].train_fraction).split("test")
-        if limit:
-            keep = np.isin(table.labels, np.unique(table.labels)[:int(limit)])
-            table = ImageTable([p for p, k in zip(table.paths, keep, strict=True) if k],
-                               table.labels[keep], table.splits[keep], table.root)
+        name, table = found
         metrics = evaluate(raw_pixels(table.paths, SIZE), table.labels,
                            metrics=("recall", "map_at_r", "nmi", "ami"))
         results[entry] = {"test_images": len(table), "test_classes": len(set(table.labels)),
