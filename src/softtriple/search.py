@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from softtriple.run import read_class_names, read_embeddings
+from softtriple.run import (
+    read_class_names,
+    read_embedding_labels,
+    read_embedding_rows,
+    read_embeddings,
+)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
@@ -143,7 +148,6 @@ def file_neighbours(gallery_file: str | Path, k: int,
     (``evaluation.sharded.sharded_knn``); the result reaches rank 0, the others get None."""
     from softtriple.evaluation.sharded import sharded_knn
     from softtriple.parallel import block
-    from softtriple.run import read_embedding_labels, read_embedding_rows
     from softtriple.training import distributed as dist
 
     world, rank = dist.world_size(), dist.rank()
