@@ -63,11 +63,23 @@ def _assert_same(run: Path, reference: Path) -> None:
     assert not list(run.rglob(".*.tmp*")), "a temporary file was left behind"
 
 
+def _wait_for_config(run: Path, process: subprocess.Popen[bytes], before: int) -> None:
+    """Return once the piece has (re)written config.yaml (it then trains) or has ended."""
+    deadline = time.monotonic() + 120
+    config = run / "config.yaml"
+    while process.poll() is None and time.monotonic() < deadline and not (
+            config.exists() and config.stat().st_mtime_ns != before):
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def reference(data_root, tmp_path_factory):
+    """The uninterrupted run, and how long it trains once config.yaml is written (seconds)."""
     run = tmp_path_factory.mktemp("faults") / "reference"
+    process = _train(run, workers=2)
+    _wait_for_config(run, process, 0)
     start = time.perf_counter()
-    assert _finish(_train(run, workers=0)) == 0
+    assert _finish(process) == 0
     return run, time.perf_counter() - start
 
 
@@ -86,20 +98,19 @@ def test_killed_at_every_named_moment_resumes_to_the_same_run(reference, tmp_pat
 
 def test_killed_at_random_moments_resumes_to_the_same_run(reference, tmp_path):
     """Worker processes on (the named-moment test alternates 0 and 2 workers). Each piece is
-    killed a random 0.1-2.5 s after it has (re)written config.yaml, i.e. while it trains."""
+    killed at a random moment after it has (re)written config.yaml, i.e. while it trains: the
+    first within the first 60% of the reference's training time (so a faster machine still
+    kills it), later ones anywhere in it."""
     run, workers = tmp_path / "run", 2
     rng = random.Random(2)
+    training = reference[1]
     kills = 0
-    for _ in range(3):
+    for piece in range(3):
         started = (run / "config.yaml").stat().st_mtime_ns if (run / "config.yaml").exists() \
             else 0
         process = _train(run, workers, resume=started > 0)
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline and not (
-                (run / "config.yaml").exists()
-                and (run / "config.yaml").stat().st_mtime_ns != started):
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.1, 2.5))
+        _wait_for_config(run, process, started)
+        time.sleep(training * rng.uniform(0.05, 0.6 if piece == 0 else 1.0))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
