@@ -8,11 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from softtriple.cli import main
-from softtriple.data import DataError, ImageDataset, eval_transform, read_table, verify_images
+from softtriple.data import (
+    DataError,
+    ImageDataset,
+    ImageTable,
+    eval_transform,
+    read_table,
+    train_transform,
+    verify_images,
+)
 from softtriple.data.builtin import folder_checksum, prepare
+from softtriple.data.decoded import decoded_bytes, split_fixed_head
 
 
 def _image(path: Path, seed: int = 0) -> None:
@@ -210,3 +220,52 @@ def test_raw_pixels_are_mean_free_ink_vectors(tmp_path):
     assert x.shape == (2, 64) and x.dtype == np.float32
     np.testing.assert_allclose(x.mean(axis=1), 0, atol=1e-4)
     assert np.all(x[1] == 0)  # white paper has no ink
+
+
+def _mixed_images(root: Path) -> ImageTable:
+    """Images of several sizes and modes (RGB, grey, palette with transparency, RGBA)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w, mode) in enumerate([(12, 10, "RGB"), (30, 17, "L"), (9, 40, "P"),
+                                      (25, 25, "RGBA"), (64, 48, "RGB")]):
+        pixels = rng.integers(0, 255, (h, w, 4 if mode == "RGBA" else 3), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGBA" if mode == "RGBA" else "RGB")
+        image = image.convert(mode) if mode != "P" else image.quantize(8)
+        if mode == "P":
+            image.info["transparency"] = 0
+        path = root / f"{i}.png"
+        image.save(path, **({"transparency": 0} if mode == "P" else {}))
+        paths.append(path)
+    return ImageTable(paths, np.arange(5), np.array(["train"] * 5), root)
+
+
+@pytest.mark.parametrize("transform, seed", [(train_transform(16, flip=True), 3),
+                                             (train_transform(24, flip=False), 0),
+                                             (eval_transform(20), None)])
+def test_images_decoded_once_give_the_same_items_bit_for_bit(tmp_path, transform, seed):
+    table = _mixed_images(tmp_path)
+    labels = np.arange(len(table))
+    files = ImageDataset(table, labels, transform, seed=seed)
+    once = ImageDataset(table, labels, transform, seed=seed, decode_once=2**20)
+    assert files.decoded is None and once.decoded is not None
+    for epoch in (0, 1, 5):
+        files.set_epoch(epoch)
+        once.set_epoch(epoch)
+        for i in range(len(table)):
+            a, b = files[i], once[i]
+            assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+    assert once.decoded.nbytes == decoded_bytes(table.paths, split_fixed_head(transform)[0])
+
+
+def test_decoding_once_stays_within_its_budget_and_names_a_bad_file(tmp_path):
+    table = _mixed_images(tmp_path)
+    need = decoded_bytes(table.paths, split_fixed_head(train_transform(16))[0])
+    small = ImageDataset(table, np.arange(5), train_transform(16), seed=0, decode_once=need - 1)
+    assert small.decoded is None  # over budget: each item reads its file, as before
+    assert ImageDataset(table, np.arange(5), train_transform(16), seed=0,
+                        decode_once=need).decoded is not None
+    table.paths[2].write_bytes(b"not a png")
+    broken = ImageDataset(table, np.arange(5), train_transform(16), seed=0, decode_once=need)
+    assert broken.decoded is None
+    with pytest.raises(DataError, match="2.png is corrupt or not an image"):
+        broken[2]

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
+from softtriple.data.decoded import DecodedImages, decoded_bytes, split_fixed_head
 from softtriple.data.table import DataError, ImageTable
 
 
@@ -44,25 +46,47 @@ class ImageDataset(Dataset):
         table: the images (one split, usually).
         labels: (N,) int64 labels to return (e.g. ``table.encoded_labels()[0]``).
         transform: PIL image -> tensor (C, H, W).
+        seed: with a seed, each image's random augmentation depends on (seed, epoch, index).
+        decode_once: up to this many bytes, every image is decoded once, here, through the
+            fixed head of a torchvision v2 ``transform`` (ToImage, Resize, CenterCrop) and kept
+            as uint8; items then run only its tail, with the same output bit for bit. 0, a
+            larger data set or another kind of transform: each item decodes its file.
     """
 
     def __init__(self, table: ImageTable, labels: np.ndarray,
-                 transform: Callable[[Image.Image], Any], seed: int | None = None) -> None:
+                 transform: Callable[[Any], Any], seed: int | None = None,
+                 decode_once: int = 0) -> None:
         if len(labels) != len(table):
             raise DataError(f"{len(labels)} labels for {len(table)} images")
         self.table, self.labels, self.transform = table, np.asarray(labels), transform
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
+        # shared memory: persistent worker processes see set_epoch's value
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.decoded: DecodedImages | None = None
+        if decode_once > 0 and isinstance(transform, v2.Compose):
+            head, tail = split_fixed_head(transform)
+            try:
+                fits = decoded_bytes(table.paths, head) <= decode_once
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+                fits = False  # a bad file: its item raises load_image's one-line error
+            if fits and head.transforms and isinstance(head.transforms[0], v2.ToImage):
+                self.decoded, self.transform = DecodedImages(table.paths, load_image, head), tail
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """With a seed, each image's random augmentation depends on (seed, epoch, index) only,
         never on which worker process draws it, so any ``data.workers`` gives the same run."""
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        image = load_image(self.table.paths[index])
+        image = self.decoded[index] if self.decoded is not None \
+            else load_image(self.table.paths[index])
         if self.seed is None:
             return self.transform(image), int(self.labels[index]), index
         key = ((self.seed * 1_000_003 + self.epoch) * 2_000_003 + index) % 2**63

@@ -49,7 +49,11 @@ class DataConfig:
     batch_size: int = 32  # the global batch, split across processes
     sampler: str = "random"  # random, or class_balanced (P classes x M images)
     images_per_class: int = 2  # M, for class_balanced
-    workers: int = 2  # DataLoader worker processes
+    workers: int = 2  # DataLoader worker processes (kept alive across epochs)
+    # each split's images decoded (and test images resized) once per run and kept in memory as
+    # uint8 when they fit in this many MiB; workers then only crop, flip and normalize, with the
+    # same output bit for bit. 0: every item decodes its file
+    decode_once_mib: int = 1024
     train_fraction: float = 0.5  # class split of folder and csv data without a split column
     max_classes: int = 0  # 0: all; else the first N classes (sorted) of each split, for CPU runs
     # unreadable images (checked once per file before training): error names them all; skip
@@ -201,6 +205,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("data", "images_per_class"): _at_least(1),
     ("data", "bad_images"): _one_of("error", "skip"),
     ("data", "workers"): _at_least(0),
+    ("data", "decode_once_mib"): _at_least(0),
     ("data", "train_fraction"): _within(0.0, 1.0, closed_high=False),
     ("data", "max_classes"): _at_least(0),
     ("data", "validation_classes"): _within(0.0, 1.0),

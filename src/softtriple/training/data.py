@@ -139,14 +139,21 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
         transform = (train_transform(config.image_size, config.flip, mean, std, interpolation)
                      if config.augment else
                      eval_transform(config.image_size, mean, std, interpolation))
-        train_set = ImageDataset(train_table, train_labels, transform, seed=seed)
+        budget = config.decode_once_mib * 2**20
+        train_set = ImageDataset(train_table, train_labels, transform, seed=seed,
+                                 decode_once=budget)
         test_set = ImageDataset(test_table, test_labels,
-                                eval_transform(config.image_size, mean, std, interpolation))
+                                eval_transform(config.image_size, mean, std, interpolation),
+                                decode_once=budget)
     test_set = torch.utils.data.Subset(test_set, shard.tolist())
     generator = torch.Generator().manual_seed(seed)
-    # workers are not persistent: they restart, reseeded from the generator, every epoch
+    # persistent workers: augmentation draws depend on (seed, epoch, index) only, and the
+    # dataset's epoch lives in shared memory, so a worker kept from the last epoch draws as a
+    # fresh one would
     train = DataLoader(train_set, batch_sampler=sampler, generator=generator,
-                       num_workers=workers, pin_memory=pin_memory)
+                       num_workers=workers, pin_memory=pin_memory,
+                       persistent_workers=workers > 0)
     test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=pin_memory)
+                      num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)
     return Loaders(train, test, train_table, test_table, len(classes), bad)

@@ -39,11 +39,10 @@ from softtriple.training.config import Config, ConfigError, dump_config
 from softtriple.training.data import Loaders, build_loaders
 from softtriple.training.feature_cache import cached_features
 
-# keys a resumed run may change: data.workers too, as the data order and every augmentation
-# depend on (seed, epoch, sample) only
+# keys a resumed run may change: data.workers and data.decode_once_mib too, as the data order
+# and every augmentation depend on (seed, epoch, sample) only, and decoding once is bitwise
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
-               ("data", "workers"),
-               ("schedule", "epochs")}  # keys a resumed run may change
+               ("data", "workers"), ("data", "decode_once_mib"), ("schedule", "epochs")}
 
 
 class Objective(nn.Module):
