@@ -5,7 +5,9 @@
    autocast in both); the fastest is the floor;
 2. a **bare loop**: a plain PyTorch loop over the real loader (workers decoding and augmenting
    images on the same cores), the model in the trainer's memory format;
-3. the **trainer**: `softtriple train`'s own epoch (sampler, loader, progress, logging).
+3. the **trainer**: `softtriple train`'s own epochs (sampler, loader, progress, logging), whole
+   ones: the first (which starts the loader's workers) and the next (persistent workers), with
+   the images decoded once (the default) and, for comparison, decoded from their files per item.
 
 Each as images per second, with the ratios to the floor, interleaved where they can be (the
 floor's variants), on a quiet machine (benchmarks/conditions.py).
@@ -29,7 +31,9 @@ import torch
 from conditions import Conditions
 
 from softtriple.atomic import write_json
+from softtriple.data import ImageDataset, train_transform
 from softtriple.training import Trainer, load_config
+from softtriple.training.data import load_table
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 SETTINGS = ["model.backbone=efficientnet_lite0", "model.embedding_dim=64",
@@ -86,19 +90,38 @@ def bare_loop(trainer: Trainer, steps: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def trainer_speed(steps: int, out: str) -> float:
-    config = load_config(None, [*SETTINGS, f"schedule.max_steps_per_epoch={steps}",
-                                f"run.out={out}"])
+def trainer_epochs(out: str, epochs: int, *extra: str) -> list[float]:
+    """Images per second of each of ``epochs`` whole epochs of the trainer's own loop (sampler,
+    loader, progress, logging), timed from the loader's start: the first epoch starts the
+    workers, later ones reuse them (persistent workers)."""
+    config = load_config(None, [*SETTINGS, *extra, f"run.out={out}"])
     trainer = Trainer(config)
+    speeds = []
+    for epoch in range(epochs):
+        trainer.epoch, steps = epoch, trainer.step
+        start = time.perf_counter()
+        trainer._train_epoch()
+        speeds.append((trainer.step - steps) * config.data.batch_size
+                      / (time.perf_counter() - start))
+    return speeds
+
+
+def decode_seconds() -> float:
+    """Seconds to decode the training split once (what data.decode_once_mib adds to a run's
+    start)."""
+    config = load_config(None, SETTINGS)
+    table = load_table(config.data).split("train")
     start = time.perf_counter()
-    trainer._train_epoch()  # the trainer's own epoch: sampler, loader, progress, logging
-    return steps * config.data.batch_size / (time.perf_counter() - start)
+    ImageDataset(table, table.encoded_labels()[0], train_transform(64, flip=False), seed=0,
+                 decode_once=config.data.decode_once_mib * 2**20)
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=40, help="bare-loop steps")
+    parser.add_argument("--epochs", type=int, default=2, help="trainer epochs (whole ones)")
     parser.add_argument("--repeats", type=int, default=8, help="floor steps per variant")
     parser.add_argument("--noisy", action="store_true", help="run on a busy machine anyway")
     args = parser.parse_args()
@@ -108,23 +131,34 @@ def main() -> None:
         variants = floor(Trainer(config), args.repeats)
         bare_loop(Trainer(config), 3)  # warm the process up (threads, allocator) for both
         bare = bare_loop(Trainer(config), args.steps)
-        ours = trainer_speed(args.steps, f"{tmp}/trainer")
+        decoded = trainer_epochs(f"{tmp}/decoded", args.epochs)
+        files = trainer_epochs(f"{tmp}/files", args.epochs, "data.decode_once_mib=0")
+        decoding = decode_seconds()
     fastest = max(variants, key=lambda name: variants[name]["images_per_second"])
     best = variants[fastest]["images_per_second"]
     nchw = variants["float32 NCHW"]["images_per_second"]
+    ours = decoded[-1]  # the steady state: an epoch after the first
     report = {"conditions": conditions.finish(),
               "floor": {"variants": variants, "fastest": fastest, "images_per_second": best},
-              "images_per_second": {"bare_loop": bare, "trainer": ours},
+              "images_per_second": {
+                  "bare_loop": bare, "trainer": ours,
+                  "trainer_epochs": decoded, "trainer_epochs_decoding_files": files},
+              "decode_once_seconds": decoding,
               "trainer_over_bare": ours / bare, "trainer_over_floor": ours / best,
+              "first_epoch_over_floor": decoded[0] / best,
+              "decoding_files_over_floor": files[-1] / best,
               "bare_over_floor": bare / best, "trainer_over_nchw_floor": ours / nchw,
-              "channels_last": config.model.channels_last, "steps": args.steps,
-              "settings": SETTINGS,
+              "channels_last": config.model.channels_last, "bare_loop_steps": args.steps,
+              "epochs": args.epochs, "settings": SETTINGS,
               "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_speed.py"}
     for name, v in variants.items():
         print(f"floor {name:<24} {v['ms_per_step']:6.0f} ms/step {v['images_per_second']:6.1f} "
               f"img/s")
-    print(f"bare loop {bare:.1f} img/s, trainer {ours:.1f} img/s; trainer / floor "
-          f"({fastest}) {ours / best:.2f}, trainer / float32 NCHW floor {ours / nchw:.2f}")
+    print(f"bare loop {bare:.1f} img/s; trainer epochs {', '.join(f'{v:.1f}' for v in decoded)}"
+          f" img/s (decoding files: {', '.join(f'{v:.1f}' for v in files)}); decoding once "
+          f"{decoding:.1f} s")
+    print(f"trainer / floor ({fastest}) {ours / best:.2f}, trainer / float32 NCHW floor "
+          f"{ours / nchw:.2f}")
     write_json(RESULTS, report)
 
 
