@@ -2,7 +2,8 @@
 
 1. the **compute floor**: model, loss and optimizer on one in-memory batch (no data loading), in
    each memory format and precision this CPU offers (float32 NCHW, float32 channels_last, bf16
-   autocast in both); the fastest is the floor;
+   autocast in both); the fastest is the floor; and channels_last with torch.compile
+   (model.compile), its compile time apart;
 2. a **bare loop**: a plain PyTorch loop over the real loader (workers decoding and augmenting
    images on the same cores), the model in the trainer's memory format;
 3. the **trainer**: `softtriple train`'s own epochs (sampler, loader, progress, logging), whole
@@ -72,6 +73,26 @@ def floor(trainer: Trainer, repeats: int) -> dict[str, dict[str, Any]]:
             for name, t in times.items()}
 
 
+def compiled_floor(trainer: Trainer, repeats: int) -> dict[str, float]:
+    """The channels_last floor with the network torch.compile'd (model.compile): the first
+    step's seconds (compiling forward and backward) and the median ms per step after it."""
+    images, labels, _ = next(iter(trainer.loaders.train))
+    model, loss_fn, optimizer = trainer.model, trainer.loss, trainer.optimizer
+    model.to(memory_format=torch.channels_last).train()
+    model.compile()
+    x = images.contiguous(memory_format=torch.channels_last)
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss_fn(model(x), labels).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[2:])
+    return {"compile_seconds": times[0], "ms_per_step": 1000 * step,
+            "images_per_second": len(labels) / step}
+
+
 def bare_loop(trainer: Trainer, steps: int) -> float:
     """Images per second of a plain loop over the trainer's model (in its memory format), loss
     and loader, timed like the trainer's epoch: from the loader's start."""
@@ -129,6 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(None, [*SETTINGS, f"run.out={tmp}/bare"])
         variants = floor(Trainer(config), args.repeats)
+        compiled = compiled_floor(Trainer(config), args.repeats)
         bare_loop(Trainer(config), 3)  # warm the process up (threads, allocator) for both
         bare = bare_loop(Trainer(config), args.steps)
         decoded = trainer_epochs(f"{tmp}/decoded", args.epochs)
@@ -139,7 +161,8 @@ def main() -> None:
     nchw = variants["float32 NCHW"]["images_per_second"]
     ours = decoded[-1]  # the steady state: an epoch after the first
     report = {"conditions": conditions.finish(),
-              "floor": {"variants": variants, "fastest": fastest, "images_per_second": best},
+              "floor": {"variants": variants, "fastest": fastest, "images_per_second": best,
+                        "channels_last_compiled": compiled},
               "images_per_second": {
                   "bare_loop": bare, "trainer": ours,
                   "trainer_epochs": decoded, "trainer_epochs_decoding_files": files},
@@ -154,6 +177,8 @@ def main() -> None:
     for name, v in variants.items():
         print(f"floor {name:<24} {v['ms_per_step']:6.0f} ms/step {v['images_per_second']:6.1f} "
               f"img/s")
+    print(f"floor channels_last + torch.compile {compiled['ms_per_step']:6.0f} ms/step after "
+          f"{compiled['compile_seconds']:.0f} s compiling")
     print(f"bare loop {bare:.1f} img/s; trainer epochs {', '.join(f'{v:.1f}' for v in decoded)}"
           f" img/s (decoding files: {', '.join(f'{v:.1f}' for v in files)}); decoding once "
           f"{decoding:.1f} s")

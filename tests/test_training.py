@@ -290,3 +290,13 @@ def test_data_initialized_centers_start_on_the_training_embeddings(data_root, tm
     assert trainer.train()["epochs"] >= 1
     with pytest.raises(ConfigError, match="init_centers=data applies to softtriple"):
         Trainer(tiny(tmp_path / "proxy", "loss.name=proxy_nca", "loss.init_centers=data"))
+
+
+def test_a_compiled_model_trains_and_saves_its_own_names(data_root, tmp_path):
+    """model.compile=true: torch.compile in place; the run trains to finite metrics, and its
+    checkpoint loads into an uncompiled model (no '_orig_mod.' names)."""
+    result = Trainer(tiny(tmp_path / "c", "schedule.epochs=1", "schedule.max_steps_per_epoch=2",
+                          "model.compile=true")).train()
+    assert all(torch.isfinite(torch.tensor(v)) for v in result["metrics"].values())
+    state = load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["model"]
+    assert state and not any("_orig_mod" in k for k in state)

@@ -32,6 +32,10 @@ class ModelConfig:
     # faster for the demo's recipe on both CPUs tried (1.28-1.30x on an Intel Xeon, 1.43x on an AMD
     # EPYC; benchmarks/train_speed.py); false for torch's default NCHW
     channels_last: bool = True
+    # torch.compile the network (inductor: needs a C++ compiler on CPU). Off by default: on the
+    # demo's recipe its compile time (over a minute on 2 CPU cores) exceeds what it saves in an
+    # 8-epoch run (benchmarks/train_speed.py); worth trying for long runs and on a GPU
+    compile: bool = False
     head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
     normalize: bool = True  # L2-normalize embeddings; false for N-pairs / lifted (their papers')
     # several processes (CUDA only): BatchNorm statistics over the global batch, so N processes

@@ -161,6 +161,8 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if config.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if config.model.compile:
+            self.model.compile()  # in place: the state dict's names stay the model's own
         self.loaders: Loaders = build_loaders(
             config.data, self.model.mean, self.model.std, config.evaluation.batch_size,
             config.run.seed, self.world, self.rank, self._feature_fn(),
