@@ -8,7 +8,8 @@
    images on the same cores), the model in the trainer's memory format;
 3. the **trainer**: `softtriple train`'s own epochs (sampler, loader, progress, logging), whole
    ones: the first (which starts the loader's workers) and the next (persistent workers), with
-   the images decoded once (the default) and, for comparison, decoded from their files per item.
+   the images decoded once (the default) and, for comparison, decoded from their files per item,
+   and with one loader worker instead of two.
 
 Each as images per second, with the ratios to the floor, interleaved where they can be (the
 floor's variants), on a quiet machine (benchmarks/conditions.py).
@@ -155,6 +156,7 @@ def main() -> None:
         bare = bare_loop(Trainer(config), args.steps)
         decoded = trainer_epochs(f"{tmp}/decoded", args.epochs)
         files = trainer_epochs(f"{tmp}/files", args.epochs, "data.decode_once_mib=0")
+        one_worker = trainer_epochs(f"{tmp}/one", args.epochs, "data.workers=1")
         decoding = decode_seconds()
     fastest = max(variants, key=lambda name: variants[name]["images_per_second"])
     best = variants[fastest]["images_per_second"]
@@ -165,11 +167,13 @@ def main() -> None:
                         "channels_last_compiled": compiled},
               "images_per_second": {
                   "bare_loop": bare, "trainer": ours,
-                  "trainer_epochs": decoded, "trainer_epochs_decoding_files": files},
+                  "trainer_epochs": decoded, "trainer_epochs_decoding_files": files,
+                  "trainer_epochs_one_worker": one_worker},
               "decode_once_seconds": decoding,
               "trainer_over_bare": ours / bare, "trainer_over_floor": ours / best,
               "first_epoch_over_floor": decoded[0] / best,
               "decoding_files_over_floor": files[-1] / best,
+              "one_worker_over_floor": one_worker[-1] / best,
               "bare_over_floor": bare / best, "trainer_over_nchw_floor": ours / nchw,
               "channels_last": config.model.channels_last, "bare_loop_steps": args.steps,
               "epochs": args.epochs, "settings": SETTINGS,
@@ -181,7 +185,7 @@ def main() -> None:
           f"{compiled['compile_seconds']:.0f} s compiling")
     print(f"bare loop {bare:.1f} img/s; trainer epochs {', '.join(f'{v:.1f}' for v in decoded)}"
           f" img/s (decoding files: {', '.join(f'{v:.1f}' for v in files)}); decoding once "
-          f"{decoding:.1f} s")
+          f"{decoding:.1f} s; one worker: {', '.join(f'{v:.1f}' for v in one_worker)}")
     print(f"trainer / floor ({fastest}) {ours / best:.2f}, trainer / float32 NCHW floor "
           f"{ours / nchw:.2f}")
     write_json(RESULTS, report)
