@@ -33,7 +33,7 @@ class ModelConfig:
     # EPYC; benchmarks/train_speed.py); false for torch's default NCHW
     channels_last: bool = True
     # torch.compile the network (inductor: needs a C++ compiler on CPU). Off by default: on the
-    # demo's recipe its compile time (over a minute on 2 CPU cores) exceeds what it saves in an
+    # demo's recipe its first compile (60 s on 2 CPU cores) exceeds what it saves in an
     # 8-epoch run (benchmarks/train_speed.py); worth trying for long runs and on a GPU
     compile: bool = False
     head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
