@@ -9,7 +9,7 @@
 3. the **trainer**: `softtriple train`'s own epochs (sampler, loader, progress, logging), whole
    ones: the first (which starts the loader's workers) and the next (persistent workers), with
    the images decoded once (the default) and, for comparison, decoded from their files per item,
-   and with one loader worker instead of two.
+   and with one loader worker or none (augmenting the decoded images in the main process).
 
 Each as images per second, with the ratios to the floor, interleaved where they can be (the
 floor's variants), on a quiet machine (benchmarks/conditions.py).
@@ -162,6 +162,7 @@ def main() -> None:
         decoded = trainer_epochs(f"{tmp}/decoded", args.epochs)
         files = trainer_epochs(f"{tmp}/files", args.epochs, "data.decode_once_mib=0")
         one_worker = trainer_epochs(f"{tmp}/one", args.epochs, "data.workers=1")
+        no_worker = trainer_epochs(f"{tmp}/none", args.epochs, "data.workers=0")
         compiled_run = trainer_epochs(f"{tmp}/compiled", args.epochs, "model.compile=true")
         decoding = decode_seconds()
     fastest = max(variants, key=lambda name: variants[name]["images_per_second"])
@@ -175,12 +176,15 @@ def main() -> None:
                   "bare_loop": bare, "trainer": ours,
                   "trainer_epochs": decoded, "trainer_epochs_decoding_files": files,
                   "trainer_epochs_one_worker": one_worker,
+                  "trainer_epochs_no_worker": no_worker,
                   "trainer_epochs_compiled": compiled_run},
               "decode_once_seconds": decoding,
               "trainer_over_bare": ours / bare, "trainer_over_floor": ours / best,
               "first_epoch_over_floor": decoded[0] / best,
               "decoding_files_over_floor": files[-1] / best,
               "one_worker_over_floor": one_worker[-1] / best,
+              "no_worker_over_floor": no_worker[-1] / best,
+              "no_worker_over_nchw_floor": no_worker[-1] / nchw,
               "compiled_over_floor": compiled_run[-1] / best,
               "compiled_over_nchw_floor": compiled_run[-1] / nchw,
               "bare_over_floor": bare / best, "trainer_over_nchw_floor": ours / nchw,
@@ -194,7 +198,8 @@ def main() -> None:
           f"{compiled['compile_seconds']:.0f} s compiling")
     print(f"bare loop {bare:.1f} img/s; trainer epochs {', '.join(f'{v:.1f}' for v in decoded)}"
           f" img/s (decoding files: {', '.join(f'{v:.1f}' for v in files)}); decoding once "
-          f"{decoding:.1f} s; one worker: {', '.join(f'{v:.1f}' for v in one_worker)}")
+          f"{decoding:.1f} s; one worker: {', '.join(f'{v:.1f}' for v in one_worker)}; none: "
+          f"{', '.join(f'{v:.1f}' for v in no_worker)}")
     print(f"trainer with model.compile: {', '.join(f'{v:.1f}' for v in compiled_run)} img/s "
           f"(its first epoch compiles)")
     print(f"trainer / floor ({fastest}) {ours / best:.2f}, trainer / float32 NCHW floor "
