@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from conditions import Conditions
+from steps import step_times
 
 from softtriple.atomic import write_json
 from softtriple.losses import SoftTripleLoss
@@ -39,14 +39,7 @@ def step_seconds(name: str, options: dict, steps: int = 5) -> float:
     optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-4)
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     y = torch.arange(BATCH) % CLASSES
-    times = []
-    for _ in range(steps + 2):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    return statistics.median(step_times(model, loss_fn, optimizer, x, y, steps)[2:])
 
 
 def main() -> None:

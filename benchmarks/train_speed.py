@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from conditions import Conditions
+from steps import step_times
 
 from softtriple.atomic import write_json
 from softtriple.data import ImageDataset, train_transform
@@ -83,14 +84,8 @@ def compiled_floor(trainer: Trainer, repeats: int) -> dict[str, float]:
     model, loss_fn, optimizer = trainer.model, trainer.loss, trainer.optimizer
     model.to(memory_format=torch.channels_last).train()
     model.compile()
-    x = images.contiguous(memory_format=torch.channels_last)
-    times = []
-    for _ in range(repeats + 2):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        loss_fn(model(x), labels).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
+    times = step_times(model, loss_fn, optimizer,
+                       images.contiguous(memory_format=torch.channels_last), labels, repeats)
     step = statistics.median(times[2:])
     return {"compile_seconds": times[0], "ms_per_step": 1000 * step,
             "images_per_second": len(labels) / step}
