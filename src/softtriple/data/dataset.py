@@ -65,12 +65,16 @@ class ImageDataset(Dataset):
         self.decoded: DecodedImages | None = None
         if decode_once > 0 and isinstance(transform, v2.Compose):
             head, tail = split_fixed_head(transform)
-            try:
-                fits = decoded_bytes(table.paths, head) <= decode_once
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-                fits = False  # a bad file: its item raises load_image's one-line error
-            if fits and head.transforms and isinstance(head.transforms[0], v2.ToImage):
-                self.decoded, self.transform = DecodedImages(table.paths, load_image, head), tail
+            # only a head that starts with ToImage gives tensors to keep; its header-only size
+            # check comes before any pixel is decoded
+            if head.transforms and isinstance(head.transforms[0], v2.ToImage):
+                try:
+                    fits = decoded_bytes(table.paths, head) <= decode_once
+                except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+                    fits = False  # a bad file: its item raises load_image's one-line error
+                if fits:
+                    self.decoded = DecodedImages(table.paths, load_image, head)
+                    self.transform = tail
 
     @property
     def epoch(self) -> int:
