@@ -300,3 +300,21 @@ def test_a_compiled_model_trains_and_saves_its_own_names(data_root, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in result["metrics"].values())
     state = load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["model"]
     assert state and not any("_orig_mod" in k for k in state)
+
+
+def test_the_gradient_check_tells_huge_finite_gradients_from_nan(data_root, tmp_path):
+    """The per-step check is a 2-norm, whose squares overflow for huge finite gradients: those
+    pass (the max-norm decides), a NaN or inf fails naming its parameter."""
+    trainer = Trainer(tiny(tmp_path / "run"))
+    try:
+        params = list(trainer.objective.named_parameters())
+        for _, p in params:
+            p.grad = torch.full_like(p, 1e30)  # finite; its squares are inf in float32
+        assert not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for _, p in params]))
+        trainer._check_gradients(0)
+        name, last = params[-1]
+        last.grad.view(-1)[0] = float("nan")
+        with pytest.raises(FloatingPointError, match=f"the gradient of {name} became NaN"):
+            trainer._check_gradients(0)
+    finally:
+        trainer.release()
