@@ -55,3 +55,35 @@ def test_freeze_backbone_trains_only_the_embedding_layer():
     assert model.embedding.weight.grad is not None
     assert all(torch.equal(a, m.running_mean) for a, m in zip(
         stats, (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)), strict=True))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("size", [64, 50])
+def test_folded_same_padding_computes_the_wheels_network(memory_format, size):
+    """EfficientNet-Lite with each convolution's symmetric zero padding moved into the
+    convolution (fold_same_padding) gives the wheel's own network's features and gradients:
+    the same zeros, summed in another order at most (float rounding)."""
+    import copy
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from softtriple.models.backbones import fold_same_padding
+
+    torch.manual_seed(0)
+    wheel = EfficientNet.from_name("efficientnet-lite0").train()
+    folded = copy.deepcopy(wheel)
+    fold_same_padding(folded)
+    pads = [m.padding for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert (1, 1) in pads and (2, 2) in pads  # the fold did something
+    x = torch.randn(4, 3, size, size).contiguous(memory_format=memory_format)
+    grads = []
+    for net in (wheel, folded):
+        net.to(memory_format=memory_format)
+        torch.manual_seed(1)  # the same drop-connect draws
+        out = net.extract_features(x)
+        out.backward(torch.ones_like(out))
+        grads.append((out, [p.grad for p in net.parameters()]))
+    (a, ga), (b, gb) = grads
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for p, q in zip(ga, gb, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4)

