@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test sources sources-demo sources-fonts setup clean
 

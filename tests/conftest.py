@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+# the suite runs several processes at once on few cores (torchrun ranks, compare jobs, CLI
+# subprocesses): OpenMP threads that sleep as soon as they wait leave the cycles to the others
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(__file__))  # the reference implementations live beside tests
 

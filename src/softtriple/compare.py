@@ -176,6 +176,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _run_environment(threads: int) -> dict[str, str]:
+    """A run's environment: this one's, and with several runs sharing the cores (``threads``
+    set) OpenMP threads that sleep as soon as they wait, leaving the cycles to the other runs.
+    One run at a time keeps OpenMP's default, which spins briefly: sleeping at once made the
+    demo's training 1.5x slower (docs/PERFORMANCE.md)."""
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"} if threads else dict(os.environ)
+
+
 def _execute(suite: Suite, run: Run, threads: int) -> tuple[Run, bool, float, str]:
     if run.status == "new" and run.folder.exists():
         shutil.rmtree(run.folder)  # a start that died before its first checkpoint
@@ -184,7 +192,7 @@ def _execute(suite: Suite, run: Run, threads: int) -> tuple[Run, bool, float, st
     with RunDir(run.folder).compare_log.open("a") as log:
         code = subprocess.call(train_command(suite, run, threads), stdout=log,
                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                               env=_run_environment(threads))
     seconds = time.perf_counter() - start
     timing = run.folder / "compare.json"
     spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
