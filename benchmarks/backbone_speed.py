@@ -1,12 +1,14 @@
 """Training step time of each backbone at CPU size: forward + backward + Adam of the embedding
 model (backbone, pooling, a 64-d head) and SoftTripleLoss on an in-memory batch of 32 images of
-64 x 64 px, float32, median of 5 steps after 2 warm-up steps. Random weights (the time does not
-depend on them).
+64 x 64 px, float32, in torch's default NCHW memory format and in channels_last (the trainer's
+default), Adam fused as the trainer's, median of 5 steps after 2 warm-up steps, under OpenMP's
+default wait policy (as `softtriple train` runs). Random weights (the time does not depend on
+them).
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/backbone_speed.py
+    .venv/bin/python benchmarks/backbone_speed.py
 
-Writes benchmarks/results/backbone_speed.json with its conditions; README's backbone table
-quotes it.
+Writes benchmarks/results/backbone_speed.json with its conditions; docs/PERFORMANCE.md's backbone
+table quotes it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ RESULTS = Path(__file__).parent / "results" / "backbone_speed.json"
 BATCH, SIZE, DIM, CLASSES = 32, 64, 64, 100
 
 
-def step_seconds(name: str, options: dict, steps: int = 5) -> float:
+def step_seconds(name: str, options: dict, channels_last: bool, steps: int = 5) -> float:
     torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = EmbeddingModel(build_backbone(name, pretrained=False, options=options or None), DIM)
+    model.to(memory_format=fmt)
     loss_fn = SoftTripleLoss(CLASSES, DIM, centers_per_class=4)
-    optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-4)
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-4,
+                                 fused=True)
+    x = torch.randn(BATCH, 3, SIZE, SIZE).contiguous(memory_format=fmt)
     y = torch.arange(BATCH) % CLASSES
     return statistics.median(step_times(model, loss_fn, optimizer, x, y, steps)[2:])
 
@@ -49,14 +54,17 @@ def main() -> None:
     conditions = Conditions.start(allow_noisy=args.noisy)
     rows = []
     for name, options in BACKBONES.items():
-        seconds = step_seconds(name, options)
+        seconds = step_seconds(name, options, channels_last=False)
+        last = step_seconds(name, options, channels_last=True)
         rows.append({"backbone": name, "options": options, "step_s": seconds,
-                     "images_per_s": BATCH / seconds})
-        print(f"{name:<28} {seconds * 1000:8.0f} ms/step {BATCH / seconds:7.1f} images/s",
+                     "images_per_s": BATCH / seconds, "step_s_channels_last": last,
+                     "images_per_s_channels_last": BATCH / last})
+        print(f"{name:<28} NCHW {seconds * 1000:6.0f} ms/step {BATCH / seconds:6.1f} images/s; "
+              f"channels_last {last * 1000:6.0f} ms/step {BATCH / last:6.1f} images/s",
               flush=True)
     write_json(RESULTS, {"conditions": conditions.finish(), "batch": BATCH, "image_size": SIZE,
-                         "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python "
-                                    "benchmarks/backbone_speed.py", "rows": rows})
+                         "command": ".venv/bin/python benchmarks/backbone_speed.py",
+                         "rows": rows})
     print(f"wrote {RESULTS}")
 
 

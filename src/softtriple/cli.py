@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the main job: fine-tune EfficientNet-Lite0 with SoftTriple on glyphs",
         description="Prepare the built-in glyphs data set, fine-tune the ImageNet-pretrained "
-                    "EfficientNet-Lite0 with SoftTripleLoss on 300 characters (about 6 minutes "
+                    "EfficientNet-Lite0 with SoftTripleLoss on 300 characters (about 3 minutes "
                     "on 2 CPU cores) and print Recall@1/2/4/8, MAP@R and NMI on 300 held-out "
                     "characters: raw pixels, pretrained features, and after training. The "
                     "settings are configs/glyphs.yaml's.")

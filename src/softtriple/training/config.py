@@ -29,12 +29,13 @@ class ModelConfig:
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (official --freeze_BN)
     freeze_backbone: bool = False  # train only the embedding layer (fast, keeps the features)
     # memory format of the network and its input batch: channels_last by default, measured
-    # faster for the demo's recipe on both CPUs tried (1.28-1.30x on an Intel Xeon, 1.43x on an AMD
-    # EPYC; benchmarks/train_speed.py); false for torch's default NCHW
+    # faster for the demo's recipe on both CPUs tried (1.6-1.9x on an Intel Xeon, 1.43x on an AMD
+    # EPYC; benchmarks/train_speed.py) and for every convolutional backbone but ResNet-18
+    # (benchmarks/backbone_speed.py); false for torch's default NCHW
     channels_last: bool = True
     # torch.compile the network (inductor: needs a C++ compiler on CPU). Off by default: on the
-    # demo's recipe its first compile (60 s on 2 CPU cores) exceeds what it saves in an
-    # 8-epoch run (benchmarks/train_speed.py); worth trying for long runs and on a GPU
+    # demo's recipe the compiled step is no faster than the eager one on 2 CPU cores, after a
+    # 53 s first compile (benchmarks/train_speed.py); worth trying on a GPU
     compile: bool = False
     head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
     normalize: bool = True  # L2-normalize embeddings; false for N-pairs / lifted (their papers')
