@@ -274,3 +274,19 @@ def test_neighbours_command_on_two_processes_equals_knn(tmp_path):
     with np.load(tmp_path / "knn.npz") as found:
         np.testing.assert_array_equal(found["indices"], index.numpy())
         np.testing.assert_allclose(found["similarities"], sims.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_each_process_decodes_and_embeds_only_its_shard_of_the_test_split(data_root):
+    """Under N processes each rank's test loader holds its contiguous shard of the test split,
+    decoded once for itself alone; the shards, in rank order, are the one-process test set."""
+    from softtriple.training import load_config
+    from softtriple.training.data import build_loaders
+    config = load_config(None, ["data.image_size=16", "data.workers=0", "data.batch_size=30"])
+    whole = build_loaders(config.data, (0.5,), (0.5,), 64, 0).test.dataset
+    shards = [build_loaders(config.data, (0.5,), (0.5,), 64, 0, world=3, rank=r).test.dataset
+              for r in range(3)]
+    assert [len(s) for s in shards] == [len(p) for p in np.array_split(np.arange(len(whole)), 3)]
+    assert sum(s.decoded.nbytes for s in shards) == whole.decoded.nbytes  # each its own only
+    images = torch.cat([torch.stack([s[i][0] for i in range(len(s))]) for s in shards])
+    assert torch.equal(images, torch.stack([whole[i][0] for i in range(len(whole))]))
+    assert np.array_equal(np.concatenate([s.labels for s in shards]), whole.labels)

@@ -56,7 +56,10 @@ class ImageTable:
         """The images of one split ("train" or "test")."""
         if name not in SPLITS:
             raise DataError(f"unknown split {name!r}; use 'train' or 'test'")
-        keep = np.flatnonzero(self.splits == name)
+        return self.rows(np.flatnonzero(self.splits == name))
+
+    def rows(self, keep: np.ndarray) -> ImageTable:
+        """The images at the (K,) positions ``keep``, in that order."""
         return ImageTable([self.paths[i] for i in keep], self.labels[keep], self.splits[keep],
                           self.root, self.class_names)
 

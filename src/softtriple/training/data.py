@@ -133,7 +133,7 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
     workers = config.workers
     if features is not None:
         train_set = FeatureDataset(features(train_table), train_labels)
-        test_set = FeatureDataset(features(test_table), test_labels)
+        test_set = FeatureDataset(features(test_table)[shard], test_labels[shard])
         workers = 0  # rows of a tensor in memory: worker processes only add start-up time
     else:
         transform = (train_transform(config.image_size, config.flip, mean, std, interpolation)
@@ -142,10 +142,10 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
         budget = config.decode_once_mib * 2**20
         train_set = ImageDataset(train_table, train_labels, transform, seed=seed,
                                  decode_once=budget)
-        test_set = ImageDataset(test_table, test_labels,
+        # this rank's shard only: it decodes (data.decode_once_mib) and embeds no other's images
+        test_set = ImageDataset(test_table.rows(shard), test_labels[shard],
                                 eval_transform(config.image_size, mean, std, interpolation),
                                 decode_once=budget)
-    test_set = torch.utils.data.Subset(test_set, shard.tolist())
     generator = torch.Generator().manual_seed(seed)
     # persistent workers: augmentation draws depend on (seed, epoch, index) only, and the
     # dataset's epoch lives in shared memory, so a worker kept from the last epoch draws as a
