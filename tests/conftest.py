@@ -19,3 +19,15 @@ def data_root(tmp_path_factory):
     prepare("digits", root)
     yield root
     patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _kernel_settings_restored():
+    """run.deterministic sets process-wide kernel flags; each test starts from torch's own."""
+    import torch
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]

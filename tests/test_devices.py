@@ -58,3 +58,41 @@ def test_embed_moves_batches_to_the_device_and_returns_float32_on_the_host(devic
     expected = model(images.to(device)).detach().cpu().numpy()
     tolerance = 1e-6 if autocast_dtype is None else 5e-2  # bf16: 8-bit mantissa
     np.testing.assert_allclose(out, expected, atol=tolerance, rtol=tolerance)
+
+
+class _HostlessTensor(torch.Tensor):
+    """A tensor that, like a CUDA tensor, refuses to become a numpy array until it is copied to
+    the host with ``.cpu()``: labels on any device, checked without a GPU."""
+
+    def numpy(self, *args, **kwargs):  # type: ignore[override]
+        raise TypeError("can't convert this device's tensor to numpy: use Tensor.cpu() first")
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("can't convert this device's tensor to numpy: use Tensor.cpu() first")
+
+    def cpu(self, *args, **kwargs):  # type: ignore[override]
+        return self.as_subclass(torch.Tensor)
+
+
+def test_every_metric_takes_labels_that_only_copy_to_the_host():
+    from softtriple.evaluation import map_at_r, nmi, normalized_mutual_info, r_precision, \
+        recall_at_k
+    from softtriple.evaluation.metrics import Neighbours
+
+    x, y = _data()
+    labels = torch.from_numpy(y).as_subclass(_HostlessTensor)
+    with pytest.raises(TypeError):
+        np.asarray(labels)  # the stand-in behaves as a CUDA tensor does
+    metrics = ("recall", "precision_at_1", "r_precision", "map_at_r", "nmi", "ami")
+    assert evaluate(x, labels, metrics=metrics) == evaluate(x, y, metrics=metrics)
+    gallery = {"gallery": x[100:], "gallery_labels": labels[100:]}
+    assert evaluate(x[:100], labels[:100], metrics=metrics[:4], **gallery) == \
+        evaluate(x[:100], y[:100], metrics=metrics[:4], gallery=x[100:], gallery_labels=y[100:])
+    assert recall_at_k(x, labels) == recall_at_k(x, y)
+    assert r_precision(x, labels) == r_precision(x, y)
+    assert map_at_r(x, labels) == map_at_r(x, y)
+    assert nmi(x, labels) == nmi(x, y)
+    assert normalized_mutual_info(labels, labels) == normalized_mutual_info(y, y)
+    _, index = knn(x, 5)
+    assert np.array_equal(Neighbours.from_index(index, labels).matches,
+                          Neighbours.from_index(index, y).matches)

@@ -52,8 +52,13 @@ def test_loss_under_autocast_is_the_float32_loss_of_the_same_embeddings(name, de
 
 
 SELECTING = {  # bf16 rounding changes which examples count: semi-hard triplets, the pairs
-    # that still violate a margin (contrastive), the mined pairs (multi-similarity)
-    "triplet", "contrastive", "multi_similarity"}
+    # that still violate a margin (contrastive), the mined pairs (multi-similarity), and the
+    # clustering loss's greedy medoids and per-class oracle medoid (argmax / argmin choices):
+    # rounding only the fp32 head's output to bf16 changed its medoids in 1 of 40 seeded batches
+    # of this shape on the CPU and its gradient by more than 5% of the largest in 2 of 40; on
+    # CUDA this file's batch is one of those (gradient off by 1.97 against a 0.098 tolerance).
+    # These losses are held to float32 under autocast by the test above instead.
+    "triplet", "contrastive", "multi_similarity", "clustering"}
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -18,7 +18,8 @@ from softtriple.training.checkpoint import load_checkpoint
 TINY = ["model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16",
         "data.workers=0", "data.batch_size=16", "schedule.max_steps_per_epoch=4",
         "schedule.milestones=[2]", "evaluation.metrics=[recall, map_at_r]",
-        "run.progress=false", "run.report=false", "loss.args={centers_per_class: 2}"]
+        "run.progress=false", "run.report=false", "loss.args={centers_per_class: 2}",
+        "run.deterministic=true"]  # bit-exact kernels on a GPU too (the CPU's are either way)
 
 
 def tiny(out: Path, *extra: str):
@@ -278,6 +279,7 @@ def test_data_initialized_centers_start_on_the_training_embeddings(data_root, tm
     for t in (trainer, random):
         t.model.eval()
     x, y, _ = next(iter(trainer.loaders.train))
+    x, y = x.to(trainer.device), y.to(trainer.device)
     with torch.no_grad():
         e = torch.nn.functional.normalize(trainer.model(x), dim=1)
 
@@ -318,3 +320,22 @@ def test_the_gradient_check_tells_huge_finite_gradients_from_nan(data_root, tmp_
             trainer._check_gradients(0)
     finally:
         trainer.release()
+
+
+def test_deterministic_kernels_are_a_setting_that_changes_nothing_on_the_cpu(data_root, tmp_path,
+                                                                               monkeypatch):
+    """run.deterministic turns on torch's deterministic algorithms (and on CUDA cuDNN's, with no
+    autotuning, and cuBLAS's fixed workspace); the CPU's kernels are deterministic already, so
+    the same run ends bit for bit the same with it on or off."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    on = Trainer(tiny(tmp_path / "on", "schedule.epochs=1"))
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    result_on = on.train()
+    off = Trainer(tiny(tmp_path / "off", "schedule.epochs=1", "run.deterministic=false"))
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert off.train()["metrics"] == result_on["metrics"]
+    a, b = _params(tmp_path / "on"), _params(tmp_path / "off")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="run.deterministic"):
+        tiny(tmp_path / "bad", "run.deterministic=maybe")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from softtriple.data import ImageDataset, ImageTable, eval_transform, load_image
 from softtriple.models import EmbeddingModel, embed
-from softtriple.training.build import PRECISIONS, build_model, resolve_device
+from softtriple.training.build import PRECISIONS, build_model, configure_kernels, resolve_device
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint
 from softtriple.training.config import Config, config_from_dict
 from softtriple.training.data import load_table
@@ -49,6 +49,7 @@ def embed_split(model: EmbeddingModel, config: Config,
     """Embeddings (N, d) float32, labels (N,), image paths and class names of a split of the
     config's data, computed on the run's device and precision."""
     device = resolve_device(config.run.device)
+    configure_kernels(device, config.run.deterministic, config.run.cudnn_benchmark)
     dataset, table = split_dataset(model, config, split)
     labels = table.encoded_labels()[0]
     loader = DataLoader(dataset, batch_size=config.evaluation.batch_size,

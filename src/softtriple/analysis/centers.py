@@ -28,7 +28,7 @@ def center_wins(embeddings: np.ndarray, labels: np.ndarray, centers: torch.Tenso
     winner = sims.argmax(dim=1)
     c, k = w.shape[:2]
     wins = torch.bincount(y * k + winner, minlength=c * k).view(c, k)
-    return wins.numpy()
+    return wins.cpu().numpy()
 
 
 def center_usage(run: str | Path) -> dict[str, Any] | None:

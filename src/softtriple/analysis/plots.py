@@ -62,7 +62,7 @@ def plot_gallery(embeddings: np.ndarray, labels: np.ndarray, paths: list[str], o
     _, index = knn(embeddings[chosen], k + 1, gallery=embeddings)
     size = 72
     rows = []
-    for q, neighbours in zip(chosen, index.numpy(), strict=True):
+    for q, neighbours in zip(chosen, index.cpu().numpy(), strict=True):
         neighbours = [n for n in neighbours if n != q][:k]
         tiles = [_thumb(paths[q], size, "blue"), np.full((size, 8, 3), 255, np.uint8)]
         tiles += [_thumb(paths[n], size, "green" if labels[n] == labels[q] else "red")

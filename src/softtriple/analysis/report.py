@@ -48,7 +48,7 @@ def _center_assignments(run: Path, classes: int = 3,
         loss.load_state_dict(state["loss"])
     if not isinstance(loss, SoftTripleLoss):
         return None
-    counts = loss.effective_centers(CENTER_THRESHOLD).numpy()
+    counts = loss.effective_centers(CENTER_THRESHOLD).cpu().numpy()
     centers = torch.nn.functional.normalize(loss.centers.detach(), dim=2)  # (C, K, d)
     table = load_table(config.data).split("train")
     labels, original = table.encoded_labels()

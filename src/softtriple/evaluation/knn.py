@@ -23,8 +23,8 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,6 +46,14 @@ PENDING = 8  # candidates kept per row, in multiples of k, before they are reduc
 PROBE = (3072, 512, 32)  # rows, width and k of the engines' measurement: at 768 or 2,048 rows a
 # product and a top-k ranked torch first on one Xeon, where faiss's search is the fastest at 5,924
 SMALL = 2**28  # multiply-adds below which a search goes to torch unmeasured (about 10 ms)
+
+
+def as_numpy(values: ArrayLike | Sequence[Any]) -> np.ndarray:
+    """Host (numpy) array of labels or values given as a numpy array, a sequence, or a torch
+    tensor on any device (a CUDA tensor is copied to the host; ``np.asarray`` would raise)."""
+    if isinstance(values, Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
 
 
 def as_tensor(array: ArrayLike, name: str) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from softtriple.evaluation.clustering import KMeansSettings
 from softtriple.evaluation.clustering import kmeans as cluster
-from softtriple.evaluation.knn import ArrayLike, Backend, as_tensor, knn
+from softtriple.evaluation.knn import ArrayLike, Backend, as_numpy, as_tensor, knn
 
 RETRIEVAL_METRICS = ("recall", "precision_at_1", "r_precision", "map_at_r")
 CLUSTER_METRICS = ("nmi", "ami")
@@ -27,7 +27,7 @@ DEFAULT_METRICS = (*RETRIEVAL_METRICS, "nmi")
 
 
 def _labels(labels: ArrayLike, n: int, name: str) -> np.ndarray:
-    array = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+    array = as_numpy(labels)
     if array.ndim != 1 or array.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},), one per embedding; got {array.shape}")
     if not np.issubdtype(array.dtype, np.integer):
@@ -92,12 +92,12 @@ class Neighbours:
         """Neighbours already found: index (N, k) into the gallery (the queries themselves when
         ``gallery_labels`` is None, none of them its own query)."""
         index = torch.as_tensor(index)
-        query_labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+        query_labels = as_numpy(labels)
         if index.dim() != 2 or index.shape[0] != len(query_labels):
             raise ValueError(f"index has shape {tuple(index.shape)}; expected "
                              f"({len(query_labels)}, k)")
         found = cls.__new__(cls)
-        gallery_rows = None if gallery_labels is None else len(np.asarray(gallery_labels))
+        gallery_rows = None if gallery_labels is None else len(as_numpy(gallery_labels))
         found._count(query_labels, len(query_labels), gallery_labels, gallery_rows,
                      index.shape[1])
         if found.k != index.shape[1]:
@@ -141,8 +141,8 @@ class Neighbours:
 def required_k(labels: ArrayLike, ks: Sequence[int] = (),
                gallery_labels: ArrayLike | None = None) -> int:
     """The neighbours needed for Recall@ks and MAP@R: max(ks) and the largest R."""
-    query = np.asarray(labels)
-    gallery = query if gallery_labels is None else np.asarray(gallery_labels)
+    query = as_numpy(labels)
+    gallery = query if gallery_labels is None else as_numpy(gallery_labels)
     r = _relevant_counts(query, gallery, gallery_labels is None)
     return max([1, int(r.max(initial=0)), *ks])
 
@@ -235,7 +235,7 @@ def mutual_information_scores(labels_true: np.ndarray,
 
 def normalized_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> float:
     """NMI = MI / mean(H(true), H(pred)) (arithmetic mean, scikit-learn's default)."""
-    true, pred = np.asarray(labels_true), np.asarray(labels_pred)
+    true, pred = as_numpy(labels_true), as_numpy(labels_pred)
     if true.ndim != 1 or true.shape != pred.shape or len(true) == 0:
         raise ValueError(f"labels_true and labels_pred must be two non-empty 1-D arrays of one "
                          f"length; got shapes {true.shape} and {pred.shape}")

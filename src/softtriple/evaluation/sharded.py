@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from torch import Tensor
 
 from softtriple.evaluation.clustering import KMeansSettings
-from softtriple.evaluation.knn import ArrayLike, as_tensor, knn, select_topk
+from softtriple.evaluation.knn import ArrayLike, as_numpy, as_tensor, knn, select_topk
 from softtriple.evaluation.metrics import (
     CLUSTER_METRICS,
     RETRIEVAL_METRICS,
@@ -144,7 +144,7 @@ def sharded_evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int]
         return evaluate(embeddings, labels, ks, metrics, seed=seed,
                         kmeans_settings=kmeans_settings)
     x = as_tensor(embeddings, "embeddings")
-    y = np.asarray(labels)
+    y = as_numpy(labels)
     if sum(_sizes(x.shape[0])) != len(y):
         raise ValueError(f"the ranks hold {sum(_sizes(x.shape[0]))} embeddings in all but "
                          f"labels has {len(y)}")

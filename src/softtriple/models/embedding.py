@@ -36,7 +36,6 @@ class EmbeddingModel(nn.Module):
                  normalize: bool = True) -> None:
         super().__init__()
         self.backbone = backbone.features
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = backbone.out_channels
         self.embedding: nn.Module = (
             nn.Linear(backbone.out_channels, embedding_dim) if head_hidden == 0 else
@@ -58,8 +57,10 @@ class EmbeddingModel(nn.Module):
         return self
 
     def features(self, x: Tensor) -> Tensor:
-        """Pooled backbone features (B, C) of images x (B, 3, H, W)."""
-        return self.pool(self.backbone(x)).flatten(1)  # type: ignore[no-any-return]
+        """Pooled backbone features (B, C) of images x (B, 3, H, W): the global average as a
+        mean over (H, W), bitwise nn.AdaptiveAvgPool2d(1)'s on the CPU, whose CUDA backward has
+        no deterministic kernel (it would refuse to run under ``run.deterministic``)."""
+        return self.backbone(x).mean(dim=(2, 3))  # type: ignore[no-any-return]
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W), or their pooled features (B, C), -> unit embeddings (B, d)."""

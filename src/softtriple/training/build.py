@@ -31,6 +31,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def configure_kernels(device: torch.device, deterministic: bool,
+                      cudnn_benchmark: bool = True) -> None:
+    """Process-wide kernel choice for ``run.deterministic`` and ``run.cudnn_benchmark``.
+
+    Deterministic: every op must use a deterministic kernel (``torch.use_deterministic_algorithms``
+    raises on one that has none), cuDNN deterministic with no autotuning, and cuBLAS a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which cuBLAS reads when a process first uses
+    it: set here before any product, kept if the user set it). Otherwise torch's defaults, with
+    cuDNN autotuning as ``cudnn_benchmark`` says. The CPU's kernels are deterministic either way.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+
+
 def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
     """The embedding model ``config.model`` describes (pretrained weights where it names some)."""
     backbone = build_backbone(config.model.backbone, config.model.weights, pretrained,

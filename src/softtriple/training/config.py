@@ -123,6 +123,11 @@ class RunConfig:
     device: str = "auto"  # auto, cpu or cuda; training, evaluation and embed run there
     precision: str = "fp32"  # fp32, bf16 or fp16: autocast for the network (losses stay fp32)
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels (not bitwise stable)
+    # bitwise-repeatable kernels: torch.use_deterministic_algorithms, cuDNN deterministic with no
+    # autotuning (overrides cudnn_benchmark), cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG).
+    # On a GPU this makes resume, worker count and K = 1 vs SoftMax-norm bit-exact, as they are
+    # on the CPU either way; it can cost GPU speed, and an op with no deterministic kernel raises
+    deterministic: bool = False
     threads: int = 0  # torch CPU threads; 0: torch's default
     progress: bool = True  # tqdm progress bars
     report: bool = True  # write plots/ and report.html at the end (softtriple report)

@@ -27,7 +27,13 @@ from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
 from softtriple.run import RunDir, write_embeddings
 from softtriple.training import distributed as dist
-from softtriple.training.build import PRECISIONS, build_config_loss, build_model, resolve_device
+from softtriple.training.build import (
+    PRECISIONS,
+    build_config_loss,
+    build_model,
+    configure_kernels,
+    resolve_device,
+)
 from softtriple.training.checkpoint import (
     CheckpointError,
     center_block_name,
@@ -92,8 +98,7 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.run.device)
         self.autocast_dtype = PRECISIONS[config.run.precision]
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = config.run.cudnn_benchmark
+        configure_kernels(self.device, config.run.deterministic, config.run.cudnn_benchmark)
         dist.setup(self.device)
         self.world, self.rank = dist.world_size(), dist.rank()
         if config.run.threads:
