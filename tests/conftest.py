@@ -6,6 +6,10 @@ import pytest
 # the suite runs several processes at once on few cores (torchrun ranks, compare jobs, CLI
 # subprocesses): OpenMP threads that sleep as soon as they wait leave the cycles to the others
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# without a GPU, Triton's kernels (losses/_triton.py) run in its CPU interpreter, which has to
+# be chosen before Triton is first imported
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # the reference implementations live beside tests
 
 

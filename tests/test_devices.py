@@ -75,8 +75,13 @@ class _HostlessTensor(torch.Tensor):
 
 
 def test_every_metric_takes_labels_that_only_copy_to_the_host():
-    from softtriple.evaluation import map_at_r, nmi, normalized_mutual_info, r_precision, \
-        recall_at_k
+    from softtriple.evaluation import (
+        map_at_r,
+        nmi,
+        normalized_mutual_info,
+        r_precision,
+        recall_at_k,
+    )
     from softtriple.evaluation.metrics import Neighbours
 
     x, y = _data()

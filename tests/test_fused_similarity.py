@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from softtriple.losses import SoftTripleLoss
 from softtriple.losses._fused import smoothed_max_similarity
+from softtriple.losses._triton import interpreting, triton_smoothed_max_similarity, usable
 from softtriple.losses.softtriple import center_regularizer, relaxed_class_similarity
 
 
@@ -86,3 +91,97 @@ def test_fused_regularizer_equals_simple(c, k):
     assert float(fused) == pytest.approx(float(simple), rel=1e-12)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(center_regularizer_fused, (w.clone().requires_grad_(True),))
+
+
+# the GPU twin: Triton kernels (losses/_triton.py), interpreted on CPU tensors where no GPU is
+# visible (conftest sets TRITON_INTERPRET=1), compiled on CUDA tensors where one is
+triton = pytest.importorskip("triton")
+KERNEL_DEVICES = ["cpu"] if interpreting() else ["cuda"] if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("b,c,k,d,gamma", [
+    (5, 7, 3, 8, 0.1),
+    (1, 1, 1, 4, 0.5),
+    (16, 33, 10, 16, 0.1),    # K = 10 padded to 16 lanes
+    (9, 100, 4, 32, 0.05),
+    (4, 11, 5, 6, 2.0),
+    (8, 9, 3, 8, 0.01),       # small gamma: exp(-2 / gamma) underflows without the row max
+    (3, 300, 2, 8, 0.1),      # several class blocks a row
+])
+def test_triton_kernels_equal_the_simple_composition(device, dtype, tol, b, c, k, d, gamma):
+    g = torch.Generator().manual_seed(b * 1000 + c)
+    x = F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=1).to(device)
+    w = torch.randn(c, k, d, generator=g, dtype=dtype).to(device)
+    upstream = torch.randn(b, c, generator=g, dtype=dtype).to(device)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    fast = triton_smoothed_max_similarity(x, w, gamma)
+    simple = relaxed_class_similarity(x, F.normalize(w, dim=2), gamma)
+    torch.testing.assert_close(fast, simple, rtol=tol, atol=tol)
+    for a, e in zip(torch.autograd.grad(fast, [x, w], upstream),
+                    torch.autograd.grad(simple, [x, w], upstream), strict=True):
+        torch.testing.assert_close(a, e, rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_triton_kernels_gradcheck(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    w = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x_, w_: triton_smoothed_max_similarity(F.normalize(x_, dim=1), w_, 0.2), (x, w))
+
+
+def test_triton_serves_cuda_tensors_only():
+    """Training on a CPU keeps the chunked path; CUDA tensors take the kernels (compiled)."""
+    assert not usable(torch.zeros(2, 2))
+    if torch.cuda.is_available() and not interpreting():
+        assert usable(torch.zeros(2, 2, device="cuda"))
+
+
+HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from softtriple.losses import _triton_kernels as kernels
+sizes = {"K": 10, "BLOCK_C": 128, "BLOCK_K": 16}
+for dtype in ("fp32", "fp64"):
+    for fn in (kernels.forward, kernels.backward):
+        signature = {n: f"*{dtype}" if n.endswith("_ptr") else "i32"
+                     for n in fn.arg_names if n not in sizes}
+        signature |= dict.fromkeys(sizes, "constexpr")
+        constexprs = {(fn.arg_names.index(n),): v for n, v in sizes.items()}
+        out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                             target=GPUTarget("cuda", 90, 32))
+        assert out.asm["cubin"], fn
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_hopper():
+    """The kernels go through Triton's whole compiler to a cubin for sm_90 (H100/H200) without
+    a GPU: the interpreter does not check what only the compiler refuses (in a fresh process,
+    since this one may interpret)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", HOPPER], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the dispatch to Triton")
+def test_softtriple_loss_on_cuda_equals_the_cpu_loss():
+    torch.manual_seed(3)
+    loss_fn = SoftTripleLoss(300, 32, 10)
+    x = torch.randn(64, 32, requires_grad=True)
+    y = torch.randint(0, 300, (64,))
+    cpu = loss_fn(x, y)
+    cpu_grads = torch.autograd.grad(cpu, [x, loss_fn.centers])
+    gpu_fn = loss_fn.cuda()
+    xc = x.detach().cuda().requires_grad_(True)
+    gpu = gpu_fn(xc, y.cuda())
+    gpu_grads = torch.autograd.grad(gpu, [xc, gpu_fn.centers])
+    torch.testing.assert_close(gpu.cpu(), cpu.detach(), rtol=1e-5, atol=1e-6)
+    for a, e in zip(gpu_grads, cpu_grads, strict=True):
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-6)

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from softtriple.losses._precision import no_autocast, up
+from softtriple.losses._triton import triton_smoothed_max_similarity
+from softtriple.losses._triton import usable as triton_usable
 
 
 def _fixed_shift_ok(gamma: float, dtype: torch.dtype) -> bool:
@@ -123,6 +125,9 @@ def smoothed_max_similarity(x: Tensor, centers: Tensor, gamma: float, chunk: int
         compiled: fuse each chunk's element-wise work with torch.compile (inductor; needs a C++
             compiler; the first call in a process compiles for a few seconds).
 
+    On CUDA (with Triton) the work runs in ``_triton.py``'s kernels instead, and ``chunk`` and
+    ``compiled`` do not apply.
+
     Returns:
         (B, C) class similarities; differentiable in x and centers (first order only). Float16
         and bfloat16 inputs are computed in float32, with autocast off (float16's exponent range
@@ -131,8 +136,12 @@ def smoothed_max_similarity(x: Tensor, centers: Tensor, gamma: float, chunk: int
     if gamma <= 0:
         raise ValueError(f"the fused similarity needs gamma > 0; got {gamma}")
     with no_autocast(x.device):
-        return _SmoothedMaxSimilarity.apply(up(x), up(centers), float(gamma), int(chunk),
-                                            bool(compiled))
+        x, centers = up(x), up(centers)
+        if triton_usable(x):  # CUDA: one product and one kernel each way, no class loop
+            return triton_smoothed_max_similarity(x, centers, gamma)
+        if x.device.type != "cpu":  # another accelerator: one chunk, no loop of small launches
+            chunk = centers.shape[0]
+        return _SmoothedMaxSimilarity.apply(x, centers, float(gamma), int(chunk), bool(compiled))
 
 
 class _CenterRegularizer(torch.autograd.Function):
