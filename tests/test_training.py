@@ -339,3 +339,20 @@ def test_deterministic_kernels_are_a_setting_that_changes_nothing_on_the_cpu(dat
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="run.deterministic"):
         tiny(tmp_path / "bad", "run.deterministic=maybe")
+
+
+@pytest.mark.parametrize("cores,gpus,expected", [(16, 1, 15), (2, 1, 2), (64, 1, 16),
+                                                 (16, 8, 2), (96, 4, 16)])
+def test_loader_workers_by_default_follow_the_cores_per_gpu(monkeypatch, cores, gpus, expected):
+    """data.workers=-1 (the default): 2 on a CPU, which the loader shares with the computation;
+    feeding GPUs, each process's share of the cores less one, within [2, 16]; a number given
+    is kept."""
+    from softtriple.training.data import loader_workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert loader_workers(-1, accelerator=True) == expected
+    assert loader_workers(-1, accelerator=False) == 2
+    assert loader_workers(5, accelerator=True) == loader_workers(5, accelerator=False) == 5
+    assert load_config(None, []).data.workers == -1
+    with pytest.raises(ConfigError, match="data.workers"):
+        load_config(None, ["data.workers=-2"])

@@ -17,7 +17,7 @@ from softtriple.models import EmbeddingModel, embed
 from softtriple.training.build import PRECISIONS, build_model, configure_kernels, resolve_device
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint
 from softtriple.training.config import Config, config_from_dict
-from softtriple.training.data import load_table
+from softtriple.training.data import load_table, loader_workers
 
 
 def load_model(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]]:
@@ -53,7 +53,8 @@ def embed_split(model: EmbeddingModel, config: Config,
     dataset, table = split_dataset(model, config, split)
     labels = table.encoded_labels()[0]
     loader = DataLoader(dataset, batch_size=config.evaluation.batch_size,
-                        num_workers=config.data.workers, pin_memory=device.type == "cuda")
+                        num_workers=loader_workers(config.data.workers, device.type == "cuda"),
+                        pin_memory=device.type == "cuda")
     embeddings = embed(model.to(device), loader, device, PRECISIONS[config.run.precision],
                        config.model.channels_last)
     return embeddings, labels, [str(p) for p in table.paths], table.item_class_names()

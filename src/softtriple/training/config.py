@@ -54,7 +54,10 @@ class DataConfig:
     batch_size: int = 32  # the global batch, split across processes
     sampler: str = "random"  # random, or class_balanced (P classes x M images)
     images_per_class: int = 2  # M, for class_balanced
-    workers: int = 2  # DataLoader worker processes (kept alive across epochs)
+    # DataLoader worker processes (kept alive across epochs); -1: by the device, 2 on a CPU (the
+    # loaders share its cores with the computation), and on a GPU the cores per GPU less one for
+    # the main process, 2 to 16 (softtriple.training.data.loader_workers)
+    workers: int = -1
     # each split's images decoded (and test images resized) once per run and kept in memory as
     # uint8 when they fit in this many MiB; workers then only crop, flip and normalize, with the
     # same output bit for bit. 0: every item decodes its file
@@ -214,7 +217,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("data", "sampler"): _one_of("random", "class_balanced"),
     ("data", "images_per_class"): _at_least(1),
     ("data", "bad_images"): _one_of("error", "skip"),
-    ("data", "workers"): _at_least(0),
+    ("data", "workers"): _at_least(-1),
     ("data", "decode_once_mib"): _at_least(0),
     ("data", "train_fraction"): _within(0.0, 1.0, closed_high=False),
     ("data", "max_classes"): _at_least(0),

@@ -42,7 +42,7 @@ from softtriple.training.checkpoint import (
     save_checkpoint,
 )
 from softtriple.training.config import Config, ConfigError, dump_config
-from softtriple.training.data import Loaders, build_loaders
+from softtriple.training.data import Loaders, build_loaders, loader_workers
 from softtriple.training.feature_cache import cached_features
 
 # keys a resumed run may change: data.workers and data.decode_once_mib too, as the data order
@@ -227,7 +227,8 @@ class Trainer:
             rows, _ = cached_features(
                 self.model, table, config.model.backbone, config.model.weights,
                 config.data.image_size, config.evaluation.batch_size, self.device,
-                config.data.workers, config.run.progress and dist.is_main())
+                loader_workers(config.data.workers, self.device.type == "cuda"),
+                config.run.progress and dist.is_main())
             return rows
 
         return features

@@ -1,0 +1,336 @@
+"""The GPU check, in one call of at most 5 minutes on the lent machine (the `device` tool):
+
+1. **loss**: SoftTriple forward + backward (tau = 0, the regularizer apart as in loss_speed.py)
+   against pytorch-metric-learning's SoftTripleLoss and the three (B, d) x (d, CK) products the
+   step cannot avoid (the floor), at SOP's shape (B 256, d 512, C 11,318, K 10) and at C 100,000
+   (B 512): median ms over warm calls (CUDA events) and the step's peak memory;
+2. **evaluation**: ``evaluate`` at SOP's size (60,502 x 512) and the exact kNN of
+   1,000,000 x 128 (in a child process with a time cap) against the matmul + top-k floor;
+3. **trainer**: EfficientNet-Lite0 at 224 px, batch 128, bf16, channels_last on a folder of
+   JPEGs written here (3,000 images, 100 classes, as a user's folder data set): each whole
+   epoch and evaluation from metrics.jsonl (first against steady), against the in-memory step
+   floor of the same model, loss and optimizer;
+4. **tests**: the device-parametrized tests (CUDA included where a GPU is visible), their pass
+   count.
+
+    .venv/bin/python benchmarks/gpu.py [--json FILE] [--tiny]
+
+``--tiny`` runs every part at toy sizes (on the CPU where no GPU is visible) to check the script;
+only a GPU run is written to benchmarks/results/gpu.json, with the device, driver, clocks and
+versions. docs/PERFORMANCE.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softtriple.atomic import write_json
+
+RESULTS = Path(__file__).parent / "results" / "gpu.json"
+ROOT = Path(__file__).parents[1]
+LOSS_SHAPES = [(256, 512, 11318, 10), (512, 512, 100000, 10)]  # (B, d, C, K)
+TINY_LOSS_SHAPES = [(16, 32, 50, 4)]
+TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
+              "tests/test_fused_similarity.py"]
+
+
+def conditions(device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "cpus": os.cpu_count(), "device": str(device)}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+        query = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu"
+        smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        out["nvidia_smi"] = dict(zip(query.split(","), smi.stdout.strip().split(", "),
+                                     strict=False)) if smi.returncode == 0 else smi.stderr
+    return out
+
+
+def timed(step: Callable[[], Any], device: torch.device, reps: int,
+          warmup: int = 3) -> dict[str, float]:
+    """Median ms of ``reps`` warm calls (CUDA events on a GPU) and the peak memory above what
+    was allocated before the first call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    out = {"ms": 1000 * statistics.median(times), "ms_min": 1000 * min(times)}
+    if device.type == "cuda":
+        out["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return out
+
+
+def loss_step(method: str, b: int, d: int, c: int, k: int,
+              device: torch.device) -> Callable[[], Any]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, d, generator=g).to(device).requires_grad_(True)
+    y = torch.randint(0, c, (b,), generator=g).to(device)
+    if method == "floor":
+        w = torch.randn(c * k, d, generator=g).to(device)
+        grad = torch.randn(b, c * k, generator=g).to(device)
+        xd = x.detach()
+        return lambda: (xd @ w.T, grad @ w, grad.T @ xd)
+    if method == "ours":
+        from softtriple.losses import SoftTripleLoss
+        loss_fn: torch.nn.Module = SoftTripleLoss(c, d, k, tau=0.0)
+    else:
+        from pytorch_metric_learning import losses
+        loss_fn = losses.SoftTripleLoss(c, d, k)
+    loss_fn = loss_fn.to(device)
+
+    def step() -> None:
+        x.grad = None
+        for p in loss_fn.parameters():
+            p.grad = None
+        loss_fn(x, y).backward()
+    return step
+
+
+def loss_section(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
+    rows = []
+    for b, d, c, k in TINY_LOSS_SHAPES if tiny else LOSS_SHAPES:
+        row: dict[str, Any] = {"B": b, "d": d, "C": c, "K": k}
+        for method in ("floor", "ours", "pml"):  # each measured alone, its memory freed after
+            try:
+                row[method] = timed(loss_step(method, b, d, c, k, device), device, 5 if tiny
+                                    else 20)
+            except ImportError as error:
+                row[method] = {"error": str(error)}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if "ms" in row["pml"]:
+            row["ours_over_pml"] = row["ours"]["ms"] / row["pml"]["ms"]
+            if "peak_mib" in row["ours"]:
+                row["memory_over_pml"] = row["ours"]["peak_mib"] / row["pml"]["peak_mib"]
+        row["ours_over_floor"] = row["ours"]["ms"] / row["floor"]["ms"]
+        rows.append(row)
+        print("loss", json.dumps(row), flush=True)
+    return rows
+
+
+def knn_floor(x: torch.Tensor, k: int, block: int) -> Callable[[], Any]:
+    """Matmul + top-k over row blocks of unit rows, with no tie handling or merging: the least
+    any exact search on this device does."""
+    def run() -> None:
+        for i in range(0, x.shape[0], block):
+            (x[i:i + block] @ x.T).topk(k, dim=1)
+    return run
+
+
+def eval_section(device: torch.device, tiny: bool) -> dict[str, Any]:
+    from softtriple.evaluation import evaluate
+    out: dict[str, Any] = {}
+    n, d = (600, 32) if tiny else (60502, 512)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, n // 5, (n,), generator=g)  # SOP: about 5 images a class
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(device)
+    y = labels.to(device)
+    out["sop"] = {"N": n, "d": d,
+                  "evaluate": timed(lambda: evaluate(x, y, metrics=("recall",)), device, 3, 1),
+                  "floor": timed(knn_floor(x, 8, 8192), device, 3, 1)}
+    out["sop"]["ratio"] = out["sop"]["evaluate"]["ms"] / out["sop"]["floor"]["ms"]
+    n, d, k = (2000, 16, 10) if tiny else (1_000_000, 128, 10)
+    big = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(device)
+    out["million"] = {"N": n, "d": d, "k": k,
+                      "floor": timed(knn_floor(big, k, 16384), device, 1, 1)}
+    del big
+    cap = 20 if tiny else 60
+    child = subprocess.run([sys.executable, __file__, "--knn-child", f"{n},{d},{k}",
+                            "--device", str(device)], capture_output=True, text=True,
+                           timeout=None, env=os.environ | {"KNN_CAP": str(cap)})
+    out["million"]["knn"] = json.loads(child.stdout.strip().splitlines()[-1]) \
+        if child.returncode == 0 else {"error": child.stderr[-500:]}
+    if "ms" in out["million"]["knn"]:
+        out["million"]["ratio"] = out["million"]["knn"]["ms"] / out["million"]["floor"]["ms"]
+    print("eval", json.dumps(out), flush=True)
+    return out
+
+
+def knn_child(shape: str, device: torch.device) -> None:
+    """One timed exact kNN of random unit rows, killed by an alarm at $KNN_CAP seconds."""
+    import signal
+
+    from softtriple.evaluation import knn
+    n, d, k = map(int, shape.split(","))
+    cap = int(os.environ.get("KNN_CAP", "60"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(device)
+    knn(x[:1000], k)  # warm: engines, allocator
+
+    def give_up(*_: Any) -> None:
+        print(json.dumps({"over_seconds": cap}), flush=True)
+        os._exit(0)
+    signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(cap)
+    start = time.perf_counter()
+    knn(x, k)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"ms": 1000 * (time.perf_counter() - start)}), flush=True)
+
+
+def write_folder(root: Path, classes: int, per_class: int, size: int) -> None:
+    """JPEGs of smooth random colour fields, ``classes`` folders of ``per_class``."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class_{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.uniform(0, 255, (8, 8, 3))
+        for i in range(per_class):
+            small = np.clip(base + rng.normal(0, 30, (8, 8, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(small).resize((size, size), Image.BILINEAR).save(
+                folder / f"{i:03d}.jpg", quality=90)
+
+
+def trainer_section(device: torch.device, tiny: bool, work: Path) -> dict[str, Any]:
+    from softtriple.training import Trainer, load_config
+    classes, per_class, size, batch, epochs = (10, 8, 40, 8, 2) if tiny else (100, 30, 256, 128,
+                                                                              3)
+    data = work / "folder"
+    start = time.perf_counter()
+    write_folder(data, classes, per_class, size)
+    settings = ["model.backbone=efficientnet_lite0", "data.format=folder", f"data.root={data}",
+                f"data.image_size={32 if tiny else 224}", f"data.batch_size={batch}",
+                f"evaluation.batch_size={batch}", f"schedule.epochs={epochs}",
+                "evaluation.before_training=false", "evaluation.every=1",
+                "evaluation.metrics=[recall]", "run.progress=false", "run.report=false",
+                "loss.args={centers_per_class: 4}", f"run.out={work / 'run'}",
+                f"run.precision={'bf16' if device.type == 'cuda' else 'fp32'}",
+                f"run.device={device.type}"]
+    out: dict[str, Any] = {"images": classes * per_class, "write_seconds":
+                           time.perf_counter() - start, "settings": settings}
+    config = load_config(None, settings)
+    start = time.perf_counter()
+    trainer = Trainer(config)
+    out["setup_seconds"] = time.perf_counter() - start
+    # the floor: the trainer's own objective (model and loss) and optimizer, stepping on one
+    # in-memory batch of its loader; the weights and Adam's state are put back afterwards
+    images, labels, _ = next(iter(trainer.loaders.train))
+    memory = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    images = images.to(device).contiguous(memory_format=memory)
+    labels = labels.to(device)
+    saved = copy.deepcopy((trainer.objective.state_dict(), trainer.optimizer.state_dict()))
+
+    def step() -> None:
+        trainer.optimizer.zero_grad()
+        trainer.objective(images, labels).backward()
+        trainer.optimizer.step()
+    out["floor"] = timed(step, device, 3 if tiny else 20)
+    trainer.objective.load_state_dict(saved[0])
+    trainer.optimizer.load_state_dict(saved[1])
+    out["floor_images_per_second"] = 1000 * batch / out["floor"]["ms"]
+    result = trainer.train()
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs_s = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
+    evals = [r["eval_seconds"] for r in rows if "eval_seconds" in r]
+    steps = trainer.step // epochs
+    out |= {"epoch_seconds": epochs_s, "eval_seconds": evals, "steps_per_epoch": steps,
+            "recall@1": result["metrics"].get("recall@1")}
+    steady = statistics.median(epochs_s[1:]) if len(epochs_s) > 1 else epochs_s[0]
+    out["steady_images_per_second"] = steps * batch / steady
+    out["steady_over_floor"] = out["steady_images_per_second"] / out["floor_images_per_second"]
+    out["first_over_steady_epoch"] = epochs_s[0] / steady
+    if len(evals) > 1:
+        out["first_over_later_eval"] = evals[0] / statistics.median(evals[1:])
+    print("trainer", json.dumps(out), flush=True)
+    return out
+
+
+def tests_section(work: Path, timeout: int) -> dict[str, Any]:
+    report = work / "junit.xml"
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"--junitxml={report}", *TEST_FILES], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        tail = done.stdout[-3000:]
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout} s"}
+    import xml.etree.ElementTree as ET
+    suite = ET.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite[0]
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    out = {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"]
+           - counts["skipped"], "failed": failed, "seconds": time.perf_counter() - start,
+           "tail": tail}
+    print("tests", json.dumps({k: v for k, v in out.items() if k != "tail"}), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: check the script")
+    parser.add_argument("--parts", default="loss,eval,trainer,tests")
+    parser.add_argument("--tests-timeout", type=int, default=150)
+    parser.add_argument("--knn-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.knn_child:
+        knn_child(args.knn_child, device)
+        return
+    results: dict[str, Any] = {"command": " ".join(sys.argv), "conditions": conditions(device)}
+    parts = args.parts.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, run in (("loss", lambda: loss_section(device, args.tiny)),
+                          ("eval", lambda: eval_section(device, args.tiny)),
+                          ("trainer", lambda: trainer_section(device, args.tiny, work)),
+                          ("tests", lambda: tests_section(work, args.tests_timeout))):
+            if name not in parts:
+                continue
+            start = time.perf_counter()
+            try:
+                results[name] = run()
+            except Exception as error:  # one part's failure leaves the others' figures
+                results[name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+                print(name, "failed:", results[name]["error"], flush=True)
+            results.setdefault("seconds", {})[name] = time.perf_counter() - start
+    target = args.json or (RESULTS if device.type == "cuda" and not args.tiny else None)
+    if target is not None:
+        write_json(target, results)
+        print("wrote", target)
+    out = os.environ.get("OUT")
+    if out:
+        write_json(Path(out) / "gpu.json", results)
+
+
+if __name__ == "__main__":
+    main()
