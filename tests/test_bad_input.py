@@ -58,6 +58,10 @@ def world(data_root, tmp_path_factory):
     (root / "bad_results" / "results.json").write_text("{not json")
     full = (root / "emb.npz").read_bytes()
     (root / "truncated.npz").write_bytes(full[: len(full) // 2])
+    (root / "twice.yaml").write_text("model:\n  backbone: resnet18\ndata:\n  image_size: 32\n"
+                                     "model:\n  backbone: small_cnn\n")
+    (root / "tab.yaml").write_text("model:\n\tbackbone: small_cnn\n")
+    (root / "flow.yaml").write_text("schedule: {milestones: [1, 2}\n")
     return root
 
 
@@ -107,6 +111,31 @@ CASES = [  # (command with {root} for the fixture's folder, the line's expected 
      "probes must be an integer >= 1"),
     (["train", "--config", "{root}/empty.yaml"], "empty.yaml is empty; it must hold a mapping"),
     (["report", "{root}/bad_results"], "results.json is not a results file (JSONDecodeError)"),
+    # no output over an input or a run folder's own file (test_outputs_never_overwrite_...)
+    (["neighbours", "{root}/emb.npz", "-k", "3", "--out", "{root}/emb.npz"],
+     "the output {root}/emb.npz is {root}/emb.npz, which this command reads"),
+    (["neighbours", "{root}/emb.npz", "-k", "3", "--out", "{root}/run/results.json"],
+     "is results.json of the run folder {root}/run; write outside it"),
+    (["export", "{root}/run", "--format", "torchscript", "--out",
+      "{root}/run/checkpoints/last.pt"], "is checkpoints/last.pt of the run folder {root}/run"),
+    (["export", "{root}/run", "--format", "torchscript", "--out", "{root}/run/results"],
+     "run/results.json is results.json of the run folder"),  # its preprocessing file
+    (["embed", "{root}/run", "--out", "{root}/run/test_embeddings.npz"],
+     "is test_embeddings.npz of the run folder"),
+    (["embed", "{root}/run", "--out", "{root}/run"],
+     "the output {root}/run is {root}/run, which this command reads"),
+    (["embed", "{root}/run", "--out", "{root}/cub"], "is a folder; name a file in it"),
+    (["embed", "{root}/run", "--out", "{root}/a_file/e.npz"],
+     "{root}/a_file is a file; choose another output path"),
+    ([*TRAIN, "--set", "data.root=digits", "--out", "{root}/a_file"],
+     "the run folder {root}/a_file is a file"),
+    # YAML mistakes, with their line
+    (["train", "--config", "{root}/twice.yaml"],
+     "key 'model' is given twice, on lines 1 and 5; keep one"),
+    (["train", "--config", "{root}/tab.yaml"],
+     "line 2 column 1: found character '\\t' that cannot start any token; YAML indents with"),
+    (["train", "--config", "{root}/flow.yaml"], "flow.yaml is not valid YAML, line 1 column"),
+    (["train", "--config", "{root}"], "is a folder; name the YAML file in it"),
     (["serve", "{root}/bad_results", "--port", "8791"],
      "results.json is not a results file (JSONDecodeError)"),
 ]
@@ -236,3 +265,30 @@ def test_an_error_in_a_dataloader_worker_is_the_same_one_line(data_root, tmp_pat
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err and "worker" not in err, err
     assert err.startswith("softtriple train: error: ") and ".png" in err, err
+
+
+def test_outputs_never_overwrite_an_input_or_a_run_file(world, capsys):
+    """The rule behind the refusals above: the file a command reads and the run folder's own
+    files keep every byte; the refusal comes before any work (and again where the output is
+    opened, for callers of the library)."""
+    from softtriple.run import OutputError, check_output, write_embeddings, write_neighbours
+
+    run = world / "run"
+    kept = {path: path.read_bytes() for path in (world / "emb.npz", run / "checkpoints" /
+                                                 "last.pt", run / "config.yaml")}
+    for argv in (["neighbours", str(world / "emb.npz"), "-k", "3", "--out",
+                  str(world / "emb.npz")],
+                 ["export", str(run), "--format", "torchscript", "--out",
+                  str(run / "checkpoints" / "last.pt")],
+                 ["embed", str(run), "--out", str(run / "config.yaml")]):
+        assert main(argv) == 2
+    capsys.readouterr()
+    assert all(path.read_bytes() == data for path, data in kept.items())
+    with pytest.raises(OutputError, match="of the run folder"):
+        write_embeddings(run / "test_embeddings.npz", np.zeros((1, 2)), np.zeros(1), ["a"])
+    with pytest.raises(OutputError, match="which this command reads"):
+        write_neighbours(world / "emb.npz", np.zeros((1, 1)), np.zeros((1, 1)),
+                         reads=[world / "emb.npz"])
+    assert check_output(world / "fresh.npz", [world / "emb.npz"]) == world / "fresh.npz"
+    assert check_output(run / "test.npz") == run / "test.npz"  # beside the run's files: fine
+    assert all(path.read_bytes() == data for path, data in kept.items())

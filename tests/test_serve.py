@@ -83,6 +83,52 @@ def test_upload_finds_neighbours_and_bad_uploads_are_refused(client):
     assert refused.status_code == 413 and "12000 x 12000 pixels" in refused.json()["detail"]
 
 
+def _rss_mib() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@pytest.mark.parametrize("size", [(40_000_000, 1), (2_000_000, 20), (1, 40_000_000)])
+def test_an_image_of_any_shape_grows_the_server_by_less_than_100_mb(client, size):
+    """Under the pixel cap but absurdly long: 1-bit PNGs of a few KB. The resize to the model's
+    size would ask for GBs (64 x 2.56e9 pixels for 40,000,000 x 1); the central region kept
+    (16 : 1) makes it a few KB, and the page answers as for any image."""
+    import gc
+
+    picture = io.BytesIO()
+    Image.new("1", size, 1).save(picture, format="PNG")
+    assert len(picture.getvalue()) < 200_000
+    client.post("/upload", files={"file": ("q.png", _png(), "image/png")})  # model loaded
+    gc.collect()
+    before = _rss_mib()
+    answer = client.post("/upload", files={"file": ("long.png", picture.getvalue(),
+                                                    "image/png")})
+    grown = _rss_mib() - before
+    assert answer.status_code == 200 and answer.text.count("class='cell hit") == 8
+    assert grown < 100, f"the server grew by {grown:.0f} MB"
+
+
+def test_the_central_region_embeds_as_the_whole_long_image(run):
+    """Cropping to 16 : 1 keeps every pixel the test transform's centre crop uses: the
+    embedding of a 40 : 1 image equals the uncropped one's to the resize's rounding."""
+    import torch
+
+    from softtriple.data import eval_transform
+    from softtriple.inference import embed_pil, load_model
+
+    model, config, _ = load_model(run)
+    rng = np.random.default_rng(1)
+    wide = Image.fromarray(rng.integers(0, 255, (8, 320, 3), np.uint8)).resize((1280, 32))
+    tensor = eval_transform(config.data.image_size, model.mean, model.std,
+                            model.interpolation)(wide)
+    with torch.no_grad():
+        whole = model.eval()(tensor[None]).numpy()[0]
+    np.testing.assert_allclose(embed_pil(model, config, wide), whole, atol=2e-2)
+    np.testing.assert_allclose(embed_pil(model, config, wide.convert("1")),
+                               embed_pil(model, config, wide.convert("1").convert("RGB")),
+                               atol=2e-2)
+
+
 @pytest.mark.parametrize("path", ["/plots/../config.yaml", "/plots/%2e%2e%2fconfig.yaml",
                                   "/plots/..%2Fresults.json", "/plots/%2Fetc%2Fpasswd",
                                   "/image/99999", "/image/-1", "/query/99999",

@@ -87,10 +87,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from softtriple.run import write_embeddings
+    from softtriple.run import check_output, write_embeddings
 
+    check_output(args.out, [args.checkpoint])  # before the work, and again where it is opened
     embeddings, labels, paths, names, _ = _embed(args.checkpoint, args.split)
-    out = write_embeddings(args.out, embeddings, labels, paths, names)
+    out = write_embeddings(args.out, embeddings, labels, paths, names, reads=[args.checkpoint])
     print(f"wrote {out}: {embeddings.shape[0]} embeddings of width {embeddings.shape[1]}")
     return 0
 
@@ -121,14 +122,16 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     import torch
 
     from softtriple.evaluation.metrics import Neighbours, recall_from
-    from softtriple.run import write_neighbours
+    from softtriple.run import check_output, write_neighbours
     from softtriple.search import file_neighbours
     from softtriple.training import distributed as dist
 
+    reads = [args.gallery, *([args.queries] if args.queries else [])]
+    check_output(args.out, reads)  # before the search, and again where the file is opened
     dist.setup(torch.device("cpu"))
     found = file_neighbours(args.gallery, args.k, args.queries)
     if found is not None:
-        out = write_neighbours(args.out, found.indices, found.similarities)
+        out = write_neighbours(args.out, found.indices, found.similarities, reads)
         gallery = len(found.query_labels if found.gallery_labels is None else found.gallery_labels)
         print(f"wrote {out}: the {args.k} nearest of {len(found.query_labels)} queries among "
               f"{gallery} items, exact, on {found.processes} process(es)")

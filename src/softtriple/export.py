@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from softtriple.atomic import atomic_path, write_json
 from softtriple.inference import load_model, split_dataset
 from softtriple.models import EmbeddingModel
+from softtriple.run import check_output
 from softtriple.training.config import Config
 
 FORMATS = ("torchscript", "onnx")
@@ -78,6 +79,7 @@ def export(run: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    check_output(preprocessing_file(check_output(out, [run])), [run])
     model, config, _ = load_model(run)
     model = model.float().cpu().eval()
     images = _check_images(model, config)

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from softtriple.data import ImageDataset, ImageTable, eval_transform, load_image
+from softtriple.data.dataset import MAX_ASPECT, to_rgb
 from softtriple.models import EmbeddingModel, embed
 from softtriple.training.build import PRECISIONS, build_model, configure_kernels, resolve_device
 from softtriple.training.checkpoint import CheckpointError, load_checkpoint
@@ -62,12 +63,14 @@ def embed_split(model: EmbeddingModel, config: Config,
 
 def embed_image(model: EmbeddingModel, config: Config, image: str | Path) -> np.ndarray:
     """The embedding (d,) of one image file, with the run's test transform."""
-    return embed_pil(model, config, load_image(Path(image)))
+    return embed_pil(model, config, load_image(Path(image), MAX_ASPECT))
 
 
 @torch.no_grad()
 def embed_pil(model: EmbeddingModel, config: Config, picture: Any) -> np.ndarray:
-    """The embedding (d,) of one RGB PIL image, with the run's test transform."""
+    """The embedding (d,) of one PIL image (any mode), with the run's test transform; an image
+    longer than MAX_ASPECT : 1 is cropped to its central region first (``data.to_rgb``), so no
+    shape of image makes the resize ask for more than a few MB."""
     tensor = eval_transform(config.data.image_size, model.mean, model.std,
-                            model.interpolation)(picture)
+                            model.interpolation)(to_rgb(picture, MAX_ASPECT))
     return model.eval().cpu()(tensor[None]).float().numpy()[0]  # type: ignore[no-any-return]

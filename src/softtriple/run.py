@@ -36,6 +36,11 @@ from softtriple.data.table import DataError
 EMBEDDINGS_SUFFIX = ".npz"
 
 
+class OutputError(ValueError):
+    """An output path that would overwrite an input or a run folder's own file, or that cannot
+    be written."""
+
+
 class RunInUseError(ValueError):
     """Another process is training into the run folder."""
 
@@ -72,8 +77,15 @@ class RunDir:
         Raises:
             RunInUseError: another process (or another open of this one) holds the folder.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / ".lock", "a+")  # held past this call: closed by the caller
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = open(self.root / ".lock", "a+")  # held past this call: closed by the caller
+        except (FileExistsError, NotADirectoryError):
+            raise OutputError(f"the run folder {self.root} is a file (or lies under one); "
+                              f"choose another --out") from None
+        except PermissionError:
+            raise OutputError(f"cannot create or write the run folder {self.root} (permission "
+                              f"denied); choose another --out") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -150,17 +162,55 @@ class RunDir:
         write_text(self.bad_images, "".join(f"{path}\t{why}\n" for path, why in bad))
 
 
+def run_file_of(path: str | Path) -> tuple[Path, str] | None:
+    """(run folder, name) when ``path`` is one of a run folder's own files (config.yaml,
+    checkpoints/..., results.json, test_embeddings.npz, ...; see RunDir.FILES) in a folder that
+    holds a run, else None."""
+    target = Path(path).resolve()
+    for root, name in ((target.parent, target.name),
+                       (target.parent.parent, f"{target.parent.name}/{target.name}")):
+        if name.split("/")[0] in (*RunDir.FILES, "compare.log") and RunDir(root).held():
+            return root, name
+    return None
+
+
+def check_output(out: str | Path, reads: Iterable[str | Path] = ()) -> Path:
+    """The rule every command's output follows, checked where the output is opened: never a
+    file the command reads (``reads``), never a file a run folder owns, never a folder.
+    OutputError, one line naming both paths, otherwise ``out`` as a Path."""
+    target = Path(out)
+    for read in reads:
+        if target.resolve() == Path(read).resolve():
+            raise OutputError(f"the output {target} is {read}, which this command reads; "
+                              f"write to another file")
+    owned = run_file_of(target)
+    if owned is not None:
+        raise OutputError(f"the output {target} is {owned[1]} of the run folder {owned[0]}; "
+                          f"write outside it or under another name")
+    if target.is_dir():
+        raise OutputError(f"the output {target} is a folder; name a file in it")
+    folder = next((p for p in target.absolute().parents if p.exists()), None)
+    if folder is not None and (not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK)):
+        why = "is a file" if not folder.is_dir() else "is not writable"
+        raise OutputError(f"cannot write {target}: {folder} {why}; choose another output path")
+    return target
+
+
 def write_embeddings(path: str | Path, embeddings: np.ndarray | Iterable[np.ndarray],
-                     labels: np.ndarray, paths: list[str],
-                     names: list[str] | None = None) -> Path:
+                     labels: np.ndarray, paths: list[str], names: list[str] | None = None,
+                     reads: Iterable[str | Path] = (), run_owned: bool = False) -> Path:
     """Write an embeddings file atomically, with each item's class name when given; a missing
     .npz suffix is added (np.load and search expect it). Returns the path written.
 
     ``embeddings`` is the (N, d) array or its row blocks in order (e.g. each process's shard as
-    it arrives): blocks are streamed into the file, so the whole array is never in memory."""
+    it arrives): blocks are streamed into the file, so the whole array is never in memory.
+    The output follows ``check_output`` (``reads``: the files the caller reads), except a run's
+    own test_embeddings.npz written by its trainer (``run_owned``)."""
     out = Path(path)
     if out.suffix != EMBEDDINGS_SUFFIX:
         out = out.with_name(out.name + EMBEDDINGS_SUFFIX)
+    if not run_owned:
+        check_output(out, reads)
     blocks = [embeddings] if isinstance(embeddings, np.ndarray) else embeddings
     others: dict[str, np.ndarray] = {"labels": np.asarray(labels),
                                      "paths": np.array([str(p) for p in paths])}
@@ -187,10 +237,12 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray | Iterable[np.ndar
     return out
 
 
-def write_neighbours(path: str | Path, indices: np.ndarray, similarities: np.ndarray) -> Path:
+def write_neighbours(path: str | Path, indices: np.ndarray, similarities: np.ndarray,
+                     reads: Iterable[str | Path] = ()) -> Path:
     """A neighbours file (``softtriple neighbours``): ``indices`` (N, k) int64 into the gallery
-    and ``similarities`` (N, k) float32, best first; written atomically."""
-    out = Path(path)
+    and ``similarities`` (N, k) float32, best first; written atomically, by ``check_output``'s
+    rule (``reads``: the embeddings files searched)."""
+    out = check_output(path, reads)
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, indices=indices, similarities=similarities)
     return out

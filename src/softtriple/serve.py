@@ -150,7 +150,7 @@ def create_app(run: str | Path, load_now: bool = False) -> Any:
         from softtriple.inference import embed_pil
 
         net, config = model()
-        query_vector = embed_pil(net, config, picture.convert("RGB"))
+        query_vector = embed_pil(net, config, picture)  # cropped to MAX_ASPECT : 1, then RGB
         shown = base64.b64encode(data).decode()
         kind = picture.get_format_mimetype() or "image/png"
         query_html = (f"<div class='cell query'><img src='data:{kind};base64,{shown}' "

@@ -15,16 +15,36 @@ from torchvision.transforms import v2
 from softtriple.data.decoded import DecodedImages, decoded_bytes, split_fixed_head
 from softtriple.data.table import DataError, ImageTable
 
+MAX_ASPECT = 16  # longer side : shorter side an image to embed keeps (inference; see to_rgb)
 
-def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB, or raise DataError naming the file."""
+
+def to_rgb(image: Image.Image, max_aspect: int | None = None) -> Image.Image:
+    """An opened image as RGB, transparency flattened onto white. With ``max_aspect``, first
+    cropped to its central region of at most ``max_aspect`` : 1, which is what embedding needs:
+    the test transform resizes the shorter side to the model's size and keeps the central
+    square, far inside that region (the resize's rounding aside, the same pixels), while a
+    40,000,000 x 1 image would otherwise be resized to 64 x 2,560,000,000 pixels first
+    (164 GB)."""
+    width, height = image.size
+    keep = None if max_aspect is None else max_aspect * max(1, min(width, height))
+    if keep is not None and width > keep:
+        left = (width - keep) // 2
+        image = image.crop((left, 0, left + keep, height))
+    elif keep is not None and height > keep:
+        top = (height - keep) // 2
+        image = image.crop((0, top, width, top + keep))
+    if image.mode in ("P", "LA", "RGBA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: Path, max_aspect: int | None = None) -> Image.Image:
+    """Open an image as RGB (``to_rgb``), or raise DataError naming the file."""
     try:
         with Image.open(path) as image:
-            if image.mode in ("P", "LA", "RGBA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")  # flatten transparency onto white
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
+            return to_rgb(image, max_aspect)
     except FileNotFoundError as error:
         raise DataError(f"image {path} is missing; restore it or remove it from the list") \
             from error

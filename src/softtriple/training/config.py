@@ -327,16 +327,46 @@ def parse_override(text: str) -> dict[str, Any]:
     return value  # type: ignore[no-any-return]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: a second ``model:`` section would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key {key!r} is given twice, on lines {seen[key]} and "
+                                  f"{line}; keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(file: Path, error: yaml.YAMLError) -> ConfigError:
+    """One line: the file, the line and column, and what YAML found there."""
+    mark = getattr(error, "problem_mark", None)
+    where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    hint = "; YAML indents with spaces, not tabs" if "\\t" in problem else ""
+    return ConfigError(f"{file} is not valid YAML{where}: {problem}{hint}")
+
+
 def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]:
     """The mapping in YAML file ``path`` (a ``what``: "config file", "suite file"), numbers
-    read as numbers, or a ConfigError that names the file and what it must hold."""
+    read as numbers, or a ConfigError that names the file and what it must hold (a key given
+    twice, and where YAML fails, with the line)."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{what} {file} is a folder; name the YAML file in it")
     if not file.is_file():
         raise ConfigError(f"{what} {file} not found")
     try:
-        values = yaml.safe_load(file.read_text())
+        values = yaml.load(file.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except ConfigError as error:
+        raise ConfigError(f"{file}: {error}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{file} is not valid YAML: {error}".splitlines()[0]) from error
+        raise _yaml_error(file, error) from error
     if values is None:
         raise ConfigError(f"{file} is empty; it must hold a mapping ({holds}), or leave it out "
                           f"to use the defaults")

@@ -501,7 +501,7 @@ class Trainer:
             table = self.loaders.test_table
             write_embeddings(self.run_dir.embeddings, shards,
                              table.encoded_labels()[0], [str(p) for p in table.paths],
-                             table.item_class_names())
+                             table.item_class_names(), run_owned=True)
             self.run_dir.write_results(results)
             if self.writer is not None:
                 self.writer.close()
