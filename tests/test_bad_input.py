@@ -62,6 +62,15 @@ def world(data_root, tmp_path_factory):
                                      "model:\n  backbone: small_cnn\n")
     (root / "tab.yaml").write_text("model:\n\tbackbone: small_cnn\n")
     (root / "flow.yaml").write_text("schedule: {milestones: [1, 2}\n")
+    x, y, paths = emb["embeddings"], emb["labels"], emb["paths"]
+    nan_row = x.copy()
+    nan_row[7] = np.nan
+    for name, arrays in {"nan_row": (nan_row, y), "int_rows": ((x * 10).astype(np.int64), y),
+                         "float_labels": (x, y + 0.5),
+                         "text_labels": (x, np.array([f"c{v}" for v in y]))}.items():
+        np.savez(root / f"{name}.npz", embeddings=arrays[0], labels=arrays[1], paths=paths)
+    np.save(root / "two_rows.npy", x[:2])
+    (root / "query_truncated.npz").write_bytes(full[:100])
     return root
 
 
@@ -75,7 +84,10 @@ CASES = [  # (command with {root} for the fixture's folder, the line's expected 
     ([*TRAIN, "--set", "loss.args.la=big"], "la must be a number"),
     ([*TRAIN, "--set", "loss.args.la=1e37", "--set", "data.image_size=16", "--set",
       "evaluation.before_training=false", "--out", "{root}/huge_la"],
-     "became NaN or inf at epoch 1 step 0; lower optimizer.lr"),
+     "la=1e+37 is too large: it must be below 10000 (a logit scale"),
+    ([*TRAIN, "--set", "optimizer.lr=1e30", "--set", "data.image_size=16", "--set",
+      "evaluation.before_training=false", "--out", "{root}/huge_lr"],
+     "embeddings contain NaN or inf; check the model output (learning rate too high?)"),
     ([*TRAIN, "--resume", "{root}/truncated/checkpoints/last.pt"], "is truncated or corrupt"),
     (["evaluate", "{root}/truncated/checkpoints/last.pt"], "is truncated or corrupt"),
     (["evaluate", "{root}/nowhere"], "not found; pass a run folder"),
@@ -111,6 +123,19 @@ CASES = [  # (command with {root} for the fixture's folder, the line's expected 
      "probes must be an integer >= 1"),
     (["train", "--config", "{root}/empty.yaml"], "empty.yaml is empty; it must hold a mapping"),
     (["report", "{root}/bad_results"], "results.json is not a results file (JSONDecodeError)"),
+    # embeddings files that softtriple embed did not write
+    (["search", "{root}/nan_row.npz", "--query-index", "0"],
+     "has 1 embedding row(s) with NaN or inf"),
+    (["search", "{root}/int_rows.npz", "--query-index", "0"],
+     "holds embeddings of type int64, not floats"),
+    (["search", "{root}/float_labels.npz", "--query-index", "0"],
+     "holds labels of type float64, not integers"),
+    (["neighbours", "{root}/text_labels.npz", "-k", "3", "--out", "{root}/never.npz"],
+     "holds labels of type <U"),
+    (["search", "{root}/emb.npz", "--query-embedding", "{root}/two_rows.npy"],
+     "holds an array of shape (2, 8); it must hold one embedding"),
+    (["search", "{root}/emb.npz", "--query-embedding", "{root}/query_truncated.npz"],
+     "cannot read --query-embedding"),
     # no output over an input or a run folder's own file (test_outputs_never_overwrite_...)
     (["neighbours", "{root}/emb.npz", "-k", "3", "--out", "{root}/emb.npz"],
      "the output {root}/emb.npz is {root}/emb.npz, which this command reads"),

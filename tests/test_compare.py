@@ -140,6 +140,22 @@ def test_feature_cache_is_reused_and_rebuilt_when_an_image_changes(tmp_path, mon
     assert made == 1
     assert not np.allclose(third[3], first[3])
     assert np.array_equal(np.delete(third, 3, 0), np.delete(first, 3, 0))
+    # a damaged cache (truncated, rows short of its keys, NaN features) is rebuilt, with a word
+    from softtriple.training.feature_cache import cache_file, model_key
+    cache = cache_file(table.root, model_key("efficientnet_lite0", None, 32))
+    good = cache.read_bytes()
+    with np.load(cache) as data:
+        keys, features = data["keys"], data["features"]
+    nan = features.copy()
+    nan[5] = np.nan
+    for damage in (lambda: cache.write_bytes(good[: len(good) // 2]),
+                   lambda: np.savez(cache, keys=keys, features=features[:-2]),
+                   lambda: np.savez(cache, keys=keys, features=nan)):
+        damage()
+        with pytest.warns(UserWarning, match="unreadable .*; rebuilding it"):
+            rebuilt, made = cached_features(model, table, *args, progress=False)
+        assert made == len(table) and np.isfinite(rebuilt).all()
+        np.testing.assert_allclose(rebuilt, third, atol=1e-5)
 
 
 def test_feature_cache_refuses_augmentation_and_random_backbones(data_root, tmp_path):

@@ -20,6 +20,7 @@ from softtriple.evaluation import (
     r_precision,
     recall_at_k,
 )
+from softtriple.evaluation.metrics import kmeans
 
 
 def brute_force(q, ql, g=None, gl=None, ks=(1, 2, 4, 8)):
@@ -195,6 +196,19 @@ def test_nmi_clusters_separated_data_and_is_deterministic():
        "ks must be a non-empty sequence of integers >= 1")
       for ks in [(0,), (-1,), (), (True,), (1.5,), "4", 4, (1, None)]],
     (lambda: recall_at_k(np.eye(4), np.arange(4) % 2, ks=(0, 1)), r"got \(0, 1\)"),
+    # k that is no integer, and inputs with nothing to search or cluster
+    (lambda: knn(np.ones((3, 2)), True), "k must be an integer; got True"),
+    (lambda: knn(np.ones((3, 2)), 1.5), "k must be an integer; got 1.5"),
+    (lambda: knn(np.ones((0, 2)), 1), r"the queries are empty \(0 rows\)"),
+    (lambda: knn(np.ones((1, 2)), 1), "k=1, but there are 0 other queries"),
+    (lambda: knn(np.ones((3, 2)), 2, np.ones((0, 2))), "k=2, but there are 0 items in the"),
+    (lambda: kmeans(np.ones((3, 2)), True), "n_clusters must be an integer; got True"),
+    (lambda: kmeans(np.ones((0, 2)), 2), "n_clusters=2, but there are 0 embeddings to cluster"),
+    (lambda: nmi(np.eye(4), np.arange(4), n_clusters=0), r"n_clusters must be in \[1, 4\]"),
+    (lambda: evaluate(np.eye(4), np.arange(4), gallery=np.ones((0, 4)),
+                      gallery_labels=np.arange(0)), "the gallery is empty"),
+    (lambda: evaluate(np.eye(4), None), "labels is None; give one integer label"),
+    (lambda: evaluate(np.eye(4), np.array([None] * 4)), "labels must be integers; got dtype"),
 ])
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):

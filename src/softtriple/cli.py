@@ -143,7 +143,6 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from softtriple.search import EmbeddingIndex
 
@@ -159,11 +158,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         query, exclude = index.embeddings[args.query_index], args.query_index
         print(f"query: #{args.query_index} {index.paths[args.query_index]}")
     elif args.query_embedding:
-        try:
-            query, exclude = np.load(args.query_embedding, allow_pickle=False).reshape(-1), None
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read --query-embedding {args.query_embedding}: a .npy file "
-                             f"with one embedding ({error.__class__.__name__})") from error
+        query, exclude = _query_embedding(args.query_embedding), None
     else:
         if not args.checkpoint:
             raise ValueError("--image needs --checkpoint, the model that made the embeddings")
@@ -172,6 +167,30 @@ def cmd_search(args: argparse.Namespace) -> int:
     for rank, (i, score) in enumerate(index.search(query, args.k, exclude=exclude), 1):
         print(f"{rank:>3}  {score:.4f}  class {index.label_text(i):>5}  {index.paths[i]}")
     return 0
+
+
+def _query_embedding(path: str) -> Any:
+    """The one embedding (d,) in a .npy file (or in a 1-row .npz embeddings file)."""
+    import zipfile
+
+    import numpy as np
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                loaded = loaded["embeddings"] if "embeddings" in loaded.files else \
+                    loaded[loaded.files[0]]
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot read --query-embedding {path}: a .npy file with one embedding "
+                         f"({error.__class__.__name__})") from error
+    array = np.asarray(loaded)
+    if array.ndim != 1 and not (array.ndim == 2 and array.shape[0] == 1):
+        raise ValueError(f"--query-embedding {path} holds an array of shape {array.shape}; it "
+                         f"must hold one embedding, (d,) or (1, d)")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"--query-embedding {path} holds {array.dtype} values; it must hold "
+                         f"floats")
+    return array.reshape(-1)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

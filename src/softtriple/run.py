@@ -292,10 +292,12 @@ def read_embedding_labels(path: str | Path) -> np.ndarray:
                         f"(or train a run to the end)")
     try:
         with np.load(Path(path), allow_pickle=False) as data:
-            return data["labels"]
+            labels = data["labels"]
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"{path} is not an embeddings file from softtriple embed "
                         f"({error.__class__.__name__})") from error
+    check_kinds(Path(path), None, labels)
+    return labels
 
 
 def read_class_names(path: str | Path) -> list[str] | None:
@@ -324,7 +326,26 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]
         raise DataError(f"{file} is not an embeddings file from softtriple embed "
                         f"({error.__class__.__name__})") from error
     check_rows(file, embeddings.shape, len(labels), len(paths))
+    check_kinds(file, embeddings, labels)
     return embeddings, labels, paths
+
+
+def check_kinds(file: Path, embeddings: np.ndarray | None, labels: np.ndarray) -> None:
+    """DataError unless an embeddings file holds float embeddings (no NaN or inf row) and
+    integer labels, as softtriple embed writes them: integer embeddings would be scored as
+    integers, float labels truncated, text labels fail after the work."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{file} holds labels of type {labels.dtype}, not integers; it was not "
+                        f"written by softtriple embed: write it again")
+    if embeddings is None:
+        return
+    if not np.issubdtype(embeddings.dtype, np.floating):
+        raise DataError(f"{file} holds embeddings of type {embeddings.dtype}, not floats; it "
+                        f"was not written by softtriple embed: write it again")
+    bad = int((~np.isfinite(embeddings)).any(axis=1).sum())
+    if bad:
+        raise DataError(f"{file} has {bad} embedding row(s) with NaN or inf; the model that "
+                        f"wrote them diverged: embed with a sound checkpoint")
 
 
 def check_rows(file: Path, shape: tuple[int, ...], labels: int, paths: int | None) -> None:

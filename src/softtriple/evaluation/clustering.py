@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softtriple.evaluation.knn import check_k
+
 KMEANS_BACKENDS = ("sklearn", "faiss")
 
 
@@ -119,8 +121,7 @@ def kmeans(x: np.ndarray, n_clusters: int, seed: int = 0,
     """Cluster ids (N,) int64 of the rows of ``x`` (N, d) (callers L2-normalize first)."""
     settings.check()
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not 1 <= n_clusters <= x.shape[0]:
-        raise ValueError(f"n_clusters must be in [1, {x.shape[0]}]; got {n_clusters}")
+    n_clusters = check_k(n_clusters, x.shape[0], "n_clusters", "embeddings to cluster")
     if settings.backend == "faiss":
         return _faiss_kmeans(x, n_clusters, settings, seed)
     from sklearn.cluster import KMeans

@@ -70,6 +70,19 @@ def as_tensor(array: ArrayLike, name: str) -> Tensor:
     return tensor
 
 
+def check_k(k: object, available: int, name: str = "k",
+            what: str = "items in the gallery") -> int:
+    """``k`` as an int in [1, available], or a one-line ValueError: not an integer (True and
+    1.5 are not), out of range, or nothing to choose from (``available`` < 1 ``what``)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise ValueError(f"{name} must be an integer; got {k!r}")
+    if available < 1:
+        raise ValueError(f"{name}={k}, but there are 0 {what}; give more embeddings")
+    if not 1 <= k <= available:
+        raise ValueError(f"{name} must be in [1, {available}] ({available} {what}); got {k}")
+    return int(k)
+
+
 def select_topk(sims: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Exact top-k of each row of ``sims`` ranked by (similarity desc, index asc).
 
@@ -222,9 +235,11 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
     if g is not None and g.dtype != q.dtype:
         g = g.to(torch.promote_types(g.dtype, q.dtype))
         q = q.to(g.dtype)
+    if q.shape[0] == 0:
+        raise ValueError("the queries are empty (0 rows); give at least one embedding")
     available = q.shape[0] - 1 if g is None else g.shape[0]
-    if not 1 <= k <= available:
-        raise ValueError(f"k must be in [1, {available}] (the gallery size); got {k}")
+    k = check_k(k, available, what="items in the gallery" if g is not None else
+                "other queries (a query is never its own neighbour)")
     if block < 1:
         raise ValueError(f"block must be >= 1; got {block}")
     if backend not in ("auto", "torch", "numpy", "faiss"):

@@ -26,10 +26,14 @@ ALL_METRICS = RETRIEVAL_METRICS + CLUSTER_METRICS
 DEFAULT_METRICS = (*RETRIEVAL_METRICS, "nmi")
 
 
-def _labels(labels: ArrayLike, n: int, name: str) -> np.ndarray:
+def _labels(labels: ArrayLike, n: int | None, name: str) -> np.ndarray:
+    """Labels as a 1-D integer numpy array, (n,) when n is given, or a one-line ValueError."""
+    if labels is None:
+        raise ValueError(f"{name} is None; give one integer label per embedding")
     array = as_numpy(labels)
-    if array.ndim != 1 or array.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), one per embedding; got {array.shape}")
+    if array.ndim != 1 or (n is not None and array.shape[0] != n):
+        raise ValueError(f"{name} must have shape ({'N' if n is None else n},), one per "
+                         f"embedding; got {array.shape}")
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{name} must be integers; got dtype {array.dtype}")
     return array
@@ -141,8 +145,12 @@ class Neighbours:
 def required_k(labels: ArrayLike, ks: Sequence[int] = (),
                gallery_labels: ArrayLike | None = None) -> int:
     """The neighbours needed for Recall@ks and MAP@R: max(ks) and the largest R."""
-    query = as_numpy(labels)
-    gallery = query if gallery_labels is None else as_numpy(gallery_labels)
+    query = _labels(labels, None, "labels")
+    gallery = query if gallery_labels is None else _labels(gallery_labels, None,
+                                                           "gallery_labels")
+    if len(gallery) == 0 or len(query) == 0:
+        raise ValueError(f"the {'queries are' if len(query) == 0 else 'gallery is'} empty; "
+                         f"give at least one embedding")
     r = _relevant_counts(query, gallery, gallery_labels is None)
     return max([1, int(r.max(initial=0)), *ks])
 
@@ -258,7 +266,8 @@ def nmi(embeddings: ArrayLike, labels: ArrayLike, n_clusters: int | None = None,
         seed: int = 0, settings: KMeansSettings = KMeansSettings()) -> float:  # noqa: B008
     """NMI between the labels and a k-means clustering (n_clusters = number of labels)."""
     y = _labels(labels, as_tensor(embeddings, "embeddings").shape[0], "labels")
-    clusters = kmeans(embeddings, n_clusters or len(np.unique(y)), seed, settings)
+    clusters = kmeans(embeddings, len(np.unique(y)) if n_clusters is None else n_clusters,
+                      seed, settings)
     return normalized_mutual_info(y, clusters)
 
 

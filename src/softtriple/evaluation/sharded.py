@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from torch import Tensor
 
 from softtriple.evaluation.clustering import KMeansSettings
-from softtriple.evaluation.knn import ArrayLike, as_numpy, as_tensor, knn, select_topk
+from softtriple.evaluation.knn import ArrayLike, as_numpy, as_tensor, check_k, knn, select_topk
 from softtriple.evaluation.metrics import (
     CLUSTER_METRICS,
     RETRIEVAL_METRICS,
@@ -79,8 +79,8 @@ def sharded_knn(queries: ArrayLike, gallery: ArrayLike | None, k: int, *,
     query_sizes, shard_sizes = _sizes(q.shape[0]), _sizes(g.shape[0])
     total = sum(shard_sizes)
     available = total - 1 if self_search else total
-    if not 1 <= k <= available:
-        raise ValueError(f"k must be in [1, {available}] (the whole gallery); got {k}")
+    k = check_k(k, available, what="items in the whole gallery" if not self_search else
+                "other queries in the whole gallery (a query is never its own neighbour)")
     offsets = np.concatenate([[0], np.cumsum(shard_sizes)]).tolist()
     my_offset, mine = offsets[me], shard_sizes[me]
     found_sims, found_index = [], []

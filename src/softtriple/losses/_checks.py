@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -46,17 +47,62 @@ def check_batch(embeddings: Tensor, labels: Tensor, embedding_dim: int | None = 
                              f"remap labels to 0..num_classes-1 or raise num_classes")
 
 
-def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
+MAX_SCALE = 1e4  # a logit scale (lambda, s, alpha, beta) above this overflows float32 gradients;
+# the papers use 2 to 64
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False,
+                   maximum: float | None = None, unit: str = "") -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``) and,
+    when given, below ``maximum`` (``unit`` names what the value measures)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number; got {value!r}")
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}; got {value}")
+    if maximum is not None and value >= maximum:
+        raise ValueError(f"{name}={value} is too large: it must be below {maximum:g}{unit}")
 
 
-def check_count(name: str, value: int) -> None:
-    """Raise ValueError unless ``value`` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+def check_scale(name: str, value: float) -> None:
+    """A logit scale: > 0 and below MAX_SCALE, above which float32 gradients overflow."""
+    check_positive(name, value, maximum=MAX_SCALE,
+                   unit=" (a logit scale: larger ones overflow float32; papers use 2 to 64)")
+
+
+def check_count(name: str, value: int, minimum: int = 1, why: str = "") -> None:
+    """Raise ValueError unless ``value`` is an int >= ``minimum`` (``why`` says why)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{why}; got {value!r}")
+
+
+def check_classes(num_classes: int) -> None:
+    """A softmax over classes needs two of them: with one its probability is 1 whatever the
+    embedding, and nothing trains."""
+    check_count("num_classes", num_classes, 2, " (with one class the softmax is always 1 and "
+                "nothing trains)")
+
+
+def check_fits(what: str, rows: int, dim: int) -> None:
+    """ValueError when a (rows, dim) float32 parameter would not fit in this machine's memory,
+    before torch tries to allocate it."""
+    need = rows * dim * 4
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: let torch decide
+        return
+    if need > total:
+        raise ValueError(f"{what} ({rows:,} x {dim} float32, {need / 2**30:,.0f} GiB) do not fit "
+                         f"in this machine's {total / 2**30:,.0f} GiB; lower num_classes, "
+                         f"centers_per_class or embedding_dim, or shard the centers over "
+                         f"processes (loss.shard_centers under torchrun)")
+
+
+def check_products_finite(values: Tensor, loss_name: str) -> None:
+    """ValueError when products or distances of unnormalized embeddings overflowed (N-pairs and
+    lifted structure work on raw embeddings, whose norm nothing bounds but a regularizer)."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{loss_name}: the embeddings are so large that their products "
+                         f"overflow float32; keep their norm small (the loss's l2_reg, a lower "
+                         f"learning rate) or normalize them")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_positive
+from softtriple.losses._checks import check_batch, check_positive, check_products_finite
 from softtriple.losses._pairs import class_masks, degenerate, euclidean_distances
 from softtriple.losses._precision import float32_forward
 
@@ -41,6 +41,7 @@ class LiftedStructureLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels)
         dist = euclidean_distances(embeddings)  # (B, B)
+        check_products_finite(dist, "LiftedStructureLoss")
         positive, negative = class_masks(labels)
         if not bool(positive.any()):
             return degenerate(embeddings, "LiftedStructureLoss", "the batch has no positive pair")

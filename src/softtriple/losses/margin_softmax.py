@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._checks import (
+    check_batch,
+    check_classes,
+    check_count,
+    check_fits,
+    check_positive,
+    check_scale,
+)
 from softtriple.losses._precision import float32_forward
 
 
@@ -30,10 +37,11 @@ class _MarginSoftmax(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float,
                  margin: float) -> None:
         super().__init__()
-        check_count("num_classes", num_classes)
+        check_classes(num_classes)
         check_count("embedding_dim", embedding_dim)
-        check_positive("scale", scale)
+        check_scale("scale", scale)
         check_positive("margin", margin, allow_zero=True)
+        check_fits("the loss's class weights", num_classes, embedding_dim)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.scale, self.margin = float(scale), float(margin)
         self.weights = nn.Parameter(torch.randn(num_classes, embedding_dim))  # (C, d)
@@ -66,6 +74,9 @@ class CosFaceLoss(_MarginSoftmax):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
                  margin: float = 0.35) -> None:
         super().__init__(num_classes, embedding_dim, scale, margin)
+        if margin >= 1:  # cosines span [-1, 1]: m >= 1 puts every target below its wrong logits
+            raise ValueError(f"margin is subtracted from a cosine and must be below 1 (paper: "
+                             f"0.35); got {margin}")
 
     def target_logit(self, cos: Tensor) -> Tensor:
         return cos - self.margin
@@ -81,14 +92,21 @@ class ArcFaceLoss(_MarginSoftmax):
 
     Args:
         num_classes: C. embedding_dim: d. scale: s (paper: 64).
-        margin: m in degrees (paper: 0.5 rad = 28.6 degrees), below 90.
+        margin: m in degrees (paper: 0.5 rad = 28.6 degrees), 0 or in [RADIANS_BELOW, 90):
+            a margin below 2 degrees can only be radians meant (0.5 would be 0.5 degrees, 57
+            times smaller than the paper's), so it is refused with its value in degrees.
     """
+
+    RADIANS_BELOW = 2.0
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
                  margin: float = 28.6) -> None:
         super().__init__(num_classes, embedding_dim, scale, margin)
         if margin >= 90:
             raise ValueError(f"margin is in degrees and must be below 90; got {margin}")
+        if 0 < margin < self.RADIANS_BELOW:
+            raise ValueError(f"margin is in degrees; {margin} reads as radians: give "
+                             f"{math.degrees(margin):.1f} (degrees), or 0 for no margin")
         self.radians = math.radians(self.margin)
 
     def target_logit(self, cos: Tensor) -> Tensor:

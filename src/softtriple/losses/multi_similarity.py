@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_positive
-from softtriple.losses._pairs import class_masks
+from softtriple.losses._checks import check_batch, check_positive, check_scale
+from softtriple.losses._pairs import class_masks, degenerate
 from softtriple.losses._precision import float32_forward
 
 
@@ -62,8 +62,8 @@ class MultiSimilarityLoss(nn.Module):
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
                  epsilon: float | None = 0.1) -> None:
         super().__init__()
-        check_positive("alpha", alpha)
-        check_positive("beta", beta)
+        check_scale("alpha", alpha)
+        check_scale("beta", beta)
         if isinstance(base, bool) or not isinstance(base, int | float) or not -1 <= base <= 1:
             raise ValueError(f"base must be a number in [-1, 1] (a cosine similarity); got "
                              f"{base!r}")
@@ -78,6 +78,10 @@ class MultiSimilarityLoss(nn.Module):
         x = F.normalize(embeddings, dim=1)
         sim = x @ x.T  # (B, B)
         positive, negative = class_masks(labels)
+        if not bool(negative.any()):
+            return degenerate(embeddings, "MultiSimilarityLoss", "the batch has only one class")
+        if not bool(positive.any()):
+            return degenerate(embeddings, "MultiSimilarityLoss", "the batch has no positive pair")
         if self.epsilon is not None:
             positive, negative = mine_pairs(sim.detach(), positive, negative, self.epsilon)
         pos = _log1p_sum_exp(-self.alpha * (sim - self.base), positive) / self.alpha  # (B,)

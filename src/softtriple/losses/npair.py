@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_positive
+from softtriple.losses._checks import check_batch, check_positive, check_products_finite
 from softtriple.losses._pairs import degenerate
 from softtriple.losses._precision import float32_forward
 
@@ -65,6 +65,7 @@ class NPairLoss(nn.Module):
                               "it needs two or more classes with two items each")
         anchors, positives = embeddings[anchor_idx], embeddings[positive_idx]  # (N, d) each
         logits = anchors @ positives.T  # (N, N): f_i . f_j^+
+        check_products_finite(logits, "NPairLoss")
         target = torch.arange(len(anchors), device=embeddings.device)
         loss = F.cross_entropy(logits, target)  # = log(1 + sum_{j!=i} exp(l_ij - l_ii))
         if self.l2_reg > 0:

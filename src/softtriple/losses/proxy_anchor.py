@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._checks import (
+    check_batch,
+    check_count,
+    check_fits,
+    check_positive,
+    check_scale,
+)
 from softtriple.losses._precision import float32_forward
 
 
@@ -46,7 +52,8 @@ class ProxyAnchorLoss(nn.Module):
         super().__init__()
         check_count("num_classes", num_classes)
         check_count("embedding_dim", embedding_dim)
-        check_positive("alpha", alpha)
+        check_scale("alpha", alpha)
+        check_fits("the loss's proxies", num_classes, embedding_dim)
         check_positive("margin", margin, allow_zero=True)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.alpha, self.margin = float(alpha), float(margin)

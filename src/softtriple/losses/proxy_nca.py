@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._checks import (
+    check_batch,
+    check_classes,
+    check_count,
+    check_scale,
+)
 from softtriple.losses._precision import float32_forward
 from softtriple.losses.softmax_norm import init_centers
 
@@ -39,9 +44,9 @@ class ProxyNCALoss(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 1.0,
                  exclude_positive: bool = True) -> None:
         super().__init__()
-        check_count("num_classes", num_classes)
+        check_classes(num_classes)
         check_count("embedding_dim", embedding_dim)
-        check_positive("scale", scale)
+        check_scale("scale", scale)
         if exclude_positive and num_classes < 2:
             raise ValueError("ProxyNCA with exclude_positive=True needs num_classes >= 2")
         self.num_classes, self.embedding_dim = num_classes, embedding_dim

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._checks import (
+    check_batch,
+    check_classes,
+    check_count,
+    check_fits,
+    check_positive,
+    check_scale,
+)
 from softtriple.losses._precision import float32_forward
 
 
@@ -29,7 +36,9 @@ def margin_cross_entropy(similarity: Tensor, labels: Tensor, la: float, margin: 
 
 
 def init_centers(num_rows: int, embedding_dim: int) -> Tensor:
-    """(num_rows, d) weights initialized like ``nn.Linear`` (Kaiming-uniform, a = sqrt(5))."""
+    """(num_rows, d) weights initialized like ``nn.Linear`` (Kaiming-uniform, a = sqrt(5));
+    ValueError when they would not fit in memory."""
+    check_fits("the loss's centers or proxies", num_rows, embedding_dim)
     weight = torch.empty(num_rows, embedding_dim)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     return weight
@@ -58,9 +67,9 @@ class SoftMaxNormLoss(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, la: float = 20.0,
                  margin: float = 0.01) -> None:
         super().__init__()
-        check_count("num_classes", num_classes)
+        check_classes(num_classes)
         check_count("embedding_dim", embedding_dim)
-        check_positive("la", la)
+        check_scale("la", la)
         check_positive("margin", margin, allow_zero=True)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.la, self.margin = float(la), float(margin)

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softtriple.losses._checks import check_batch, check_count, check_positive
+from softtriple.losses._checks import (
+    check_batch,
+    check_classes,
+    check_count,
+    check_positive,
+    check_scale,
+)
 from softtriple.losses._fused import center_regularizer_fused, smoothed_max_similarity
 from softtriple.losses._precision import float32_forward
 from softtriple.losses.softmax_norm import init_centers, margin_cross_entropy
@@ -65,12 +71,12 @@ def class_similarity(x: Tensor, centers: Tensor, gamma: float, chunk: int = 1024
 
 def check_arguments(num_classes: int, embedding_dim: int, centers_per_class: int, la: float,
                     gamma: float, tau: float, margin: float) -> None:
-    """ValueError naming the first of SoftTriple's arguments out of range (C, d, K >= 1;
-    lambda > 0; gamma, tau, delta >= 0)."""
-    check_count("num_classes", num_classes)
+    """ValueError naming the first of SoftTriple's arguments out of range (C >= 2; d, K >= 1;
+    0 < lambda < 1e4; gamma, tau, delta >= 0)."""
+    check_classes(num_classes)
     check_count("embedding_dim", embedding_dim)
     check_count("centers_per_class", centers_per_class)
-    check_positive("la", la)
+    check_scale("la", la)
     check_positive("gamma", gamma, allow_zero=True)
     check_positive("tau", tau, allow_zero=True)
     check_positive("margin", margin, allow_zero=True)

@@ -14,6 +14,7 @@ import hashlib
 import os
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,14 @@ def cached_features(model: EmbeddingModel, table: ImageTable, backbone: str,
         try:
             with np.load(path, allow_pickle=False) as data:
                 cached_keys, cached = data["keys"], data["features"]
-        except (OSError, ValueError, KeyError):
-            warnings.warn(f"feature cache {path} is unreadable; rebuilding it", stacklevel=2)
+            if cached.ndim != 2 or cached.shape != (len(cached_keys), model.feature_dim) or \
+                    cached_keys.ndim != 1 or not np.isfinite(cached).all():
+                raise ValueError("short, misshapen or not finite")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            warnings.warn(f"feature cache {path} is unreadable ({error}); rebuilding it",
+                          stacklevel=2)
+            cached_keys = np.zeros(0, dtype=str)
+            cached = np.zeros((0, model.feature_dim), np.float32)
     where = {k: i for i, k in enumerate(cached_keys.tolist())}
     missing = np.array([k not in where for k in keys.tolist()], dtype=bool)
     if missing.any():
