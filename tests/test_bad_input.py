@@ -268,6 +268,53 @@ def test_hostile_pickles_in_every_loaded_file_run_no_code(world, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "error:" in err and "Traceback" not in err, (command, err)
         assert not marker.exists(), f"{file} ran code"
+        if file.name == "zip_run":  # refused, and why: not "truncated or corrupt"
+            assert "holds a pickled Python object (posix.mkdir) that is refused: unpickling " \
+                   "it could run any code" in err, err
+
+
+def test_the_last_vague_messages_say_what_is_wrong(world, capsys, monkeypatch, tmp_path):
+    """A tampered checkpoint names its misfitting keys; an unwritable output folder is one line
+    before any work; an empty SOFTTRIPLE_KNN_ENGINE means auto; a misspelt variant key is
+    named, also when it is the label's."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(world / "run", tampered)
+    state = torch.load(tampered / "checkpoints" / "last.pt", weights_only=True)
+    state["model"]["extra.weight"] = torch.zeros(1)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, tampered / "checkpoints" / "last.pt")
+    assert main(["evaluate", str(tampered)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Missing key(s) in state_dict" in err and \
+        'Unexpected key(s) in state_dict: "extra.weight"' in err, err
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "TemporaryFile", read_only)
+        assert main(["export", str(world / "run"), "--format", "torchscript", "--out",
+                     str(tmp_path / "model.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot write {tmp_path / 'model.pt'}: {tmp_path} is not writable (Read-only " \
+           f"file system)" in err and "\n" not in err, err
+
+    from softtriple.evaluation import knn
+    monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", "")
+    x = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
+    assert knn(x, 3)[1].shape == (3000, 3)
+
+    from softtriple.compare import load_suite
+    from softtriple.training import ConfigError
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"base: {Path(__file__).parents[1] / 'configs' / 'digits.yaml'}\n"
+                     f"out: {tmp_path / 'out'}\nvariants:\n  - {{lable: a}}\n")
+    with pytest.raises(ConfigError, match="unknown key.s. lable in variants.0.; valid: label"):
+        load_suite(suite)
 
 
 def test_an_error_in_a_dataloader_worker_is_the_same_one_line(data_root, tmp_path, capsys,

@@ -131,3 +131,25 @@ def test_the_readme_backbone_example_runs(tmp_path, monkeypatch):
     for item in ["data.root=digits", "data.max_classes=0", *FAST[1:]]:
         args += ["--set", item]
     assert main(args) == 0
+
+
+def test_pretrained_offline_fails_at_once_without_retries(tmp_path, capsys, monkeypatch):
+    """model.pretrained=true where huggingface.co cannot be reached and the weights are not
+    cached: one line within seconds (timm's own download retried for about a minute)."""
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    args = ["train", "--out", str(tmp_path / "run")]
+    for item in [*FAST, "model.backbone=timm:resnet18", "model.pretrained=true"]:
+        args += ["--set", item]
+    start = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - start < 30
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "huggingface.co cannot be reached" in err[0], err

@@ -193,7 +193,7 @@ def test_softtriple_with_one_center_trains_exactly_like_softmax_norm(data_root, 
     assert torch.equal(a["loss.centers"][:, 0], b["loss.centers"])
 
 
-def test_unreadable_images_are_found_before_training(tmp_path, monkeypatch):
+def test_unreadable_images_are_found_before_training(tmp_path, monkeypatch, capsys):
     from softtriple.data import DataError
     from softtriple.data.builtin import prepare
     monkeypatch.setenv("SOFTTRIPLE_DATA", str(tmp_path / "data"))
@@ -209,6 +209,8 @@ def test_unreadable_images_are_found_before_training(tmp_path, monkeypatch):
                            "data.bad_images=skip")).train()
     listed = (tmp_path / "run" / "bad_images.txt").read_text()
     assert str(test_image) in listed and str(train_image) in listed
+    said = capsys.readouterr().err  # not silent: how many, and where they are listed
+    assert "data.bad_images=skip: left out 2 unreadable image(s), listed in" in said
     assert results["metrics"]["queries"] == 896 - 1  # the test split less the empty file
     from softtriple.data.checks import bad_images
     from softtriple.data.formats import read_folder
@@ -218,7 +220,7 @@ def test_unreadable_images_are_found_before_training(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_with_finite_loss_and_resumes_exactly(data_root, tmp_path,
-                                                                     precision):
+                                                                     precision, capsys):
     """run.precision: the network under autocast, the loss and centers in float32; fp16 adds a
     gradient scaler whose state is checkpointed, so a resumed run ends like an uninterrupted one."""
     fast = [f"run.precision={precision}", "evaluation.before_training=false",
@@ -236,6 +238,9 @@ def test_mixed_precision_trains_with_finite_loss_and_resumes_exactly(data_root, 
     assert resumed["metrics"] == result["metrics"]
     a, b = _params(tmp_path / "full"), _params(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    slow = "run.precision=fp16 on a CPU: float16 products have no fast CPU kernels"
+    assert (slow in capsys.readouterr().err) == (precision == "fp16" and
+                                                 full.device.type == "cpu")
 
 
 def test_the_demo_recipe_trains_in_bf16(data_root, tmp_path):

@@ -481,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FloatingPointError) as error:  # our one-line errors: no traceback
         print(f"softtriple {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # the system refused a file: its reason and the file, one line
+        where = f": {error.filename}" if error.filename else ""
+        print(f"softtriple {args.command}: error: {error.strerror or error}{where}",
+              file=sys.stderr)
+        return 2
 
 
 def one_line(error: BaseException) -> str:

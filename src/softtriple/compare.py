@@ -114,12 +114,14 @@ def load_suite(path: str | Path) -> Suite:
         raise ConfigError(f"seeds repeat: {seeds}")
     variants = []
     for i, entry in enumerate(raw["variants"] or []):
-        if not isinstance(entry, dict) or "label" not in entry:
-            raise ConfigError(f"variants[{i}] must be a mapping with a label")
-        bad = sorted(set(entry) - set(VARIANT_KEYS))
+        if not isinstance(entry, dict):
+            raise ConfigError(f"variants[{i}] must be a mapping with a label; got {entry!r}")
+        bad = sorted(set(entry) - set(VARIANT_KEYS))  # before the label: 'lable' is named
         if bad:
-            raise ConfigError(f"unknown key(s) {', '.join(bad)} in variants[{i}]; valid: "
-                              f"{', '.join(VARIANT_KEYS)}")
+            raise ConfigError(f"unknown key(s) {', '.join(map(str, bad))} in variants[{i}]; "
+                              f"valid: {', '.join(VARIANT_KEYS)}")
+        if "label" not in entry:
+            raise ConfigError(f"variants[{i}] has no label; give each variant one")
         variants.append(Variant(str(entry["label"]), _strings(entry.get("set"),
                                 f"variants[{i}].set"), entry.get("group"), entry.get("x")))
     if not variants:

@@ -16,7 +16,7 @@ from softtriple.data import ImageDataset, ImageTable, eval_transform, load_image
 from softtriple.data.dataset import MAX_ASPECT, to_rgb
 from softtriple.models import EmbeddingModel, embed
 from softtriple.training.build import PRECISIONS, build_model, configure_kernels, resolve_device
-from softtriple.training.checkpoint import CheckpointError, load_checkpoint
+from softtriple.training.checkpoint import CheckpointError, load_checkpoint, mismatch_detail
 from softtriple.training.config import Config, config_from_dict
 from softtriple.training.data import load_table, loader_workers
 
@@ -31,7 +31,7 @@ def load_model(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint {path} does not fit its own model config: "
-                              f"{str(error).splitlines()[0]}") from error
+                              f"{mismatch_detail(error)}") from error
     return model.eval(), config, state
 
 

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -190,9 +191,16 @@ def check_output(out: str | Path, reads: Iterable[str | Path] = ()) -> Path:
     if target.is_dir():
         raise OutputError(f"the output {target} is a folder; name a file in it")
     folder = next((p for p in target.absolute().parents if p.exists()), None)
-    if folder is not None and (not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK)):
-        why = "is a file" if not folder.is_dir() else "is not writable"
-        raise OutputError(f"cannot write {target}: {folder} {why}; choose another output path")
+    if folder is not None and not folder.is_dir():
+        raise OutputError(f"cannot write {target}: {folder} is a file; choose another output "
+                          f"path")
+    if folder is not None:
+        try:  # a real write: permissions alone miss read-only mounts and root's exceptions
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise OutputError(f"cannot write {target}: {folder} is not writable "
+                              f"({error.strerror}); choose another output path") from None
     return target
 
 

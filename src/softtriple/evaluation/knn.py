@@ -274,7 +274,7 @@ def measure_engines(repeats: int = 2) -> dict[Engine, float]:
 def cpu_engine() -> Engine:
     """The engine of large float32 CPU searches: $SOFTTRIPLE_KNN_ENGINE, or the fastest measured
     on this machine (``engines.measured_engine``)."""
-    setting = os.environ.get("SOFTTRIPLE_KNN_ENGINE", "auto")
+    setting = os.environ.get("SOFTTRIPLE_KNN_ENGINE", "").strip() or "auto"  # empty: unset
     if setting in ENGINES:
         return setting  # type: ignore[return-value]
     if setting != "auto":

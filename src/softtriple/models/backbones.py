@@ -183,6 +183,32 @@ class _TimmFeatures(nn.Module):
         return pooled[:, :, None, None]  # type: ignore[no-any-return]
 
 
+HUB = ("huggingface.co", 443)
+
+
+def _timm_weights_reachable(name: str, timeout: float = 3.0) -> bool:
+    """Whether timm can get ``name``'s weights: from Hugging Face's local cache, or from
+    huggingface.co answering within ``timeout`` seconds (offline, timm's own download retries
+    for about a minute before it fails)."""
+    import socket
+
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub_id = cfg.hf_hub_id if cfg is not None else None
+        if hub_id and any(isinstance(try_to_load_from_cache(hub_id.split("@")[0], f), str)
+                          for f in ("model.safetensors", "pytorch_model.bin")):
+            return True
+    except Exception:  # no pretrained config, an old hub client: ask the network
+        pass
+    try:
+        socket.create_connection(HUB, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def timm_backbone(name: str, weights: str | None = None, pretrained: bool = True,
                   fetch: bool = False, options: dict[str, Any] | None = None) -> Backbone:
     """Any timm model as features (``num_classes=0``), with timm's mean, std and interpolation for
@@ -201,6 +227,11 @@ def timm_backbone(name: str, weights: str | None = None, pretrained: bool = True
     if fetch and weights is not None:
         raise ValueError("model.pretrained=true fetches timm's weights and model.weights names "
                          "a file: set one of them")
+    if fetch and pretrained and not _timm_weights_reachable(name):
+        raise WeightsError(f"cannot fetch timm's weights for {name}: huggingface.co cannot be "
+                           f"reached and they are not in its local cache; download them where "
+                           f"there is a network and pass model.weights=FILE, or set "
+                           f"model.pretrained=false")
     try:
         net = timm.create_model(name, pretrained=fetch and pretrained, num_classes=0,
                                 **(options or {}))

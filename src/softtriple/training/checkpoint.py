@@ -43,12 +43,31 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, wrong format, pickled objects: several types
-        raise CheckpointError(f"checkpoint {file} is truncated or corrupt "
-                              f"({error.__class__.__name__}); use an earlier copy or retrain"
-                              ) from error
+        raise refused_or_corrupt(f"checkpoint {file}", error, "use an earlier copy or retrain"
+                                 ) from error
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{file} is not a softtriple checkpoint (no model or config)")
     return state
+
+
+def mismatch_detail(error: BaseException, limit: int = 400) -> str:
+    """torch's load_state_dict error on one line: its header is only "Error(s) in loading
+    state_dict for X:", the detail (missing, unexpected and misshapen keys) follows on its
+    own lines; they are joined here, cut at ``limit`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = "; ".join([lines[0].rstrip(":"), *lines[1:]]) if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def refused_or_corrupt(what: str, error: Exception, fix: str) -> CheckpointError:
+    """The one line for a file torch.load(weights_only=True) could not read: a pickled object
+    it refused (unpickling it could run any code), or a file truncated or corrupt."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # "unsupported GLOBAL posix.mkdir"
+    if refused:
+        return CheckpointError(f"{what} holds a pickled Python object ({refused.group(1)}) that "
+                               f"is refused: unpickling it could run any code, and softtriple "
+                               f"loads only tensors and plain data; {fix}")
+    return CheckpointError(f"{what} is truncated or corrupt ({error.__class__.__name__}); {fix}")
 
 
 BLOCK_NAME = re.compile(r"centers-(\d+)-(\d+)-step(\d+)\.pt")
@@ -82,10 +101,12 @@ def read_center_rows(folder: str | Path, names: list[str], start: int,
         file = Path(folder) / name
         try:
             block = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:
-            raise CheckpointError(f"center block {file} is missing, truncated or corrupt "
-                                  f"({error.__class__.__name__}); use an earlier copy of the "
+        except FileNotFoundError as error:
+            raise CheckpointError(f"center block {file} is missing; use an earlier copy of the "
                                   f"run or retrain") from error
+        except Exception as error:
+            raise refused_or_corrupt(f"center block {file}", error, "use an earlier copy of the "
+                                     "run or retrain") from error
         rows = slice(max(start, lo) - lo, min(stop, hi) - lo)
         for key in ("centers", "exp_avg", "exp_avg_sq"):
             if key in block:

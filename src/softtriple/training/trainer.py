@@ -38,6 +38,7 @@ from softtriple.training.checkpoint import (
     CheckpointError,
     center_block_name,
     load_checkpoint,
+    mismatch_detail,
     read_center_rows,
     save_checkpoint,
 )
@@ -101,6 +102,10 @@ class Trainer:
         configure_kernels(self.device, config.run.deterministic, config.run.cudnn_benchmark)
         dist.setup(self.device)
         self.world, self.rank = dist.world_size(), dist.rank()
+        if self.device.type == "cpu" and config.run.precision == "fp16" and dist.is_main():
+            print("run.precision=fp16 on a CPU: float16 products have no fast CPU kernels and "
+                  "train slower than fp32; use fp32, or bf16 on a CPU with AVX512-BF16 or AMX",
+                  file=sys.stderr)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         self.out = Path(config.run.out)
@@ -270,8 +275,8 @@ class Trainer:
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"checkpoint does not fit this model: {error}".splitlines()[0]
-                                  ) from error
+            raise CheckpointError(f"checkpoint does not fit this model: "
+                                  f"{mismatch_detail(error)}") from error
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state.get("history", []))
         torch.set_rng_state(state["rng"]["torch"])
@@ -456,6 +461,9 @@ class Trainer:
             self.run_dir.write_config(dump_config(config))
             if self.loaders.bad_images:  # data.bad_images=skip: what was left out, and why
                 self.run_dir.write_bad_images(self.loaders.bad_images)
+                print(f"data.bad_images=skip: left out {len(self.loaders.bad_images)} "
+                      f"unreadable image(s), listed in {self.run_dir.bad_images}",
+                      file=sys.stderr)
             if self.state is not None:  # the log as of the checkpoint: no rows past it
                 self.run_dir.write_metrics(self.history)
             try:
