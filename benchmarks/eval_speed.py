@@ -9,7 +9,9 @@ pays one-off set-up), then ``--repeats`` calls of each, interleaved, and the med
 The floor: this machine's fastest way to the same neighbours without our selection, timed
 interleaved with both tools: the full (N x N) similarity product by each BLAS on the machine
 (torch's, numpy's, faiss's exact search with the same k), plus one torch top-k of its rows; the
-fastest of them. Cold: one call in a fresh process per tool, with its peak RSS. The same
+fastest of them. "ours bf16" is ours with the bf16 engine (evaluation/bf16.py) named, timed
+with the others; its metrics must equal ours exactly. Cold: one call in a fresh process per
+tool, with its peak RSS. The same
 retrieval metrics on both sides (precision@1, R-precision, MAP@R with k = the largest class;
 ours adds Recall@1/2/4/8), and
 the benchmark checks that they agree within 1e-4. Writes benchmarks/results/eval_speed.json, which
@@ -72,16 +74,19 @@ def tools(x: np.ndarray, y: np.ndarray) -> dict[str, Callable[[], dict[str, floa
     calc = AccuracyCalculator(include=list(PEER_NAMES.values()), k="max_bin_count",
                               device=torch.device("cpu"))
 
-    def ours() -> dict[str, float]:
+    def ours(backend: str = "auto") -> dict[str, float]:
         metrics = ["recall", "precision_at_1", "r_precision", "map_at_r"]
-        return {k: float(v) for k, v in evaluate(x, y, metrics=metrics).items()}
+        return {k: float(v) for k, v in evaluate(x, y, metrics=metrics,
+                                                 backend=backend).items()}  # type: ignore[arg-type]
 
     def peer() -> dict[str, float]:
         # the peer ranks by L2 distance: give it unit rows so both rank by cosine similarity
         xt = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
         return {k: float(v) for k, v in calc.get_accuracy(xt, torch.from_numpy(y)).items()}
 
-    return {"ours": ours, "pml": peer}
+    return {"ours": ours, "pml": peer,
+            # the bf16 candidate pass with its exact float32 re-rank (evaluation/bf16.py)
+            "ours bf16": lambda: ours("bf16")}
 
 
 def floors(x: np.ndarray, k: int) -> dict[str, Callable[[], Any]]:
@@ -99,6 +104,41 @@ def floors(x: np.ndarray, k: int) -> dict[str, Callable[[], Any]]:
             "faiss exact search": lambda: faiss_search(xn, xn, k + 1)}
 
 
+def bf16_anatomy(x: np.ndarray, k: int) -> dict[str, Any]:
+    """Where the bf16 engine's time goes: its bound against the largest error on these rows,
+    the candidates per query and per block (the share of the gallery its exact re-rank must
+    score), how many blocks fall back to the float32 path, and the bf16 product's time against
+    the float32 one's (the most the engine can save)."""
+    import torch
+
+    from softtriple.evaluation import bf16
+
+    q = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+    q16 = q.to(torch.bfloat16)
+    beta = bf16.similarity_bound(q, q16, q, q16)
+    rows = bf16.strip_rows(len(q))
+    per_row, per_block, error = [], [], 0.0
+    for a in range(0, len(q), rows):
+        strip = (q16[a:a + rows] @ q16.T).float()
+        error = max(error, float((strip - q[a:a + rows] @ q.T).abs().max()))
+        strip[torch.arange(strip.shape[0]), torch.arange(a, a + strip.shape[0])] = -np.inf
+        kth = strip.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+        band = strip >= kth - 2 * beta
+        per_row.append(band.sum(dim=1).float())
+        per_block.append(float(band.any(dim=0).float().mean()))
+    products = {}
+    for name, (a, b) in {"bf16": (q16, q16), "float32": (q, q)}.items():
+        a @ b.T
+        start = time.perf_counter()
+        a @ b.T
+        products[name] = time.perf_counter() - start
+    return {"k": k, "bound": beta, "largest_error": error, "block_rows": rows,
+            "candidates_per_query": float(torch.cat(per_row).mean()),
+            "block_union_share": statistics.mean(per_block),
+            "blocks_falling_back": sum(s > bf16.FALLBACK_SHARE for s in per_block) /
+            len(per_block), "product_seconds": products}
+
+
 def warm(x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
     """Median seconds of each tool and floor after one warm-up call, calls interleaved in this
     process (the floors only where the N x N product fits in memory)."""
@@ -114,6 +154,9 @@ def warm(x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
+    if metrics["ours bf16"] != metrics["ours"]:  # exact: the same neighbours, the same numbers
+        raise AssertionError(f"the bf16 engine's metrics {metrics['ours bf16']} differ from "
+                             f"{metrics['ours']}")
     for ours_key, peer_key in PEER_NAMES.items():
         # the peer ranks by L2 distance in float32 (faiss), we by the dot product: rounding
         # may swap a few near-tied neighbours (one swap moves R-precision by 1 / (N R))
@@ -121,7 +164,8 @@ def warm(x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
             raise AssertionError(f"{ours_key}: ours {metrics['ours'][ours_key]} != peer "
                                  f"{metrics['pml'][peer_key]}")
     return {name: {"seconds": statistics.median(t), "all_seconds": t,
-                   **({"metrics": metrics[name]} if name in ("ours", "pml") else {})}
+                   **({"metrics": metrics[name]} if name in ("ours", "pml", "ours bf16")
+                      else {})}
             for name, t in times.items()}
 
 
@@ -168,6 +212,7 @@ def main() -> None:
     import torch  # noqa: F401
 
     from softtriple.evaluation.knn import cpu_engine
+    from softtriple.evaluation.metrics import required_k
 
     conditions = Conditions.start(allow_noisy=args.noisy)
     rows = []
@@ -175,17 +220,22 @@ def main() -> None:
         x, y = make_data(name)
         row: dict[str, Any] = {"shape": name, "n": len(x), "dim": x.shape[1],
                                "classes": int(y.max() + 1), "warm": warm(x, y, args.repeats),
+                               "bf16": bf16_anatomy(x, required_k(y, (1, 2, 4, 8))),
                                "cold": {tool: cold(x, y, tool) for tool in ("ours", "pml")}}
         for kind in ("warm", "cold"):
             row[f"{kind}_time_ratio"] = (row[kind]["ours"]["seconds"]
                                          / row[kind]["pml"]["seconds"])
         row["cold_memory_ratio"] = (row["cold"]["ours"]["peak_rss_bytes"]
                                     / row["cold"]["pml"]["peak_rss_bytes"])
-        floor = {key: value for key, value in row["warm"].items() if key not in ("ours", "pml")}
+        floor = {key: value for key, value in row["warm"].items()
+                 if key not in ("ours", "pml", "ours bf16")}
         if floor:
             fastest = min(floor, key=lambda key: floor[key]["seconds"])
             row["floor"] = {"fastest": fastest, "seconds": floor[fastest]["seconds"]}
             row["floor_ratio"] = row["warm"]["ours"]["seconds"] / floor[fastest]["seconds"]
+            row["bf16_floor_ratio"] = (row["warm"]["ours bf16"]["seconds"]
+                                       / floor[fastest]["seconds"])
+        row["bf16_time_ratio"] = row["warm"]["ours bf16"]["seconds"] / row["warm"]["pml"]["seconds"]
         rows.append(row)
         gib = 2**30
         floor_text = (f" | floor ({row['floor']['fastest']}) {row['floor']['seconds']:.2f} s, "
@@ -199,7 +249,7 @@ def main() -> None:
               f"x{row['cold_time_ratio']:.2f}",
               flush=True)
     report = {"conditions": conditions.finish(), "knn_engine": cpu_engine(),
-              "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/eval_speed.py",
+              "command": " ".join(["OMP_WAIT_POLICY=PASSIVE .venv/bin/python", *sys.argv]),
               "repeats": args.repeats, "rows": rows}
     write_json(args.json, report)
     print(f"wrote {args.json}")

@@ -303,7 +303,7 @@ def test_approximate_indexes_report_their_recall_against_the_exact_search():
         EmbeddingIndex(x, labels, paths, "lsh")
 
 
-@pytest.mark.parametrize("engine", ["torch", "numpy", "faiss"])
+@pytest.mark.parametrize("engine", ["torch", "numpy", "faiss", "bf16"])
 @pytest.mark.parametrize("ties", [False, True])
 def test_knn_equals_stable_sort_with_every_engine(engine, ties, monkeypatch):
     """Tiles by numpy's BLAS or torch's, or faiss's exact search with its tied rows redone: the
@@ -314,7 +314,7 @@ def test_knn_equals_stable_sort_with_every_engine(engine, ties, monkeypatch):
 
     monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", engine)
     monkeypatch.setattr(knn_module, "SMALL", 0)  # every search through the engine
-    knn_module.cpu_engine.cache_clear()
+    knn_module.cpu_ranking.cache_clear()
     try:
         assert knn_module.cpu_engine() == engine
         x, _ = _data(7, n=301, d=6, ties=ties)
@@ -331,7 +331,7 @@ def test_knn_equals_stable_sort_with_every_engine(engine, ties, monkeypatch):
             np.testing.assert_array_equal(
                 index_g.numpy(), np.argsort(-(xn[:50] @ xn.T), axis=1, kind="stable")[:, :9])
     finally:
-        knn_module.cpu_engine.cache_clear()
+        knn_module.cpu_ranking.cache_clear()
 
 
 def test_knn_engine_is_measured_or_named(monkeypatch, tmp_path):
@@ -344,27 +344,27 @@ def test_knn_engine_is_measured_or_named(monkeypatch, tmp_path):
     times = knn_module.measure_engines(repeats=1)
     assert set(times) == set(engines.available()) and all(t > 0 for t in times.values())
     monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", "auto")
-    knn_module.cpu_engine.cache_clear()
+    knn_module.cpu_ranking.cache_clear()
     try:
         engine = knn_module.cpu_engine()
         assert engine in engines.available()
         cached = json.loads(cache.read_text())
         assert cached["engine"] == engine and cached["machine"] == engines.machine_key()
         other = next(e for e in engines.available() if e != engine)
-        cached["engine"] = other  # the cache, not a new measurement, decides the next process
-        cache.write_text(json.dumps(cached))
-        knn_module.cpu_engine.cache_clear()
+        cached["seconds"][other] = 0.0  # the cache, not a new measurement, decides the next
+        cache.write_text(json.dumps(cached))  # process
+        knn_module.cpu_ranking.cache_clear()
         assert knn_module.cpu_engine() == other
         cache.write_text("{not json")
-        knn_module.cpu_engine.cache_clear()
+        knn_module.cpu_ranking.cache_clear()
         assert knn_module.cpu_engine() in engines.available()  # a corrupt cache: measured again
         monkeypatch.setenv("SOFTTRIPLE_KNN_ENGINE", "mkl")
-        knn_module.cpu_engine.cache_clear()
+        knn_module.cpu_ranking.cache_clear()
         with pytest.raises(ValueError, match="SOFTTRIPLE_KNN_ENGINE='mkl'; valid: auto, torch, "
-                                             "numpy, faiss"):
+                                             "numpy, faiss, bf16"):
             knn_module.cpu_engine()
     finally:
-        knn_module.cpu_engine.cache_clear()
+        knn_module.cpu_ranking.cache_clear()
     small = torch.randn(40, 8)
     assert knn_module.choose(small, 40) == "torch"  # small searches are not measured
     with pytest.raises(ValueError, match="unknown backend 'blas'; valid: auto, torch, numpy"):

@@ -5,8 +5,10 @@ torch's wheels multiply float32 matrices with MKL, numpy's and faiss's with Open
 fastest depends on the CPU: on an AMD EPYC (Zen 4) MKL ran at half OpenBLAS's speed (5,924 x 512
 times its transpose: 0.33 s against 0.15-0.17 s), on an Intel Xeon with AVX-512 the other way
 round, and there faiss's exact search (its product and a heap per query) beat both a product and
-a top-k in torch. So ``knn(..., backend="auto")`` takes ``$SOFTTRIPLE_KNN_ENGINE`` (``torch``,
-``numpy``, ``faiss``) or, by default, the engine measured fastest on this machine.
+a top-k in torch. And where the CPU has bf16 units (AMX, AVX512-BF16), a bf16 product with an
+exact float32 re-rank of the few rows it cannot rule out (``evaluation.bf16``) beats them all.
+So ``knn(..., backend="auto")`` takes ``$SOFTTRIPLE_KNN_ENGINE`` (``torch``, ``numpy``,
+``faiss``, ``bf16``) or, by default, the engine measured fastest on this machine.
 
 The measurement (``knn.measure_engines``: each engine's whole search at 3,072 rows, about 1 s)
 is kept per machine in ``$XDG_CACHE_HOME/softtriple/knn_engine.json``
@@ -31,8 +33,8 @@ from torch import Tensor
 from softtriple.atomic import DiskFullError, write_json
 from softtriple.machine import cpu_model
 
-Engine = Literal["torch", "numpy", "faiss"]
-ENGINES: tuple[Engine, ...] = ("torch", "numpy", "faiss")
+Engine = Literal["torch", "numpy", "faiss", "bf16"]
+ENGINES: tuple[Engine, ...] = ("torch", "numpy", "faiss", "bf16")
 
 
 def tile_product(engine: Engine) -> Callable[[Tensor, Tensor], Tensor]:
@@ -58,7 +60,7 @@ def available() -> tuple[Engine, ...]:
     try:
         import faiss  # noqa: F401
     except ImportError:
-        return ("torch", "numpy")
+        return ("torch", "numpy", "bf16")
     return ENGINES
 
 
@@ -74,21 +76,22 @@ def machine_key() -> str:
         import faiss
         versions.append(f"faiss {faiss.__version__}")
     return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; " + \
-        ", ".join(versions)
+        ", ".join(versions) + f"; engines {', '.join(available())}"
 
 
-def measured_engine(measure: Callable[[], dict[Engine, float]]) -> Engine:
-    """The fastest engine here, from the per-machine cache, or by ``measure()`` (seconds per
-    engine) now, then cached."""
+def measured_ranking(measure: Callable[[], dict[Engine, float]]) -> list[Engine]:
+    """The engines here, fastest first, from the per-machine cache, or by ``measure()`` (seconds
+    per engine) now, then cached."""
     path, key = cache_file(), machine_key()
     try:
         cached = json.loads(path.read_text())
-        if cached.get("machine") == key and cached.get("engine") in available():
-            return cached["engine"]  # type: ignore[no-any-return]
-    except (OSError, ValueError, AttributeError):
+        if cached.get("machine") == key and set(cached.get("seconds", {})) == set(available()):
+            times = cached["seconds"]
+            return sorted(times, key=times.__getitem__)
+    except (OSError, ValueError, AttributeError, TypeError):
         pass  # no cache, or an unreadable one: measure
     times = measure()
-    engine = min(times, key=times.__getitem__)
+    ranking = sorted(times, key=times.__getitem__)
     with contextlib.suppress(OSError, DiskFullError):  # a read-only home: measure next time
-        write_json(path, {"machine": key, "engine": engine, "seconds": times})
-    return engine
+        write_json(path, {"machine": key, "engine": ranking[0], "seconds": times})
+    return ranking

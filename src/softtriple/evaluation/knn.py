@@ -30,17 +30,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softtriple.evaluation.bf16 import knn_bf16
 from softtriple.evaluation.engines import (
     ENGINES,
     Engine,
     available,
     faiss_search,
-    measured_engine,
+    measured_ranking,
     tile_product,
 )
+from softtriple.evaluation.topk import select_topk
 
 ArrayLike = Tensor | np.ndarray
-Backend = Literal["auto", "torch", "numpy", "faiss"]
+Backend = Literal["auto", "torch", "numpy", "faiss", "bf16"]
 Product = Callable[[Tensor, Tensor], Tensor]
 PENDING = 8  # candidates kept per row, in multiples of k, before they are reduced to k
 PROBE = (3072, 512, 32)  # rows, width and k of the engines' measurement: at 768 or 2,048 rows a
@@ -81,38 +83,6 @@ def check_k(k: object, available: int, name: str = "k",
     if not 1 <= k <= available:
         raise ValueError(f"{name} must be in [1, {available}] ({available} {what}); got {k}")
     return int(k)
-
-
-def select_topk(sims: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-k of each row of ``sims`` ranked by (similarity desc, index asc).
-
-    Args:
-        sims: (b, m) similarities.
-        index: (b, m) or (m,) int64 gallery indices of the columns, all distinct within a row.
-        k: how many to keep, k <= m.
-
-    Returns:
-        (b, k) similarities and (b, k) indices, best first.
-    """
-    if index.dim() == 1:
-        index = index.expand_as(sims)
-    kth = sims.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (b, 1)
-    above = sims > kth
-    tied = sims == kth
-    need = k - above.sum(dim=1, keepdim=True)  # how many of the tied to keep, >= 1
-    if bool((tied.sum(dim=1, keepdim=True) == need).all()):
-        keep = above | tied  # no tie straddles the k-th place: the common case
-    else:  # among the tied, keep the `need` lowest gallery indices
-        tied_key = torch.where(tied, -index, torch.iinfo(torch.int64).min)
-        top_tied = tied_key.topk(k, dim=1).values  # (b, k): -index of the lowest tied indices
-        cutoff = top_tied.gather(1, need - 1)  # (b, 1)
-        keep = above | (tied & (tied_key >= cutoff))  # exactly k per row
-    kept_sims = sims[keep].view(-1, k)
-    kept_index = index[keep].view(-1, k)
-    order = torch.argsort(kept_index, dim=1)  # ascending index, then stable sort by similarity
-    kept_sims, kept_index = kept_sims.gather(1, order), kept_index.gather(1, order)
-    order = torch.sort(kept_sims, dim=1, descending=True, stable=True).indices
-    return kept_sims.gather(1, order), kept_index.gather(1, order)
 
 
 def chunk_size(m: int, k: int) -> int:
@@ -242,11 +212,18 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
                 "other queries (a query is never its own neighbour)")
     if block < 1:
         raise ValueError(f"block must be >= 1; got {block}")
-    if backend not in ("auto", "torch", "numpy", "faiss"):
-        raise ValueError(f"unknown backend {backend!r}; valid: auto, torch, numpy, faiss")
-    engine: Engine = choose(q, available + 1) if backend == "auto" else backend
+    if backend not in ("auto", *ENGINES):
+        raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(ENGINES)}")
+    engine: Engine = choose(q, available + 1, k) if backend == "auto" else backend
     if engine == "faiss":
         return _knn_faiss(q, k, g)
+    if engine == "bf16":
+        if q.dtype != torch.float32:
+            raise ValueError(f"backend='bf16' re-ranks in float32; got {q.dtype} rows")
+        product = tile_product("torch")
+        return knn_bf16(q, k, g, functools.partial(_exact_block, block=block),
+                        lambda: _knn_self(q, k, block, product) if g is None else
+                        _knn_gallery(q, g, k, block, product))
     product = tile_product(engine)
     return _knn_self(q, k, block, product) if g is None else _knn_gallery(q, g, k, block, product)
 
@@ -270,26 +247,38 @@ def measure_engines(repeats: int = 2) -> dict[Engine, float]:
     return times
 
 
+BF16_MAX_K_SHARE = 1 / 64  # k above this share of the gallery: the bf16 pass rules out too few
+
+
 @functools.cache
-def cpu_engine() -> Engine:
-    """The engine of large float32 CPU searches: $SOFTTRIPLE_KNN_ENGINE, or the fastest measured
-    on this machine (``engines.measured_engine``)."""
+def cpu_ranking() -> tuple[Engine, ...]:
+    """The engines of large float32 CPU searches, best first: $SOFTTRIPLE_KNN_ENGINE alone, or
+    all of them as measured on this machine (``engines.measured_ranking``)."""
     setting = os.environ.get("SOFTTRIPLE_KNN_ENGINE", "").strip() or "auto"  # empty: unset
     if setting in ENGINES:
-        return setting  # type: ignore[return-value]
+        return (setting,)  # type: ignore[return-value]
     if setting != "auto":
         raise ValueError(f"SOFTTRIPLE_KNN_ENGINE={setting!r}; valid: auto, "
                          f"{', '.join(ENGINES)}")
-    return measured_engine(measure_engines)
+    return tuple(measured_ranking(measure_engines))
 
 
-def choose(queries: Tensor, gallery_rows: int) -> Engine:
-    """The engine ``backend="auto"`` uses: the measured one for a large float32 CPU search,
-    torch for anything else (small, float64, or on a GPU)."""
+def cpu_engine() -> Engine:
+    """The engine of large float32 CPU searches (the first of ``cpu_ranking``)."""
+    return cpu_ranking()[0]
+
+
+def choose(queries: Tensor, gallery_rows: int, k: int = 1) -> Engine:
+    """The engine ``backend="auto"`` uses: the measured one for a large float32 CPU search (the
+    best float32 one when k is too large a share of the gallery for the bf16 pass to rule rows
+    out), torch for anything else (small, float64, or on a GPU)."""
     large = queries.shape[0] * gallery_rows * queries.shape[1] >= SMALL
-    if large and queries.device.type == "cpu" and queries.dtype == torch.float32:
-        return cpu_engine()
-    return "torch"
+    if not (large and queries.device.type == "cpu" and queries.dtype == torch.float32):
+        return "torch"
+    ranking = cpu_ranking()
+    if ranking[0] == "bf16" and k > BF16_MAX_K_SHARE * gallery_rows and len(ranking) > 1:
+        return ranking[1]
+    return ranking[0]
 
 
 def _starts(n: int, block: int) -> tuple[list[int], int]:
@@ -329,6 +318,24 @@ def _knn_self(x: Tensor, k: int, block: int, product: Product) -> tuple[Tensor, 
         found.append(running[i].best())  # row block i has seen every tile now
         running[i] = _RunningTopk(k)  # free its candidates
     return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
+
+def _exact_block(rows: Tensor, k: int, gallery: Tensor, offset: int | None,
+                 block: int) -> tuple[Tensor, Tensor]:
+    """The float32 top-k of query rows among the gallery by torch's product (when ``offset`` is
+    given the rows are gallery rows offset.., each left out of its own search): the bf16
+    engine's fallback for one block of queries."""
+    starts, size = _starts(gallery.shape[0], block)
+    running = _RunningTopk(k)
+    own = None if offset is None else torch.arange(offset, offset + rows.shape[0],
+                                                   device=rows.device)[:, None]
+    for c in starts:
+        tile = rows @ gallery[c:c + size].T
+        if own is not None:
+            columns = torch.arange(c, c + tile.shape[1], device=rows.device)[None, :]
+            tile[own == columns] = float("-inf")
+        running.add(tile_topk(tile, c, k))
+    return running.best()
 
 
 def _knn_faiss(q: Tensor, k: int, g: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from torch import Tensor
 
 from softtriple.evaluation.clustering import KMeansSettings
-from softtriple.evaluation.knn import ArrayLike, as_numpy, as_tensor, check_k, knn, select_topk
+from softtriple.evaluation.knn import ArrayLike, as_numpy, as_tensor, check_k, knn
 from softtriple.evaluation.metrics import (
     CLUSTER_METRICS,
     RETRIEVAL_METRICS,
@@ -30,6 +30,7 @@ from softtriple.evaluation.metrics import (
     required_k,
     retrieval_metrics,
 )
+from softtriple.evaluation.topk import select_topk
 from softtriple.parallel import size_and_rank
 
 
