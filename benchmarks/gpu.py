@@ -5,7 +5,8 @@
    step cannot avoid (the floor), at SOP's shape (B 256, d 512, C 11,318, K 10) and at C 100,000
    (B 512): median ms over warm calls (CUDA events) and the step's peak memory;
 2. **evaluation**: ``evaluate`` at SOP's size (60,502 x 512) and the exact kNN of
-   1,000,000 x 128 (in a child process with a time cap) against the matmul + top-k floor;
+   1,000,000 x 128 (in a child process with a time cap), each with the float32 and the bf16
+   engine (tensor cores), against the matmul + top-k floor;
 3. **trainer**: EfficientNet-Lite0 at 224 px, batch 128, bf16, channels_last on a folder of
    JPEGs written here (3,000 images, 100 classes, as a user's folder data set): each whole
    epoch and evaluation from metrics.jsonl (first against steady), against the in-memory step
@@ -159,26 +160,32 @@ def eval_section(device: torch.device, tiny: bool) -> dict[str, Any]:
     y = labels.to(device)
     out["sop"] = {"N": n, "d": d,
                   "evaluate": timed(lambda: evaluate(x, y, metrics=("recall",)), device, 3, 1),
+                  "evaluate_bf16": timed(lambda: evaluate(x, y, metrics=("recall",),
+                                                          backend="bf16"), device, 3, 1),
                   "floor": timed(knn_floor(x, 8, 8192), device, 3, 1)}
-    out["sop"]["ratio"] = out["sop"]["evaluate"]["ms"] / out["sop"]["floor"]["ms"]
+    for name in ("evaluate", "evaluate_bf16"):
+        out["sop"][f"{name}_over_floor"] = out["sop"][name]["ms"] / out["sop"]["floor"]["ms"]
     n, d, k = (2000, 16, 10) if tiny else (1_000_000, 128, 10)
     big = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(device)
     out["million"] = {"N": n, "d": d, "k": k,
                       "floor": timed(knn_floor(big, k, 16384), device, 1, 1)}
     del big
-    cap = 20 if tiny else 60
-    child = subprocess.run([sys.executable, __file__, "--knn-child", f"{n},{d},{k}",
-                            "--device", str(device)], capture_output=True, text=True,
-                           timeout=None, env=os.environ | {"KNN_CAP": str(cap)})
-    out["million"]["knn"] = json.loads(child.stdout.strip().splitlines()[-1]) \
-        if child.returncode == 0 else {"error": child.stderr[-500:]}
-    if "ms" in out["million"]["knn"]:
-        out["million"]["ratio"] = out["million"]["knn"]["ms"] / out["million"]["floor"]["ms"]
+    cap = 20 if tiny else 45
+    for backend in ("torch", "bf16"):
+        child = subprocess.run([sys.executable, __file__, "--knn-child", f"{n},{d},{k}",
+                                "--device", str(device), "--backend", backend],
+                               capture_output=True, text=True,
+                               env=os.environ | {"KNN_CAP": str(cap)})
+        found = json.loads(child.stdout.strip().splitlines()[-1]) \
+            if child.returncode == 0 else {"error": child.stderr[-500:]}
+        out["million"][f"knn_{backend}"] = found
+        if "ms" in found:
+            out["million"][f"{backend}_over_floor"] = found["ms"] / out["million"]["floor"]["ms"]
     print("eval", json.dumps(out), flush=True)
     return out
 
 
-def knn_child(shape: str, device: torch.device) -> None:
+def knn_child(shape: str, device: torch.device, backend: str) -> None:
     """One timed exact kNN of random unit rows, killed by an alarm at $KNN_CAP seconds."""
     import signal
 
@@ -187,7 +194,7 @@ def knn_child(shape: str, device: torch.device) -> None:
     cap = int(os.environ.get("KNN_CAP", "60"))
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(device)
-    knn(x[:1000], k)  # warm: engines, allocator
+    knn(x[:1000], k, backend=backend)  # type: ignore[arg-type]  # warm: engines, allocator
 
     def give_up(*_: Any) -> None:
         print(json.dumps({"over_seconds": cap}), flush=True)
@@ -195,7 +202,7 @@ def knn_child(shape: str, device: torch.device) -> None:
     signal.signal(signal.SIGALRM, give_up)
     signal.alarm(cap)
     start = time.perf_counter()
-    knn(x, k)
+    knn(x, k, backend=backend)  # type: ignore[arg-type]
     if device.type == "cuda":
         torch.cuda.synchronize()
     print(json.dumps({"ms": 1000 * (time.perf_counter() - start)}), flush=True)
@@ -301,10 +308,11 @@ def main() -> None:
     parser.add_argument("--tests-timeout", type=int, default=150)
     parser.add_argument("--knn-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.knn_child:
-        knn_child(args.knn_child, device)
+        knn_child(args.knn_child, device, args.backend)
         return
     results: dict[str, Any] = {"command": " ".join(sys.argv), "conditions": conditions(device)}
     parts = args.parts.split(",")

@@ -101,3 +101,15 @@ def test_every_metric_takes_labels_that_only_copy_to_the_host():
     _, index = knn(x, 5)
     assert np.array_equal(Neighbours.from_index(index, labels).matches,
                           Neighbours.from_index(index, y).matches)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_bf16_engine_runs_on_the_inputs_device_and_matches_float32(device):
+    x, _ = _data()
+    on_device = torch.from_numpy(x).to(device)
+    sims, index = knn(on_device, 10, backend="bf16")
+    assert sims.device.type == index.device.type == device
+    expected_sims, expected_index = knn(on_device, 10, backend="torch")
+    assert torch.equal(index, expected_index)
+    _, gallery_index = knn(on_device[:40], 7, on_device, backend="bf16")
+    assert torch.equal(gallery_index, knn(on_device[:40], 7, on_device, backend="torch")[1])

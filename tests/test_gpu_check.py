@@ -21,7 +21,9 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     assert {"torch", "device", "triton"} <= set(results["conditions"])
     (loss,) = results["loss"]
     assert loss["ours"]["ms"] > 0 and loss["floor"]["ms"] > 0 and loss["ours_over_pml"] > 0
-    assert results["eval"]["sop"]["ratio"] > 0 and results["eval"]["million"]["knn"]["ms"] > 0
+    sop, million = results["eval"]["sop"], results["eval"]["million"]
+    assert sop["evaluate_over_floor"] > 0 and sop["evaluate_bf16_over_floor"] > 0
+    assert million["knn_torch"]["ms"] > 0 and million["knn_bf16"]["ms"] > 0
     trainer = results["trainer"]
     assert len(trainer["epoch_seconds"]) == 2 and len(trainer["eval_seconds"]) == 2
     assert 0 < trainer["steady_over_floor"] and 0 <= trainer["recall@1"] <= 1

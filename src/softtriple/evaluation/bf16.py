@@ -115,7 +115,8 @@ def knn_bf16(q: Tensor, k: int, g: Tensor | None,
             continue
         strip = (rows16 @ g16.T).float()  # (b, n): s~
         if self_search:
-            strip[torch.arange(b), torch.arange(a, a + b)] = float("-inf")
+            own = torch.arange(a, a + b, device=q.device)
+            strip[own - a, own] = float("-inf")
         kth = strip.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (b, 1)
         union = (strip >= kth - 2 * beta).any(dim=0)  # (n,): a candidate of some row
         del strip
