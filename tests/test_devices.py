@@ -110,6 +110,6 @@ def test_the_bf16_engine_runs_on_the_inputs_device_and_matches_float32(device):
     sims, index = knn(on_device, 10, backend="bf16")
     assert sims.device.type == index.device.type == device
     expected_sims, expected_index = knn(on_device, 10, backend="torch")
-    assert torch.equal(index, expected_index)
+    assert torch.equal(index, expected_index) and torch.equal(sims, expected_sims)
     _, gallery_index = knn(on_device[:40], 7, on_device, backend="bf16")
     assert torch.equal(gallery_index, knn(on_device[:40], 7, on_device, backend="torch")[1])
