@@ -46,6 +46,19 @@ def loss_arguments(name: str) -> list[str]:
     return [p for p in params if p != "self"]
 
 
+PAIR_ADAM_EPS = 1e-8  # Adam's own default
+
+
+def adam_eps(name: str) -> float:
+    """Adam's eps for a run of loss ``name`` when optimizer.eps is not set: the class's
+    ``adam_eps`` (0.01, the SoftTriple paper's, for SoftTriple's family and the proxy and
+    margin losses), else Adam's 1e-8. The pair losses' gradients reach the network 6-18x smaller
+    than SoftTriple's (dL/d(embedding) per example, benchmarks/results/pair_diagnosis.json), far
+    below 0.01 per parameter, where Adam's step lr m / (sqrt(v) + eps) shrinks to lr g / eps:
+    multi-similarity fine-tuned at eps 0.01 barely moved (docs/RESULTS.md)."""
+    return float(getattr(LOSSES[name], "adam_eps", PAIR_ADAM_EPS))
+
+
 def build_loss(name: str, **kwargs: Any) -> nn.Module:
     """Build the loss registered as ``name`` with ``kwargs``.
 
@@ -77,6 +90,7 @@ __all__ = [
     "SoftMaxNormLoss",
     "SoftTripleLoss",
     "TripletLoss",
+    "adam_eps",
     "build_loss",
     "loss_arguments",
 ]

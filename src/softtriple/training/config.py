@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from softtriple.evaluation.clustering import KMeansSettings
+from softtriple.losses import LOSSES, adam_eps
 
 
 class ConfigError(ValueError):
@@ -94,7 +95,10 @@ class LossConfig:
 class OptimizerConfig:
     lr: float = 1e-4  # network (Adam)
     loss_lr: float = 1e-2  # the loss's centers or proxies
-    eps: float = 0.01
+    # Adam's eps; unset (null): the loss's own, written out in the run's config.yaml: 0.01 (the
+    # SoftTriple paper's) for SoftTriple, SoftMax-norm and the proxy and margin losses, 1e-8
+    # (Adam's) for the pair losses, whose small gradients 0.01 would shrink (losses.adam_eps)
+    eps: float | None = None
     weight_decay: float = 1e-4
 
 
@@ -224,7 +228,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("data", "validation_classes"): _within(0.0, 1.0),
     ("optimizer", "lr"): _above(0),
     ("optimizer", "loss_lr"): _above(0),
-    ("optimizer", "eps"): _above(0),
+    ("optimizer", "eps"): ((lambda v: v is None or v > 0), "> 0, or null for the loss's own"),
     ("optimizer", "weight_decay"): _at_least(0),
     ("schedule", "epochs"): _at_least(1),
     ("schedule", "gamma"): _within(0.0, 1.0, closed_high=True),
@@ -242,6 +246,8 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
 def check_config(config: Config) -> Config:
     """Raise ConfigError naming the first value out of its range (RANGES, the milestones, the
     evaluation's ks and metrics, the k-means settings); return ``config``."""
+    if config.optimizer.eps is None and config.loss.name in LOSSES:
+        config.optimizer.eps = adam_eps(config.loss.name)  # the loss's own, written out
     values = config.to_dict()
     for (section, key), (test, allowed) in RANGES.items():
         value = values[section][key]
