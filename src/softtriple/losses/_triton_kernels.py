@@ -11,9 +11,10 @@ import triton.language as tl
 
 
 @triton.jit
-def forward(t_ptr, scale_ptr, u_ptr, num_classes, stride_t, stride_u,
-            K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """U (B, C) from t_raw (B, CK) and scale = 1 / (|w| gamma) (CK,)."""
+def _tile(t_ptr, scale_ptr, num_classes, stride_t, K: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    """This program's row and classes: (row, classes, columns, mask, t, e, z), e = 0 and z = 1
+    outside the classes."""
     row = tl.program_id(0).to(tl.int64)  # row * stride may pass 2**31
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col = c[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
@@ -24,7 +25,15 @@ def forward(t_ptr, scale_ptr, u_ptr, num_classes, stride_t, stride_u,
     m = tl.where(inside, tl.max(tl.where(mask, t, float("-inf")), axis=1), 0.0)
     e = tl.where(mask, tl.exp(t - m[:, None]), 0.0)
     z = tl.where(inside, tl.sum(e, axis=1), 1.0)
-    tl.store(u_ptr + row * stride_u + c, tl.sum(e * t, axis=1) / z, mask=inside)
+    return row, c, col, mask, t, e, z
+
+
+@triton.jit
+def forward(t_ptr, scale_ptr, u_ptr, num_classes, stride_t, stride_u,
+            K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """U (B, C) from t_raw (B, CK) and scale = 1 / (|w| gamma) (CK,)."""
+    row, c, _, _, t, e, z = _tile(t_ptr, scale_ptr, num_classes, stride_t, K, BLOCK_C, BLOCK_K)
+    tl.store(u_ptr + row * stride_u + c, tl.sum(e * t, axis=1) / z, mask=c < num_classes)
 
 
 @triton.jit
@@ -32,16 +41,9 @@ def backward(t_ptr, scale_ptr, inv_norm_ptr, u_ptr, grad_ptr, g_ptr, num_classes
              stride_u, stride_grad, K: tl.constexpr, BLOCK_C: tl.constexpr,
              BLOCK_K: tl.constexpr):
     """G = dL/dt_raw (B, CK) = gS q_k (1 + t_k - U) / |w|, q recomputed as the forward's."""
-    row = tl.program_id(0).to(tl.int64)  # row * stride may pass 2**31
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col = c[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+    row, c, col, mask, t, e, z = _tile(t_ptr, scale_ptr, num_classes, stride_t, K, BLOCK_C,
+                                       BLOCK_K)
     inside = c < num_classes
-    mask = inside[:, None] & (tl.arange(0, BLOCK_K)[None, :] < K)
-    t = tl.load(t_ptr + row * stride_t + col, mask=mask, other=0.0) * \
-        tl.load(scale_ptr + col, mask=mask, other=0.0)
-    m = tl.where(inside, tl.max(tl.where(mask, t, float("-inf")), axis=1), 0.0)
-    e = tl.where(mask, tl.exp(t - m[:, None]), 0.0)
-    z = tl.where(inside, tl.sum(e, axis=1), 1.0)
     u = tl.load(u_ptr + row * stride_u + c, mask=inside, other=0.0)  # the forward's U
     grad = tl.load(grad_ptr + row * stride_grad + c, mask=inside, other=0.0)
     inv_norm = tl.load(inv_norm_ptr + col, mask=mask, other=0.0)
