@@ -8,6 +8,7 @@ the mean, std and interpolation of timm's data config for it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a bad file
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # torch's weights-only refusal
+        if refused:
+            raise WeightsError(f"weights file {file} holds a pickled Python object "
+                               f"({refused.group(1)}) that is refused: unpickling it could run "
+                               f"any code; save the weights as a plain state dict") from error
         raise WeightsError(f"cannot read weights file {file} ({error.__class__.__name__}); is it "
                            f"a PyTorch state dict saved with torch.save?") from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
