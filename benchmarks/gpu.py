@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from loss_speed import make_step
 
 from softtriple.atomic import write_json
 
@@ -93,39 +94,15 @@ def timed(step: Callable[[], Any], device: torch.device, reps: int,
     return out
 
 
-def loss_step(method: str, b: int, d: int, c: int, k: int,
-              device: torch.device) -> Callable[[], Any]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, d, generator=g).to(device).requires_grad_(True)
-    y = torch.randint(0, c, (b,), generator=g).to(device)
-    if method == "floor":
-        w = torch.randn(c * k, d, generator=g).to(device)
-        grad = torch.randn(b, c * k, generator=g).to(device)
-        xd = x.detach()
-        return lambda: (xd @ w.T, grad @ w, grad.T @ xd)
-    if method == "ours":
-        from softtriple.losses import SoftTripleLoss
-        loss_fn: torch.nn.Module = SoftTripleLoss(c, d, k, tau=0.0)
-    else:
-        from pytorch_metric_learning import losses
-        loss_fn = losses.SoftTripleLoss(c, d, k)
-    loss_fn = loss_fn.to(device)
-
-    def step() -> None:
-        x.grad = None
-        for p in loss_fn.parameters():
-            p.grad = None
-        loss_fn(x, y).backward()
-    return step
-
-
 def loss_section(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
     rows = []
     for b, d, c, k in TINY_LOSS_SHAPES if tiny else LOSS_SHAPES:
         row: dict[str, Any] = {"B": b, "d": d, "C": c, "K": k}
         for method in ("floor", "ours", "pml"):  # each measured alone, its memory freed after
             try:
-                row[method] = timed(loss_step(method, b, d, c, k, device), device, 5 if tiny
+                # loss_speed's steps: "ours" is SoftTriple at tau = 0, "pml" PML's without
+                # its regularizer (its CK x CK masks do not fit at SOP scale)
+                row[method] = timed(make_step(method, b, d, c, k, device), device, 5 if tiny
                                     else 20)
             except ImportError as error:
                 row[method] = {"error": str(error)}

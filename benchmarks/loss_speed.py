@@ -36,14 +36,16 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_step(method: str, b: int, d: int, c: int, k: int) -> Callable[[], None]:
-    """One forward + backward of ``method`` on a fixed random batch."""
+def make_step(method: str, b: int, d: int, c: int, k: int,
+              device: str | torch.device = "cpu") -> Callable[[], None]:
+    """One forward + backward of ``method`` on a fixed random batch (drawn on the CPU, then moved
+    to ``device``; benchmarks/gpu.py times the same steps on a GPU)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, d, generator=g).requires_grad_(True)
-    y = torch.randint(0, c, (b,), generator=g)
+    x = torch.randn(b, d, generator=g).to(device).requires_grad_(True)
+    y = torch.randint(0, c, (b,), generator=g).to(device)
     if method in ("floor", "floor_numpy"):  # the three (B, d) x (d, CK) products of any step,
-        w = torch.randn(c * k, d, generator=g)  # by torch's BLAS or numpy's
-        grad = torch.randn(b, c * k, generator=g)
+        w = torch.randn(c * k, d, generator=g).to(device)  # by torch's BLAS or numpy's
+        grad = torch.randn(b, c * k, generator=g).to(device)
         if method == "floor_numpy":
             xn, wn, gn = x.detach().numpy(), w.numpy(), grad.numpy()
 
@@ -71,6 +73,7 @@ def make_step(method: str, b: int, d: int, c: int, k: int) -> Callable[[], None]
             loss_fn = losses.SoftTripleLoss(c, d, k, weight_regularizer=reg, weight_reg_weight=0.2)
         else:
             loss_fn = losses.SoftTripleLoss(c, d, k)
+    loss_fn = loss_fn.to(device)
 
     def step() -> None:
         x.grad = None

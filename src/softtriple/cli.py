@@ -143,7 +143,6 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-
     from softtriple.search import EmbeddingIndex
 
     index = EmbeddingIndex.load(args.embeddings, args.index, args.probes)

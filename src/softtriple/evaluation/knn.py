@@ -217,15 +217,17 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
     engine: Engine = choose(q, available + 1, k) if backend == "auto" else backend
     if engine == "faiss":
         return _knn_faiss(q, k, g)
+
+    def tiles(product: Product) -> tuple[Tensor, Tensor]:
+        return _knn_self(q, k, block, product) if g is None else \
+            _knn_gallery(q, g, k, block, product)
+
     if engine == "bf16":
         if q.dtype != torch.float32:
             raise ValueError(f"backend='bf16' re-ranks in float32; got {q.dtype} rows")
-        product = tile_product("torch")
         return knn_bf16(q, k, g, functools.partial(_exact_block, block=block),
-                        lambda: _knn_self(q, k, block, product) if g is None else
-                        _knn_gallery(q, g, k, block, product))
-    product = tile_product(engine)
-    return _knn_self(q, k, block, product) if g is None else _knn_gallery(q, g, k, block, product)
+                        lambda: tiles(tile_product("torch")))
+    return tiles(tile_product(engine))
 
 
 def measure_engines(repeats: int = 2) -> dict[Engine, float]:

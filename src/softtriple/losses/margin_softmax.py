@@ -33,9 +33,7 @@ class _MarginSoftmax(nn.Module):
     """
 
     needs_global_batch: bool = False  # a mean of per-example terms: DDP's mean is exact
-    # Adam's eps for this loss's runs (optimizer.eps unset): the SoftTriple paper's 0.01, which
-    # its scaled logits' large gradients do not notice (losses.adam_eps)
-    adam_eps: float = 0.01
+    adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float,
                  margin: float) -> None:

@@ -46,9 +46,7 @@ class ProxyAnchorLoss(nn.Module):
     # couples the examples of a batch: under DDP every rank sees the gathered global batch
     # (softtriple.training.distributed.gather_batch)
     needs_global_batch: bool = True
-    # Adam's eps for this loss's runs (optimizer.eps unset): the SoftTriple paper's 0.01, which
-    # its scaled logits' large gradients do not notice (losses.adam_eps)
-    adam_eps: float = 0.01
+    adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
 
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 32.0,
                  margin: float = 0.1) -> None:

@@ -63,9 +63,7 @@ class SoftMaxNormLoss(nn.Module):
     # a mean of per-example terms (plus a term of the centers alone): DDP's mean of the ranks'
     # gradients is the single-process gradient, so no gather is needed under DDP
     needs_global_batch: bool = False
-    # Adam's eps for this loss's runs (optimizer.eps unset): the SoftTriple paper's 0.01, which
-    # its scaled logits' large gradients do not notice (losses.adam_eps)
-    adam_eps: float = 0.01
+    adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
 
     def __init__(self, num_classes: int, embedding_dim: int, la: float = 20.0,
                  margin: float = 0.01) -> None:

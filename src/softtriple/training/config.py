@@ -243,11 +243,17 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
 }
 
 
+def resolved_eps(config: Config) -> float:
+    """Adam's eps of a run: optimizer.eps, or when unset the loss's own (``losses.adam_eps``)."""
+    eps = config.optimizer.eps
+    return float(eps) if eps is not None else adam_eps(config.loss.name)
+
+
 def check_config(config: Config) -> Config:
     """Raise ConfigError naming the first value out of its range (RANGES, the milestones, the
     evaluation's ks and metrics, the k-means settings); return ``config``."""
     if config.optimizer.eps is None and config.loss.name in LOSSES:
-        config.optimizer.eps = adam_eps(config.loss.name)  # the loss's own, written out
+        config.optimizer.eps = resolved_eps(config)  # the loss's own, written out
     values = config.to_dict()
     for (section, key), (test, allowed) in RANGES.items():
         value = values[section][key]

@@ -94,7 +94,8 @@ class Loaders:
     bad_images: list[tuple[Path, str]]  # left out under data.bad_images=skip
 
 
-CPU_WORKERS = 2  # data.workers=-1 on a CPU: the demo's recipe ran no faster with more or fewer
+CPU_WORKERS = 2  # data.workers=-1 on a CPU: the demo recipe's own setting (0 and 1 worker were
+# within 3% of it on 2 cores: benchmarks/results/train_speed.json)
 MAX_WORKERS = 16
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from softtriple import faults
 from softtriple.data import ImageTable
 from softtriple.evaluation.sharded import sharded_evaluate
-from softtriple.losses import SoftTripleLoss, adam_eps
+from softtriple.losses import SoftTripleLoss
 from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
 from softtriple.run import RunDir, write_embeddings
@@ -42,7 +42,7 @@ from softtriple.training.checkpoint import (
     read_center_rows,
     save_checkpoint,
 )
-from softtriple.training.config import Config, ConfigError, dump_config
+from softtriple.training.config import Config, ConfigError, dump_config, resolved_eps
 from softtriple.training.data import Loaders, build_loaders, loader_workers
 from softtriple.training.feature_cache import cached_features
 
@@ -201,9 +201,8 @@ class Trainer:
         # default (a kernel per operation per tensor); the same Adam, rounded differently in the
         # last bit (docs/PERFORMANCE.md)
         fused = self.device.type in ("cpu", "cuda")
-        eps = opt.eps if opt.eps is not None else adam_eps(self.config.loss.name)
-        self.optimizer = torch.optim.Adam(groups, eps=eps, weight_decay=opt.weight_decay,
-                                          fused=fused or None)
+        self.optimizer = torch.optim.Adam(groups, eps=resolved_eps(self.config),
+                                          weight_decay=opt.weight_decay, fused=fused or None)
         # fp16's narrow exponent range needs loss scaling; bf16 has float32's and does not
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=config.run.precision == "fp16")
