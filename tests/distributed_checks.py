@@ -32,6 +32,7 @@ LOSS_ARGS = {  # small, fast settings of every loss
     "contrastive": {}, "multi_similarity": {},
     "arcface": {"num_classes": CLASSES, "embedding_dim": DIM},
     "cosface": {"num_classes": CLASSES, "embedding_dim": DIM},
+    "subcenter_arcface": {"num_classes": CLASSES, "embedding_dim": DIM},
 }
 
 

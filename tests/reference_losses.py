@@ -237,16 +237,21 @@ def multi_similarity_reference(x: Tensor, labels: Tensor, alpha: float, beta: fl
 
 
 def margin_softmax_reference(x: Tensor, labels: Tensor, weights: Tensor, scale: float,
-                             margin: float, kind: str) -> Tensor:
+                             margin: float, kind: str, centers_per_class: int = 1) -> Tensor:
     """CosFace (cos - m) or ArcFace (cos(theta + m), margin in degrees, cos(theta) - m sin(m)
-    past theta = pi - m) on the target class, cross-entropy of scale x logits."""
+    past theta = pi - m) on the target class, cross-entropy of scale x logits; a class's cosine
+    is the largest of its K sub-centers' (weights' rows c K .. c K + K - 1; Sub-center ArcFace)."""
     import math
 
     total = x.new_zeros(())
+    k = centers_per_class
     for i in range(len(x)):
         logits = []
-        for c in range(len(weights)):
-            cos = _cos(x[i], weights[c])
+        for c in range(len(weights) // k):
+            cos = _cos(x[i], weights[c * k])
+            for j in range(1, k):
+                other = _cos(x[i], weights[c * k + j])
+                cos = other if float(other) > float(cos) else cos
             if c == int(labels[i]):
                 if kind == "cosface":
                     cos = cos - margin

@@ -1,6 +1,7 @@
 """Contrastive, multi-similarity, ArcFace and CosFace (the best methods of Musgrave et al.'s
-"A Metric Learning Reality Check") against loop references of their papers' formulas,
-gradcheck in float64, and pytorch-metric-learning at its defaults and at other settings."""
+"A Metric Learning Reality Check") and Sub-center ArcFace against loop references of their
+papers' formulas, gradcheck in float64, and pytorch-metric-learning at its defaults and at
+other settings."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from softtriple.losses import (
     ContrastiveLoss,
     CosFaceLoss,
     MultiSimilarityLoss,
+    SubCenterArcFaceLoss,
     build_loss,
 )
 
@@ -73,6 +75,26 @@ def test_margin_softmax_equals_reference(labels, kind, scale, margin):
           _x(len(y), 2), y, [(loss_fn.weights, weights)])
 
 
+@pytest.mark.parametrize("labels", BATCHES)
+@pytest.mark.parametrize(("centers", "scale", "margin"), [(3, 64.0, 28.6), (2, 16.0, 10.0)])
+def test_subcenter_arcface_equals_reference(labels, centers, scale, margin):
+    y = torch.tensor(labels)
+    loss_fn = SubCenterArcFaceLoss(C, D, scale, margin, centers).double()
+    weights = loss_fn.weights.detach().clone().requires_grad_()
+    _same(loss_fn, lambda x: margin_softmax_reference(x, y, weights, scale, margin, "arcface",
+                                                      centers),
+          _x(len(y), 7), y, [(loss_fn.weights, weights)])
+
+
+def test_subcenter_arcface_with_one_center_is_arcface():
+    torch.manual_seed(0)
+    ours, arc = SubCenterArcFaceLoss(C, D, centers_per_class=1), ArcFaceLoss(C, D)
+    with torch.no_grad():
+        arc.weights.copy_(ours.weights)
+    x, y = _x(10, 8).float(), torch.tensor(BATCHES[1])
+    assert torch.equal(ours(x, y), arc(x, y))
+
+
 def test_arcface_beyond_pi_minus_m_keeps_decreasing():
     """An embedding opposite its class's weight (theta = pi): the branch cos(theta) - m sin(m),
     with a finite gradient (acos's is infinite there)."""
@@ -89,11 +111,14 @@ def test_arcface_beyond_pi_minus_m_keeps_decreasing():
     assert float(loss) == pytest.approx(float(expected))
 
 
-@pytest.mark.parametrize("name", ["contrastive", "multi_similarity", "arcface", "cosface"])
+@pytest.mark.parametrize("name", ["contrastive", "multi_similarity", "arcface", "cosface",
+                                  "subcenter_arcface"])
 def test_gradcheck_float64(name):
     y = torch.tensor(BATCHES[1])
-    sized = {"num_classes": C, "embedding_dim": D} if name in ("arcface", "cosface") else {}
+    proxies = ("arcface", "cosface", "subcenter_arcface")
+    sized = {"num_classes": C, "embedding_dim": D} if name in proxies else {}
     small = {"arcface": {"scale": 4.0}, "cosface": {"scale": 4.0},
+             "subcenter_arcface": {"scale": 4.0},
              "multi_similarity": {"beta": 5.0}, "contrastive": {"neg_margin": 1.5}}[name]
     loss_fn = build_loss(name, **sized, **small).double()
     x = _x(len(y), 3).requires_grad_()
@@ -139,11 +164,16 @@ def test_multi_similarity_equals_pytorch_metric_learning(labels, settings, epsil
 @pytest.mark.parametrize(("ours", "theirs", "settings"), [
     (CosFaceLoss, "CosFaceLoss", {}), (CosFaceLoss, "CosFaceLoss", {"scale": 16.0, "margin": 0.2}),
     (ArcFaceLoss, "ArcFaceLoss", {}), (ArcFaceLoss, "ArcFaceLoss", {"scale": 16.0, "margin": 10.0}),
+    (SubCenterArcFaceLoss, "SubCenterArcFaceLoss", {}),
+    (SubCenterArcFaceLoss, "SubCenterArcFaceLoss",
+     {"scale": 16.0, "margin": 10.0, "sub_centers": 5}),
 ])
 def test_margin_softmax_equals_pytorch_metric_learning(labels, ours, theirs, settings):
-    """The same weights (PML keeps them as (d, C)): equal loss and gradients."""
+    """The same weights (PML keeps them as (d, C K), a class's sub-centers side by side): equal
+    loss and gradients."""
     y = torch.tensor(labels)
-    mine = ours(C, D, **settings)
+    mine = ours(C, D, **{("centers_per_class" if k == "sub_centers" else k): v
+                         for k, v in settings.items()})
     peer = getattr(pml, theirs)(num_classes=C, embedding_size=D, **settings)
     with torch.no_grad():
         peer.W.copy_(mine.weights.T)

@@ -14,7 +14,7 @@ from torch import nn
 from softtriple.losses.clustering import ClusteringLoss
 from softtriple.losses.contrastive import ContrastiveLoss
 from softtriple.losses.lifted import LiftedStructureLoss
-from softtriple.losses.margin_softmax import ArcFaceLoss, CosFaceLoss
+from softtriple.losses.margin_softmax import ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss
 from softtriple.losses.multi_similarity import MultiSimilarityLoss
 from softtriple.losses.npair import NPairLoss
 from softtriple.losses.proxy_anchor import ProxyAnchorLoss
@@ -37,6 +37,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "multi_similarity": MultiSimilarityLoss,
     "arcface": ArcFaceLoss,
     "cosface": CosFaceLoss,
+    "subcenter_arcface": SubCenterArcFaceLoss,
 }
 
 
@@ -89,6 +90,7 @@ __all__ = [
     "ProxyNCALoss",
     "SoftMaxNormLoss",
     "SoftTripleLoss",
+    "SubCenterArcFaceLoss",
     "TripletLoss",
     "adam_eps",
     "build_loss",

@@ -1,7 +1,10 @@
 """Additive-margin softmax losses on normalized class weights: CosFace (Wang et al., "CosFace:
 Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018) and ArcFace (Deng et al.,
-"ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019). Their class
-weights are proxies, like SoftTriple's centers, trained with the loss's own learning rate."""
+"ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019) and Sub-center
+ArcFace (Deng et al., "Sub-center ArcFace: Boosting Face Recognition by Large-Scale Noisy Web
+Faces", ECCV 2020). Their class weights are proxies, like SoftTriple's centers, trained with the
+loss's own learning rate; Sub-center ArcFace keeps K of them per class, as SoftTriple does, and
+takes the closest (a hard max where SoftTriple's is smoothed)."""
 
 from __future__ import annotations
 
@@ -23,29 +26,35 @@ from softtriple.losses._precision import float32_forward
 
 
 class _MarginSoftmax(nn.Module):
-    """Cross-entropy on s * cos(x, w_c), the target class's cosine replaced by ``target_logit``.
+    """Cross-entropy on s * cos(x, c), the target class's cosine replaced by ``target_logit``,
+    where cos(x, c) = max_k cos(x, w_c^k) over the class's K sub-centers (K = 1: the one weight).
 
     Args:
         num_classes: C. embedding_dim: d. scale: s. margin: m (its unit is the subclass's).
+        centers_per_class: K.
 
     Shapes:
-        embeddings (B, d) float, labels (B,) int64 in [0, C) -> scalar; weights (C, d).
+        embeddings (B, d) float, labels (B,) int64 in [0, C) -> scalar; weights (C K, d), class
+        c's sub-centers in rows c K .. c K + K - 1 (pytorch-metric-learning's order).
     """
 
     needs_global_batch: bool = False  # a mean of per-example terms: DDP's mean is exact
     adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float,
-                 margin: float) -> None:
+                 margin: float, centers_per_class: int = 1) -> None:
         super().__init__()
         check_classes(num_classes)
         check_count("embedding_dim", embedding_dim)
+        check_count("centers_per_class", centers_per_class)
         check_scale("scale", scale)
         check_positive("margin", margin, allow_zero=True)
-        check_fits("the loss's class weights", num_classes, embedding_dim)
+        check_fits("the loss's class weights", num_classes * centers_per_class, embedding_dim)
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.centers_per_class = centers_per_class
         self.scale, self.margin = float(scale), float(margin)
-        self.weights = nn.Parameter(torch.randn(num_classes, embedding_dim))  # (C, d)
+        self.weights = nn.Parameter(
+            torch.randn(num_classes * centers_per_class, embedding_dim))  # (C K, d)
 
     def target_logit(self, cos: Tensor) -> Tensor:
         raise NotImplementedError
@@ -55,14 +64,17 @@ class _MarginSoftmax(nn.Module):
         check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
         dtype = torch.promote_types(embeddings.dtype, self.weights.dtype)
         cos = F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(
-            self.weights.to(dtype), dim=1).T  # (B, C)
+            self.weights.to(dtype), dim=1).T  # (B, C K)
+        if self.centers_per_class > 1:  # the closest sub-center of each class
+            cos = cos.view(len(cos), self.num_classes, self.centers_per_class).amax(2)  # (B, C)
         target = cos.gather(1, labels[:, None])  # (B, 1)
         logits = cos.scatter(1, labels[:, None], self.target_logit(target))
         return F.cross_entropy(self.scale * logits, labels)
 
     def extra_repr(self) -> str:
+        k = f", centers_per_class={self.centers_per_class}" if self.centers_per_class > 1 else ""
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-                f"scale={self.scale}, margin={self.margin}")
+                f"scale={self.scale}, margin={self.margin}{k}")
 
 
 class CosFaceLoss(_MarginSoftmax):
@@ -93,6 +105,7 @@ class ArcFaceLoss(_MarginSoftmax):
 
     Args:
         num_classes: C. embedding_dim: d. scale: s (paper: 64).
+        centers_per_class: K sub-centers a class (1: ArcFace; SubCenterArcFaceLoss's default 3).
         margin: m in degrees (paper: 0.5 rad = 28.6 degrees), 0 or in [RADIANS_BELOW, 90):
             a margin below 2 degrees can only be radians meant (0.5 would be 0.5 degrees, 57
             times smaller than the paper's), so it is refused with its value in degrees.
@@ -101,8 +114,8 @@ class ArcFaceLoss(_MarginSoftmax):
     RADIANS_BELOW = 2.0
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
-                 margin: float = 28.6) -> None:
-        super().__init__(num_classes, embedding_dim, scale, margin)
+                 margin: float = 28.6, centers_per_class: int = 1) -> None:
+        super().__init__(num_classes, embedding_dim, scale, margin, centers_per_class)
         if margin >= 90:
             raise ValueError(f"margin is in degrees and must be below 90; got {margin}")
         if 0 < margin < self.RADIANS_BELOW:
@@ -115,3 +128,19 @@ class ArcFaceLoss(_MarginSoftmax):
         sin = torch.sqrt((1.0 - cos * cos).clamp_min(1e-12))
         shifted = cos * math.cos(m) - sin * math.sin(m)  # cos(theta + m)
         return torch.where(cos >= -math.cos(m), shifted, cos - m * math.sin(m))
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """Sub-center ArcFace: ArcFace on cos(x, c) = max_k cos(x, w_c^k), K sub-centers a class,
+    so that a class's hard or noisy examples gather at a sub-center of their own (the paper's
+    K = 3, pytorch-metric-learning's SubCenterArcFaceLoss default). The max is SoftTriple's
+    smoothed max at gamma -> 0, without SoftTriple's regularizer that merges centers.
+
+    Args:
+        num_classes: C. embedding_dim: d. scale: s (paper: 64). margin: m in degrees (28.6).
+        centers_per_class: K (paper: 3).
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
+                 margin: float = 28.6, centers_per_class: int = 3) -> None:
+        super().__init__(num_classes, embedding_dim, scale, margin, centers_per_class)
