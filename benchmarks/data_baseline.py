@@ -35,8 +35,8 @@ RESULTS = Path(__file__).parent / "results" / "data_baseline.json"
 
 def pretrained_features(name: str, table: ImageTable) -> np.ndarray:
     """EfficientNet-Lite0's pooled features of ``table`` (from the feature cache)."""
-    from softtriple.training import load_config
-    from softtriple.training.build import build_model
+    from softtriple.experiment import load_config
+    from softtriple.experiment.build import build_model
     from softtriple.training.feature_cache import cached_features
 
     size = FEATURE_SIZE.get(name, 64)

@@ -200,7 +200,8 @@ def write_folder(root: Path, classes: int, per_class: int, size: int) -> None:
 
 
 def trainer_section(device: torch.device, tiny: bool, work: Path) -> dict[str, Any]:
-    from softtriple.training import Trainer, load_config
+    from softtriple.experiment import load_config
+    from softtriple.training import Trainer
     classes, per_class, size, batch, epochs = (10, 8, 40, 8, 2) if tiny else (100, 30, 256, 128,
                                                                               3)
     data = work / "folder"

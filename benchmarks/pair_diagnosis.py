@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from conditions import Conditions
 
 from softtriple.atomic import write_json
+from softtriple.experiment import load_config
 from softtriple.losses._pairs import class_masks, euclidean_distances
 from softtriple.losses.multi_similarity import mine_pairs
-from softtriple.training import Trainer, load_config
+from softtriple.training import Trainer
 
 RESULTS = Path(__file__).parent / "results" / "pair_diagnosis.json"
 CONFIG = Path(__file__).parents[1] / "configs" / "glyphs.yaml"

@@ -42,8 +42,9 @@ from steps import step_times
 
 from softtriple.atomic import write_json
 from softtriple.data import ImageDataset, train_transform
-from softtriple.training import Trainer, load_config
-from softtriple.training.data import load_table
+from softtriple.experiment import load_config
+from softtriple.experiment.loaders import load_table
+from softtriple.training import Trainer
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 SETTINGS = ["model.backbone=efficientnet_lite0", "model.embedding_dim=64",

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
+from softtriple import distributed as dist
 from softtriple.losses import LOSSES, build_loss
-from softtriple.training import distributed as dist
 from softtriple.training.trainer import Objective
 
 IN_DIM, DIM, CLASSES = 12, 8, 6
@@ -101,9 +101,9 @@ def check_pipeline() -> None:
     class-balanced sampler, a small CNN with frozen BatchNorm): each rank's batch is its block
     of the one-process batch, augmentation included, and every loss's gradients of the whole
     network equal one process's."""
-    from softtriple.training import load_config
-    from softtriple.training.build import build_config_loss, build_model
-    from softtriple.training.data import build_loaders
+    from softtriple.experiment import load_config
+    from softtriple.experiment.build import build_config_loss, build_model
+    from softtriple.experiment.loaders import build_loaders
     world, me = dist.world_size(), dist.rank()
     per_rank = 2 if world == 2 else 1  # classes per rank: 5 digits to train on
     for sampler in ("random", "class_balanced"):

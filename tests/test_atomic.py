@@ -48,7 +48,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
     import torch
 
     from softtriple.atomic import DiskFullError
-    from softtriple.training.checkpoint import load_checkpoint, save_checkpoint
+    from softtriple.experiment.checkpoint import load_checkpoint, save_checkpoint
 
     path = small_disk / "run" / "checkpoints" / "last.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(10)}, "config": {}})
@@ -64,7 +64,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
 
 
 def test_embeddings_streamed_in_blocks_equal_the_array_written_whole(tmp_path):
-    from softtriple.run import read_class_names, read_embeddings, write_embeddings
+    from softtriple.experiment.run_folder import read_class_names, read_embeddings, write_embeddings
     rng = np.random.default_rng(0)
     x = rng.normal(size=(10, 4)).astype(np.float32)
     labels, paths = np.arange(10) % 3, [f"img{i}.png" for i in range(10)]

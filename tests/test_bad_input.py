@@ -309,7 +309,7 @@ def test_the_last_vague_messages_say_what_is_wrong(world, capsys, monkeypatch, t
     assert knn(x, 3)[1].shape == (3000, 3)
 
     from softtriple.compare import load_suite
-    from softtriple.training import ConfigError
+    from softtriple.experiment import ConfigError
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"base: {Path(__file__).parents[1] / 'configs' / 'digits.yaml'}\n"
                      f"out: {tmp_path / 'out'}\nvariants:\n  - {{lable: a}}\n")
@@ -343,7 +343,12 @@ def test_outputs_never_overwrite_an_input_or_a_run_file(world, capsys):
     """The rule behind the refusals above: the file a command reads and the run folder's own
     files keep every byte; the refusal comes before any work (and again where the output is
     opened, for callers of the library)."""
-    from softtriple.run import OutputError, check_output, write_embeddings, write_neighbours
+    from softtriple.experiment.run_folder import (
+        OutputError,
+        check_output,
+        write_embeddings,
+        write_neighbours,
+    )
 
     run = world / "run"
     kept = {path: path.read_bytes() for path in (world / "emb.npz", run / "checkpoints" /

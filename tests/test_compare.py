@@ -16,8 +16,8 @@ import torch
 
 from softtriple import compare
 from softtriple.cli import main
-from softtriple.training import ConfigError
-from softtriple.training.config import load_config
+from softtriple.experiment import ConfigError
+from softtriple.experiment.config import load_config
 
 BASE = """
 model: {backbone: efficientnet_lite0, embedding_dim: 8, freeze_backbone: true, head_hidden: 16}
@@ -117,11 +117,11 @@ def test_dry_run_lists_runs_and_bad_suites_fail_early(data_root, tmp_path, capsy
 
 def test_feature_cache_is_reused_and_rebuilt_when_an_image_changes(tmp_path, monkeypatch):
     from softtriple.data.builtin import prepare
-    from softtriple.training.data import load_table
+    from softtriple.experiment.loaders import load_table
 
     monkeypatch.setenv("SOFTTRIPLE_DATA", str(tmp_path))
     prepare("digits", tmp_path)
-    from softtriple.training.build import build_model
+    from softtriple.experiment.build import build_model
     from softtriple.training.feature_cache import cached_features
 
     config = load_config(None, ["model.freeze_backbone=true", "data.root=digits",

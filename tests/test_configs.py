@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from softtriple.training import load_config
-from softtriple.training.build import build_config_loss
+from softtriple.experiment import load_config
+from softtriple.experiment.build import build_config_loss
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

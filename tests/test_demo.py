@@ -8,7 +8,7 @@ import pytest
 from softtriple import demo
 from softtriple.cli import main
 from softtriple.data.builtin import glyphs
-from softtriple.training import load_config
+from softtriple.experiment import load_config
 
 needs_fonts = pytest.mark.skipif(bool(glyphs.missing_packages()),
                                  reason="Debian CJK font packages not installed")

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from softtriple.data.samplers import ClassBalancedBatchSampler, ShardedBatchSampler
-from softtriple.training import ConfigError, Trainer
-from softtriple.training.checkpoint import load_checkpoint
+from softtriple.experiment import ConfigError
+from softtriple.experiment.checkpoint import load_checkpoint
+from softtriple.training import Trainer
 from test_training import TINY, tiny
 
 HERE = Path(__file__).parent
@@ -89,7 +90,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(data_root, tmp_pa
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(data_root, tmp_path, monkeypatch):
-    from softtriple.training import distributed
+    from softtriple import distributed
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(ConfigError, match="model.sync_bn needs CUDA devices"):
         Trainer(tiny(tmp_path / "run", "model.sync_bn=true", "run.device=cpu"))
@@ -104,7 +105,7 @@ def _train(launcher: list[str], out: Path, settings: list[str], *extra: str) -> 
 
 
 def _sharded_params(run: Path) -> dict[str, torch.Tensor]:
-    from softtriple.training.checkpoint import read_center_rows
+    from softtriple.experiment.checkpoint import read_center_rows
     state = load_checkpoint(run)
     centers = read_center_rows(run / "checkpoints", state["center_blocks"], 0,
                                state["num_classes"])
@@ -138,8 +139,8 @@ def test_sharded_centers_train_like_one_process_and_resume_on_another_count(data
 
 
 def test_shard_centers_is_refused_for_a_loss_without_centers():
-    from softtriple.training import load_config
-    from softtriple.training.build import build_config_loss
+    from softtriple.experiment import load_config
+    from softtriple.experiment.build import build_config_loss
     config = load_config(None, ["loss.name=triplet", "loss.shard_centers=true"])
     with pytest.raises(ConfigError, match="loss.shard_centers applies to softtriple, "
                                           "hardtriple, softmax_norm; triplet has no class"):
@@ -172,7 +173,9 @@ def test_a_two_node_job_on_one_machine_trains_like_one_process(data_root, tmp_pa
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
     r2 = json.loads((tmp_path / "nodes" / "results.json").read_text())["metrics"]
     assert r1["recall@1"] == pytest.approx(r2["recall@1"], abs=1e-6)
-    from softtriple.run import read_embeddings  # streamed shard by shard into one file
+    from softtriple.experiment.run_folder import (
+        read_embeddings,  # streamed shard by shard into one file
+    )
     e1, l1, p1 = read_embeddings(tmp_path / "one" / "test_embeddings.npz")
     e2, l2, p2 = read_embeddings(tmp_path / "nodes" / "test_embeddings.npz")
     np.testing.assert_allclose(e1, e2, rtol=1e-4, atol=1e-5)
@@ -180,8 +183,8 @@ def test_a_two_node_job_on_one_machine_trains_like_one_process(data_root, tmp_pa
 
 
 def test_initial_sharded_centers_do_not_depend_on_the_process_count():
+    from softtriple.distributed import block as class_block
     from softtriple.losses.sharded import init_center_block
-    from softtriple.parallel import block as class_block
     full = init_center_block(0, 3000, 3, 8, seed=1)
     for world in (2, 3, 7):
         blocks = [class_block(3000, world, rank) for rank in range(world)]
@@ -211,8 +214,8 @@ def test_sharded_loss_in_one_process_is_softtriple():
 
 def test_a_per_process_batch_that_splits_a_class_is_refused(data_root):
     from softtriple.data import DataError
-    from softtriple.training import load_config
-    from softtriple.training.data import build_loaders
+    from softtriple.experiment import load_config
+    from softtriple.experiment.loaders import build_loaders
     config = load_config(None, ["data.sampler=class_balanced", "data.images_per_class=4",
                                 "data.batch_size=12"])
     build_loaders(config.data, (0.5,), (0.5,), 8, 0)  # one process: 3 classes of 4
@@ -222,8 +225,8 @@ def test_a_per_process_batch_that_splits_a_class_is_refused(data_root):
 
 
 def test_center_blocks_written_by_any_process_count_read_back_for_any_other(tmp_path):
-    from softtriple.parallel import block as class_block
-    from softtriple.training.checkpoint import (
+    from softtriple.distributed import block as class_block
+    from softtriple.experiment.checkpoint import (
         CheckpointError,
         center_block_name,
         read_center_rows,
@@ -257,7 +260,7 @@ def test_center_blocks_written_by_any_process_count_read_back_for_any_other(tmp_
 
 def test_neighbours_command_on_two_processes_equals_knn(tmp_path):
     from softtriple.evaluation import knn
-    from softtriple.run import read_embedding_rows, write_embeddings
+    from softtriple.experiment.run_folder import read_embedding_rows, write_embeddings
     rng = np.random.default_rng(0)
     gallery, queries = rng.normal(size=(41, 6)), rng.normal(size=(13, 6))
     write_embeddings(tmp_path / "g.npz", gallery, np.arange(41) % 5, [f"g{i}" for i in range(41)])
@@ -279,8 +282,8 @@ def test_neighbours_command_on_two_processes_equals_knn(tmp_path):
 def test_each_process_decodes_and_embeds_only_its_shard_of_the_test_split(data_root):
     """Under N processes each rank's test loader holds its contiguous shard of the test split,
     decoded once for itself alone; the shards, in rank order, are the one-process test set."""
-    from softtriple.training import load_config
-    from softtriple.training.data import build_loaders
+    from softtriple.experiment import load_config
+    from softtriple.experiment.loaders import build_loaders
     config = load_config(None, ["data.image_size=16", "data.workers=0", "data.batch_size=30"])
     whole = build_loaders(config.data, (0.5,), (0.5,), 64, 0).test.dataset
     shards = [build_loaders(config.data, (0.5,), (0.5,), 64, 0, world=3, rank=r).test.dataset

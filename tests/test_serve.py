@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from softtriple.evaluation import knn
-from softtriple.run import RunDir, read_embeddings
+from softtriple.experiment.run_folder import RunDir, read_embeddings
 from softtriple.serve import MAX_UPLOAD_BYTES, create_app
 from test_training import tiny
 

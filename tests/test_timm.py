@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from softtriple.cli import main
+from softtriple.experiment import load_config
+from softtriple.experiment.build import build_model
 from softtriple.models import WeightsError, build_backbone
-from softtriple.training import load_config
-from softtriple.training.build import build_model
 
 timm = pytest.importorskip("timm")
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from softtriple.training import CheckpointError, ConfigError, Trainer, load_config
-from softtriple.training.checkpoint import load_checkpoint
+from softtriple.experiment import CheckpointError, ConfigError, load_config
+from softtriple.experiment.checkpoint import load_checkpoint
+from softtriple.training import Trainer
 
 TINY = ["model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16",
         "data.workers=0", "data.batch_size=16", "schedule.max_steps_per_epoch=4",
@@ -145,7 +146,7 @@ def test_switching_the_loss_starts_from_its_own_defaults():
 
 
 def test_validation_split_holds_out_training_classes_only(data_root):
-    from softtriple.training.data import load_table
+    from softtriple.experiment.loaders import load_table
     config = load_config(None, ["data.validation_classes=0.4"])
     table = load_table(config.data)
     full = load_table(load_config(None, []).data)
@@ -259,7 +260,7 @@ def test_the_demo_recipe_trains_in_bf16(data_root, tmp_path):
 
 
 def test_a_run_folder_in_use_by_another_process_is_refused(data_root, tmp_path):
-    from softtriple.run import RunDir, RunInUseError
+    from softtriple.experiment.run_folder import RunDir, RunInUseError
     held = RunDir(tmp_path / "run").lock()  # as a training process would hold it
     with pytest.raises(RunInUseError, match=rf"run folder .*run is in use by another process "
                                             rf"\(pid {os.getpid()}\); wait for it"):
@@ -352,7 +353,7 @@ def test_loader_workers_by_default_follow_the_cores_per_gpu(monkeypatch, cores, 
     """data.workers=-1 (the default): 2 on a CPU, which the loader shares with the computation;
     feeding GPUs, each process's share of the cores less one, within [2, 16]; a number given
     is kept."""
-    from softtriple.training.data import loader_workers
+    from softtriple.experiment.loaders import loader_workers
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert loader_workers(-1, accelerator=True) == expected
@@ -397,7 +398,7 @@ def test_pair_losses_move_the_network_as_far_as_softtriple(data_root, tmp_path, 
     assert pair >= 0.6 * softtriple, (pair, softtriple)
     assert load_config(None, [f"loss.name={loss}"]).optimizer.eps == 1e-8
     assert load_config(None, []).optimizer.eps == 0.01
-    from softtriple.training.config import dump_config
+    from softtriple.experiment.config import dump_config
     assert "eps: 1.0e-08" in dump_config(load_config(None, [f"loss.name={loss}"]))  # written out
     assert load_config(None, [f"loss.name={loss}", "optimizer.eps=0.05"]).optimizer.eps == 0.05
     if loss == "multi_similarity":  # the recipe that stalled: the test can fail

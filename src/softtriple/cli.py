@@ -32,9 +32,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from softtriple.run import RunDir
-    from softtriple.training import Trainer, load_config
-    from softtriple.training import distributed as dist
+    from softtriple import distributed as dist
+    from softtriple.experiment import load_config
+    from softtriple.experiment.run_folder import RunDir
+    from softtriple.training import Trainer
 
     if args.resume:
         run = Path(args.resume)
@@ -71,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from softtriple.evaluation import evaluate
-    from softtriple.training.build import resolve_device
+    from softtriple.experiment.build import resolve_device
 
     embeddings, labels, _, _, config = _embed(args.checkpoint, args.split)
     on_device = torch.from_numpy(embeddings).to(resolve_device(config.run.device))
@@ -87,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from softtriple.run import check_output, write_embeddings
+    from softtriple.experiment.run_folder import check_output, write_embeddings
 
     check_output(args.out, [args.checkpoint])  # before the work, and again where it is opened
     embeddings, labels, paths, names, _ = _embed(args.checkpoint, args.split)
@@ -121,10 +122,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_neighbours(args: argparse.Namespace) -> int:
     import torch
 
+    from softtriple import distributed as dist
     from softtriple.evaluation.metrics import Neighbours, recall_from
-    from softtriple.run import check_output, write_neighbours
+    from softtriple.experiment.run_folder import check_output, write_neighbours
     from softtriple.search import file_neighbours
-    from softtriple.training import distributed as dist
 
     reads = [args.gallery, *([args.queries] if args.queries else [])]
     check_output(args.out, reads)  # before the search, and again where the file is opened

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from softtriple.atomic import write_json, write_text
-from softtriple.run import RunDir
-from softtriple.training.config import ConfigError, load_config, read_yaml_mapping
+from softtriple.experiment.config import ConfigError, load_config, read_yaml_mapping
+from softtriple.experiment.run_folder import RunDir
 
 SUITE_KEYS = ("base", "out", "seeds", "set", "variants", "paired", "description")
 VARIANT_KEYS = ("label", "set", "group", "x")

@@ -14,10 +14,10 @@ from softtriple.atomic import write_json
 from softtriple.data.baseline import raw_pixels
 from softtriple.data.builtin import glyphs, prepare
 from softtriple.evaluation import evaluate
+from softtriple.experiment.config import Config, apply_overrides, check_config, config_from_dict
+from softtriple.experiment.run_folder import RunDir
 from softtriple.machine import cpu_model
-from softtriple.run import RunDir
 from softtriple.training import Trainer
-from softtriple.training.config import Config, apply_overrides, check_config, config_from_dict
 
 DEMO_CONFIG: dict[str, Any] = {
     "model": {"backbone": "efficientnet_lite0", "embedding_dim": 64},

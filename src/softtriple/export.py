@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from softtriple.atomic import atomic_path, write_json
+from softtriple.experiment.config import Config
+from softtriple.experiment.run_folder import check_output
 from softtriple.inference import load_model, split_dataset
 from softtriple.models import EmbeddingModel
-from softtriple.run import check_output
-from softtriple.training.config import Config
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4  # max abs difference from the PyTorch embeddings, float32

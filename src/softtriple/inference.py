@@ -1,6 +1,6 @@
 """Using a trained model: load it from a run folder or checkpoint, and embed a split or one image
 on the run's device and precision. One home for the CLI (evaluate, embed, search), the report,
-export and the search page; above the training package (whose build layer, training/build.py,
+export and the search page; above the training package (whose build layer, experiment/build.py,
 makes the model and loss from a config), never imported by it."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader
 
 from softtriple.data import ImageDataset, ImageTable, eval_transform, load_image
 from softtriple.data.dataset import MAX_ASPECT, to_rgb
+from softtriple.experiment.build import PRECISIONS, build_model, configure_kernels, resolve_device
+from softtriple.experiment.checkpoint import CheckpointError, load_checkpoint, mismatch_detail
+from softtriple.experiment.config import Config, config_from_dict
+from softtriple.experiment.loaders import load_table, loader_workers
 from softtriple.models import EmbeddingModel, embed
-from softtriple.training.build import PRECISIONS, build_model, configure_kernels, resolve_device
-from softtriple.training.checkpoint import CheckpointError, load_checkpoint, mismatch_detail
-from softtriple.training.config import Config, config_from_dict
-from softtriple.training.data import load_table, loader_workers
 
 
 def load_model(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from softtriple.run import (
+from softtriple.experiment.run_folder import (
     read_class_names,
     read_embedding_labels,
     read_embedding_rows,
@@ -146,9 +146,9 @@ def file_neighbours(gallery_file: str | Path, k: int,
     ``gallery_file``'s rows (of each gallery row among the others without ``queries_file``).
     Under torchrun each process memory-maps only its block of the rows and the blocks go round
     (``evaluation.sharded.sharded_knn``); the result reaches rank 0, the others get None."""
+    from softtriple import distributed as dist
+    from softtriple.distributed import block
     from softtriple.evaluation.sharded import sharded_knn
-    from softtriple.parallel import block
-    from softtriple.training import distributed as dist
 
     world, rank = dist.world_size(), dist.rank()
     query_file = queries_file or gallery_file

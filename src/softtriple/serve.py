@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from softtriple.run import RunDir
+from softtriple.experiment.run_folder import RunDir
 from softtriple.search import EmbeddingIndex
 
 MAX_UPLOAD_BYTES = 8 * 2**20

@@ -36,8 +36,8 @@ def center_usage(run: str | Path) -> dict[str, Any] | None:
     class K, effective centers (merged at cosine > CENTER_THRESHOLD), the fraction of centers
     that win no training example, the mean number of centers that win at least one example per
     class, and the share of a class's examples its busiest center wins."""
+    from softtriple.experiment.build import build_config_loss
     from softtriple.inference import embed_split, load_model
-    from softtriple.training.build import build_config_loss
 
     model, config, state = load_model(run)
     loss = build_config_loss(config, int(state["num_classes"]))

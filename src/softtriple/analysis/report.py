@@ -12,9 +12,9 @@ import torch
 
 from softtriple.analysis import plots
 from softtriple.atomic import write_text
+from softtriple.experiment.run_folder import RunDir, read_embeddings
 from softtriple.losses import SoftTripleLoss
 from softtriple.losses.softtriple import MERGE_THRESHOLD as CENTER_THRESHOLD
-from softtriple.run import RunDir, read_embeddings
 
 
 def _test_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -30,13 +30,13 @@ def _center_assignments(run: Path, classes: int = 3,
     sampled) whose images spread over the most centers, the images each center attracts most;
     None when the run's loss has no (C, K, d) centers."""
     from softtriple.data import ImageDataset, eval_transform
+    from softtriple.experiment.build import build_config_loss
+    from softtriple.experiment.loaders import load_table
     from softtriple.inference import load_model
-    from softtriple.training.build import build_config_loss
-    from softtriple.training.data import load_table
 
     model, config, state = load_model(run)
     if config.loss.shard_centers:  # blocks of centers written by each process: all of them
-        from softtriple.training.checkpoint import read_center_rows
+        from softtriple.experiment.checkpoint import read_center_rows
         rows = read_center_rows(RunDir(run).checkpoints, state["center_blocks"], 0,
                                 int(state["num_classes"]))["centers"]
         if rows.shape[1] == 1:  # SoftMax-norm: one center per class

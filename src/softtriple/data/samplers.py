@@ -13,7 +13,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """Shuffled batches of ``batch_size``; with ``num_replicas`` > 1 each global batch of
     batch_size * num_replicas images is the one a single process draws, and rank r takes its r-th
     contiguous block, so the ranks' blocks concatenated in rank order are that global batch (what
-    ``softtriple.training.distributed.gather_batch`` rebuilds). ``set_epoch`` reshuffles
+    ``softtriple.distributed.gather_batch`` rebuilds). ``set_epoch`` reshuffles
     deterministically."""
 
     def __init__(self, size: int, batch_size: int, seed: int = 0, num_replicas: int = 1,

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
+from softtriple.distributed import size_and_rank
 from softtriple.evaluation.clustering import KMeansSettings
 from softtriple.evaluation.knn import ArrayLike, as_numpy, as_tensor, check_k, knn
 from softtriple.evaluation.metrics import (
@@ -31,7 +32,6 @@ from softtriple.evaluation.metrics import (
     retrieval_metrics,
 )
 from softtriple.evaluation.topk import select_topk
-from softtriple.parallel import size_and_rank
 
 
 def _sizes(n: int) -> list[int]:

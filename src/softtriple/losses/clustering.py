@@ -42,7 +42,7 @@ class ClusteringLoss(nn.Module):
     """
 
     # couples the examples of a batch: under DDP every rank sees the gathered global batch
-    # (softtriple.training.distributed.gather_batch)
+    # (softtriple.distributed.gather_batch)
     needs_global_batch: bool = True
 
     def __init__(self, gamma: float = 1.0) -> None:

@@ -48,7 +48,7 @@ class NPairLoss(nn.Module):
     """
 
     # couples the examples of a batch: under DDP every rank sees the gathered global batch
-    # (softtriple.training.distributed.gather_batch)
+    # (softtriple.distributed.gather_batch)
     needs_global_batch: bool = True
 
     def __init__(self, l2_reg: float = 0.002) -> None:

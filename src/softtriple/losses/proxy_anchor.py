@@ -44,7 +44,7 @@ class ProxyAnchorLoss(nn.Module):
     """
 
     # couples the examples of a batch: under DDP every rank sees the gathered global batch
-    # (softtriple.training.distributed.gather_batch)
+    # (softtriple.distributed.gather_batch)
     needs_global_batch: bool = True
     adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
 

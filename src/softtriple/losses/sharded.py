@@ -1,8 +1,8 @@
 """SoftTriple (and SoftMax-norm, K = 1) with its centers sharded over processes by class, for
 catalogues too large to replicate (in the spirit of Partial FC; model parallelism for the loss).
 
-Rank r of W owns the contiguous block of classes ``parallel.block(C, W, r)`` and only their centers
-(and their optimizer state). One step:
+Rank r of W owns the contiguous block of classes ``distributed.block(C, W, r)`` and only their
+centers (and their optimizer state). One step:
 
 1. the embeddings of every rank are all-gathered (torch's functional collectives,
    ``all_gather_single``, whose backward sums each rank's gradient of them back to their owner);
@@ -31,6 +31,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from softtriple.distributed import block, check_equal_batches, size_and_rank
 from softtriple.losses._checks import check_batch
 from softtriple.losses._fused import center_regularizer_fused
 from softtriple.losses._precision import float32_forward
@@ -39,7 +40,6 @@ from softtriple.losses.softtriple import (
     class_similarity,
     effective_center_counts,
 )
-from softtriple.parallel import block, size_and_rank
 
 INIT_CHUNK = 1024  # classes per seeded draw, so the initial centers do not depend on W
 
@@ -76,16 +76,6 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
-def check_equal_batches(size: int, device: torch.device,
-                        group: tdist.ProcessGroup | None = None) -> None:
-    """ValueError unless every rank of ``group`` passes a batch of ``size`` rows (one small
-    all-reduce); an all-gather of unequal batches would fail deep inside torch."""
-    bounds = torch.tensor([size, -size], device=device)
-    tdist.all_reduce(bounds, op=tdist.ReduceOp.MAX, group=group)
-    if int(bounds[0]) != -int(bounds[1]):
-        raise ValueError(f"every process must pass a batch of the same size; they range from "
-                         f"{-int(bounds[1])} to {int(bounds[0])} (use a sampler that drops the "
-                         f"last, short batch)")
 
 
 class ShardedSoftTripleLoss(nn.Module):

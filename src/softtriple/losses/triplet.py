@@ -34,7 +34,7 @@ class TripletLoss(nn.Module):
     """
 
     # couples the examples of a batch: under DDP every rank sees the gathered global batch
-    # (softtriple.training.distributed.gather_batch)
+    # (softtriple.distributed.gather_batch)
     needs_global_batch: bool = True
 
     def __init__(self, margin: float = 0.2) -> None:

@@ -19,22 +19,18 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from softtriple import distributed as dist
 from softtriple import faults
 from softtriple.data import ImageTable
 from softtriple.evaluation.sharded import sharded_evaluate
-from softtriple.losses import SoftTripleLoss
-from softtriple.models import EmbeddingModel, embed
-from softtriple.models.backbones import WHEEL_WEIGHTS
-from softtriple.run import RunDir, write_embeddings
-from softtriple.training import distributed as dist
-from softtriple.training.build import (
+from softtriple.experiment.build import (
     PRECISIONS,
     build_config_loss,
     build_model,
     configure_kernels,
     resolve_device,
 )
-from softtriple.training.checkpoint import (
+from softtriple.experiment.checkpoint import (
     CheckpointError,
     center_block_name,
     load_checkpoint,
@@ -42,8 +38,12 @@ from softtriple.training.checkpoint import (
     read_center_rows,
     save_checkpoint,
 )
-from softtriple.training.config import Config, ConfigError, dump_config, resolved_eps
-from softtriple.training.data import Loaders, build_loaders, loader_workers
+from softtriple.experiment.config import Config, ConfigError, dump_config, resolved_eps
+from softtriple.experiment.loaders import Loaders, build_loaders, loader_workers
+from softtriple.experiment.run_folder import RunDir, write_embeddings
+from softtriple.losses import SoftTripleLoss
+from softtriple.models import EmbeddingModel, embed
+from softtriple.models.backbones import WHEEL_WEIGHTS
 from softtriple.training.feature_cache import cached_features
 
 # keys a resumed run may change: data.workers and data.decode_once_mib too, as the data order

@@ -12,7 +12,7 @@ import torch
 
 from softtriple import faults
 from softtriple.atomic import atomic_path
-from softtriple.run import RunDir
+from softtriple.experiment.run_folder import RunDir
 
 
 class CheckpointError(ValueError):

@@ -1,6 +1,9 @@
-"""Multi-process training with torch.distributed, started by torchrun (gloo on CPU, nccl on GPU).
+"""Multi-process work with torch.distributed, started by torchrun (gloo on CPU, nccl on GPU): the
+one module that knows the process group, and the one reader of torchrun's WORLD_SIZE and
+LOCAL_RANK. Every layer asks it (losses, evaluation, search, the trainer): this process's world
+size and rank, the contiguous block of N rows (classes, items) a rank owns, the gathers and the
+checks of equal batches. One process, or torch.distributed not started: a world of 1.
 
-torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them everything runs in one process.
 Data parallelism is DistributedDataParallel's: every rank computes its loss on its own block of
 the global batch and DDP averages the gradients. That is the single-process gradient for losses
 that are a mean of per-example terms (SoftTriple, SoftMax-norm, ProxyNCA); the others couple the
@@ -15,10 +18,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 from torch import Tensor
 
-from softtriple.parallel import size_and_rank
+
+def size_and_rank(group: tdist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(world size, rank) in ``group`` (the default group when None); (1, 0) in one process."""
+    if not tdist.is_available() or not tdist.is_initialized():
+        return 1, 0
+    return tdist.get_world_size(group), tdist.get_rank(group)
+
+
+def block(n: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of rank's rows of n: contiguous blocks whose sizes differ by at most one."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def local_rank() -> int:
+    """This process's GPU number on its machine (torchrun's LOCAL_RANK; 0 in one process)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def world_size() -> int:
@@ -35,22 +55,22 @@ def is_main() -> bool:
 
 def setup(device: torch.device) -> None:
     """Join the process group when launched by torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        tdist.init_process_group(backend)
 
 
 def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def gather(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (on every rank); [obj] in one process."""
-    if not dist.is_initialized():
+    if not tdist.is_initialized():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
     return out
 
 
@@ -58,17 +78,17 @@ def stream_to_main(obj: Any) -> Iterator[Any]:
     """Rank 0: an iterator over every rank's ``obj`` in rank order, each received only when the
     iterator reaches it (so rank 0 holds one at a time; it must consume them all). Other
     ranks: send ``obj`` to rank 0 (blocking until it is received); an empty iterator."""
-    if not dist.is_initialized():
+    if not tdist.is_initialized():
         return iter([obj])
-    if dist.get_rank() != 0:
-        dist.send_object_list([obj], dst=0)
+    if rank() != 0:
+        tdist.send_object_list([obj], dst=0)
         return iter(())
 
     def receive() -> Iterator[Any]:
         yield obj
-        for source in range(1, dist.get_world_size()):
+        for source in range(1, world_size()):
             box: list[Any] = [None]
-            dist.recv_object_list(box, src=source)
+            tdist.recv_object_list(box, src=source)
             yield box[0]
 
     return receive()
@@ -76,23 +96,23 @@ def stream_to_main(obj: Any) -> Iterator[Any]:
 
 def broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized():
+    if not tdist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    tdist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    if tdist.is_initialized():
+        tdist.barrier()
 
 
 def mean(value: float) -> float:
     """The mean of ``value`` over the ranks (``value`` itself in one process)."""
-    if not dist.is_initialized():
+    if not tdist.is_initialized():
         return value
-    return sum(gather(value)) / dist.get_world_size()
+    return sum(gather(value)) / world_size()
 
 
 def gather_batch(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,19 +132,29 @@ def gather_batch(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         (W b, d) embeddings and (W b,) labels.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size() == 1:
         return embeddings, labels
-    from softtriple.losses.sharded import check_equal_batches
-    world, me = dist.get_world_size(), dist.get_rank()
+    world, me = size_and_rank()
     check_equal_batches(int(embeddings.shape[0]), embeddings.device)
     if embeddings.dtype in (torch.float16, torch.bfloat16):
         embeddings = embeddings.float()  # the losses compute in float32 anyway
     parts = [torch.empty_like(embeddings) for _ in range(world)]
-    dist.all_gather(parts, embeddings.detach().contiguous())
+    tdist.all_gather(parts, embeddings.detach().contiguous())
     label_parts = [torch.empty_like(labels) for _ in range(world)]
-    dist.all_gather(label_parts, labels.contiguous())
+    tdist.all_gather(label_parts, labels.contiguous())
     if embeddings.requires_grad:
         own = embeddings.view_as(embeddings)  # a fresh node for the hook, never the caller's
         own.register_hook(lambda grad: grad * world)
         parts[me] = own
     return torch.cat(parts), torch.cat(label_parts)
+
+def check_equal_batches(size: int, device: torch.device,
+                        group: tdist.ProcessGroup | None = None) -> None:
+    """ValueError unless every rank of ``group`` passes a batch of ``size`` rows (one small
+    all-reduce); an all-gather of unequal batches would fail deep inside torch."""
+    bounds = torch.tensor([size, -size], device=device)
+    tdist.all_reduce(bounds, op=tdist.ReduceOp.MAX, group=group)
+    if int(bounds[0]) != -int(bounds[1]):
+        raise ValueError(f"every process must pass a batch of the same size; they range from "
+                         f"{-int(bounds[1])} to {int(bounds[0])} (use a sampler that drops the "
+                         f"last, short batch)")

@@ -22,7 +22,7 @@ from softtriple.data import (
     train_transform,
 )
 from softtriple.data.checks import drop_bad_images
-from softtriple.training.config import DataConfig
+from softtriple.experiment.config import DataConfig
 
 SAMPLERS = ("random", "class_balanced")
 FeatureFn = Callable[[ImageTable], np.ndarray]  # a split's table -> its features (N, C)

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from softtriple.distributed import local_rank
+from softtriple.experiment.config import Config, ConfigError
 from softtriple.losses import LOSSES, build_loss, loss_arguments
 from softtriple.models import EmbeddingModel, build_backbone
-from softtriple.training.config import Config, ConfigError
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
                                              "fp16": torch.float16}
@@ -25,7 +26,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device is cuda but no GPU is visible; use auto or cpu")
     if name == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
         return device
     return torch.device(name)

@@ -57,7 +57,7 @@ class DataConfig:
     images_per_class: int = 2  # M, for class_balanced
     # DataLoader worker processes (kept alive across epochs); -1: by the device, 2 on a CPU (the
     # loaders share its cores with the computation), and on a GPU the cores per GPU less one for
-    # the main process, 2 to 16 (softtriple.training.data.loader_workers)
+    # the main process, 2 to 16 (softtriple.experiment.loaders.loader_workers)
     workers: int = -1
     # each split's images decoded (and test images resized) once per run and kept in memory as
     # uint8 when they fit in this many MiB; workers then only crop, flip and normalize, with the
