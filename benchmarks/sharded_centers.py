@@ -61,9 +61,9 @@ def _status(field: str) -> int:
 
 def worker(mode: str, classes: int, out: Path) -> None:
     from softtriple import distributed as dist
+    from softtriple.experiment.build import Objective
     from softtriple.losses import SoftTripleLoss
     from softtriple.losses.sharded import ShardedSoftTripleLoss
-    from softtriple.training.trainer import Objective
 
     dist.setup(torch.device("cpu"))
     torch.set_num_threads(1)

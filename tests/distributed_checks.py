@@ -18,8 +18,8 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from softtriple import distributed as dist
+from softtriple.experiment.build import Objective
 from softtriple.losses import LOSSES, build_loss
-from softtriple.training.trainer import Objective
 
 IN_DIM, DIM, CLASSES = 12, 8, 6
 LOSS_ARGS = {  # small, fast settings of every loss

@@ -15,6 +15,7 @@ import torch
 from softtriple.experiment import CheckpointError, ConfigError, load_config
 from softtriple.experiment.checkpoint import load_checkpoint
 from softtriple.training import Trainer
+from softtriple.training.trainer import check_gradients
 
 TINY = ["model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16",
         "data.workers=0", "data.batch_size=16", "schedule.max_steps_per_epoch=4",
@@ -319,11 +320,11 @@ def test_the_gradient_check_tells_huge_finite_gradients_from_nan(data_root, tmp_
         for _, p in params:
             p.grad = torch.full_like(p, 1e30)  # finite; its squares are inf in float32
         assert not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for _, p in params]))
-        trainer._check_gradients(0)
+        check_gradients(trainer.objective, 0, 0)
         name, last = params[-1]
         last.grad.view(-1)[0] = float("nan")
         with pytest.raises(FloatingPointError, match=f"the gradient of {name} became NaN"):
-            trainer._check_gradients(0)
+            check_gradients(trainer.objective, 0, 0)
     finally:
         trainer.release()
 

@@ -1,17 +1,19 @@
-"""The build layer: the device, precision, embedding model and loss that a Config describes.
-Below the trainer and inference (both call it); it imports neither."""
+"""The build layer: the device, precision, embedding model, loss, objective and optimizer that a
+Config describes. Below the trainer and inference (both call it); it imports neither."""
 
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from softtriple.distributed import local_rank
-from softtriple.experiment.config import Config, ConfigError
-from softtriple.losses import LOSSES, build_loss, loss_arguments
+from softtriple import distributed as dist
+from softtriple.experiment.config import Config, ConfigError, resolved_eps
+from softtriple.losses import LOSSES, SoftTripleLoss, build_loss, loss_arguments
 from softtriple.models import EmbeddingModel, build_backbone
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
@@ -26,7 +28,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device is cuda but no GPU is visible; use auto or cpu")
     if name == "cuda":
-        device = torch.device("cuda", local_rank())
+        device = torch.device("cuda", dist.local_rank())
         torch.cuda.set_device(device)
         return device
     return torch.device(name)
@@ -48,6 +50,13 @@ def configure_kernels(device: torch.device, deterministic: bool,
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global random generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def build_model(config: Config, pretrained: bool = True) -> EmbeddingModel:
@@ -89,3 +98,107 @@ def build_config_loss(config: Config, num_classes: int) -> nn.Module:
     return build_loss(config.loss.name, **kwargs)
 
 
+
+
+def build_training_model(config: Config, device: torch.device) -> EmbeddingModel:
+    """``build_model`` on ``device`` as the trainer runs it: SyncBatchNorm under several CUDA
+    processes (model.sync_bn), channels_last and torch.compile where the config says."""
+    model = build_model(config).to(device)
+    if config.model.sync_bn and dist.world_size() > 1:
+        if device.type != "cuda":
+            raise ConfigError("model.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                              "kernels); on CPU set model.sync_bn=false, and model.freeze_bn=true "
+                              "for BatchNorm that does not depend on the process count")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.model.compile:
+        model.compile()  # in place: the state dict's names stay the model's own
+    return model
+
+
+class Objective(nn.Module):
+    """Model and loss as one module, so DistributedDataParallel syncs the loss's centers too.
+
+    With ``autocast_dtype`` (bf16 / fp16) the model runs under autocast; the loss always
+    computes in float32 against its float32 centers (``softtriple.losses._precision``). With
+    ``gather`` the loss sees the global batch of every rank (``distributed.gather_batch``)."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module,
+                 autocast_dtype: torch.dtype | None = None, gather: bool = False) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.autocast_dtype = autocast_dtype
+        self.gather = gather
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            embeddings = self.model(images)
+        if self.gather:
+            embeddings, labels = dist.gather_batch(embeddings, labels)
+        return self.loss(embeddings, labels)  # type: ignore[no-any-return]
+
+
+def build_objective(config: Config, model: nn.Module, loss: nn.Module,
+                    device: torch.device) -> nn.Module:
+    """The module a training step calls, ``(images, labels) -> loss``: in one process the
+    Objective; under several, DistributedDataParallel of it (the loss sees the global batch
+    where it needs one and loss.gather is on), or of the model alone when the loss's centers are
+    sharded (each rank's centers are its own)."""
+    world = dist.world_size()
+    autocast_dtype = PRECISIONS[config.run.precision]
+    device_ids = [device.index] if device.type == "cuda" else None
+    if config.loss.shard_centers and world > 1:
+        return Objective(torch.nn.parallel.DistributedDataParallel(model, device_ids), loss,
+                         autocast_dtype)
+    gather = world > 1 and config.loss.gather and getattr(loss, "needs_global_batch", True)
+    objective = Objective(model, loss, autocast_dtype, gather)
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(objective, device_ids)
+    return objective
+
+
+def build_optimizer(config: Config, model: nn.Module, loss: nn.Module, device: torch.device
+                    ) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """Adam over the model's trainable parameters ("network", optimizer.lr) and the loss's
+    ("loss", optimizer.loss_lr), its MultiStepLR schedule, and fp16's loss scaler (a no-op
+    otherwise): (optimizer, scheduler, scaler)."""
+    opt = config.optimizer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": trainable, "lr": opt.lr, "name": "network"}]
+    if list(loss.parameters()):
+        groups.append({"params": list(loss.parameters()), "lr": opt.loss_lr, "name": "loss"})
+    # fused: one pass over each tensor for the whole update, 2x quicker than torch's CPU default
+    # (a kernel per operation per tensor); the same Adam, rounded differently in the last bit
+    # (docs/PERFORMANCE.md)
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(groups, eps=resolved_eps(config), weight_decay=opt.weight_decay,
+                                 fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.schedule.milestones,
+                                                     config.schedule.gamma)
+    # fp16's narrow exponent range needs loss scaling; bf16 has float32's and does not
+    scaler = torch.amp.GradScaler(device.type, enabled=config.run.precision == "fp16")
+    return optimizer, scheduler, scaler
+
+
+@torch.no_grad()
+def init_centers_from_data(config: Config, model: nn.Module, loss: nn.Module,
+                           dataset: torch.utils.data.Dataset[Any], device: torch.device) -> None:
+    """loss.init_centers=data: the centers from k-means of each class's embeddings by the
+    initial model (the training set in order, its training transform; a generator of its own,
+    so the run's other random draws are those of a random-init run)."""
+    if not isinstance(loss, SoftTripleLoss) or config.loss.shard_centers \
+            or dist.world_size() > 1:
+        raise ConfigError("loss.init_centers=data applies to softtriple and hardtriple in one "
+                          "process (not sharded)")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.evaluation.batch_size, shuffle=False,
+        generator=torch.Generator().manual_seed(config.run.seed))
+    model.eval()
+    parts, labels = [], []
+    for inputs, y, _ in loader:
+        parts.append(model(inputs.to(device)).float().cpu())
+        labels.append(y)
+    model.train()
+    loss.init_centers_from(torch.cat(parts), torch.cat(labels), config.run.seed)

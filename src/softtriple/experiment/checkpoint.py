@@ -1,18 +1,32 @@
-"""Checkpoints: written atomically (write, then rename), read with ``weights_only=True`` only."""
+"""Checkpoints: the format (written atomically: write, then rename; read with
+``weights_only=True`` only) and the training state it holds (``TrainingState``: model, loss,
+optimizer, scheduler, scaler, sharded center blocks, every random generator), and whether a run
+may resume with a given config."""
 
 from __future__ import annotations
 
 import io
+import random
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
+from softtriple import distributed as dist
 from softtriple import faults
 from softtriple.atomic import atomic_path
+from softtriple.experiment.config import Config, ConfigError
 from softtriple.experiment.run_folder import RunDir
+
+# keys a resumed run may change: data.workers and data.decode_once_mib too, as the data order
+# and every augmentation depend on (seed, epoch, sample) only, and decoding once is bitwise
+RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
+               ("data", "workers"), ("data", "decode_once_mib"), ("schedule", "epochs")}
 
 
 class CheckpointError(ValueError):
@@ -122,3 +136,116 @@ def read_center_rows(folder: str | Path, names: list[str], start: int,
     if "step" in pieces:
         out["step"] = pieces["step"][0]
     return out
+
+
+def check_resumable(state: dict[str, Any], config: Config, resume: str | Path) -> None:
+    """ConfigError unless the run whose checkpoint is ``state`` can go on under ``config``: the
+    same settings but those in RESUME_FREE, and no fewer epochs than it has trained."""
+    saved, now = state["config"], config.to_dict()
+    changed = [f"{section}.{key}" for section in saved for key in saved[section]
+               if (section, key) not in RESUME_FREE
+               and saved[section][key] != now.get(section, {}).get(key)]
+    if changed:
+        raise ConfigError(f"cannot resume {resume}: the config differs in {', '.join(changed)}; "
+                          f"resume with the run's own config.yaml")
+    if config.schedule.epochs < int(state["epoch"]):
+        raise ConfigError(f"cannot resume {resume} with schedule.epochs={config.schedule.epochs}: "
+                          f"it has trained {state['epoch']} epochs; a resumed run can extend, "
+                          f"never shrink")
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's, numpy's and Python's global random generators, as plain data and tensors."""
+    np_state: Any = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": random.getstate()}
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_pos"]))
+    random.setstate(rng["python"])
+
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint saves and restores. With ``sharded`` (a ShardedSoftTripleLoss
+    under several processes) each rank's block of centers and their Adam state go to a center
+    block file of their own, and last.pt names the blocks."""
+
+    model: nn.Module
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sharded: bool
+
+    def save(self, run: RunDir, progress: dict[str, Any]) -> None:
+        """checkpoints/last.pt with ``progress`` (epoch, step, config, history, ...), written by
+        rank 0 (each rank's center block first: last.pt names them, so a kill between leaves the
+        previous set in use); every rank calls it."""
+        blocks: list[str] = []
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            blocks = dist.gather(self._save_center_block(run, optimizer, int(progress["step"])))
+            dist.barrier()
+        if not dist.is_main():
+            return
+        save_checkpoint(run.checkpoint, {
+            "model": self.model.state_dict(),
+            "loss": {} if self.sharded else self.loss.state_dict(), "center_blocks": blocks,
+            "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), **progress, "rng": rng_state()})
+        for stale in run.checkpoints.glob("centers-*.pt"):
+            if stale.name not in blocks:  # an earlier step's (or process count's) blocks
+                stale.unlink()
+
+    def restore(self, run: RunDir, state: dict[str, Any]) -> None:
+        """Every part from ``state`` (and this rank's center block), the random generators
+        last; CheckpointError naming what does not fit."""
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.sharded:
+                self._restore_center_block(run, state)
+            else:
+                self.loss.load_state_dict(state["loss"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"checkpoint does not fit this model: "
+                                  f"{mismatch_detail(error)}") from error
+        set_rng_state(state["rng"])
+
+    def _centers_index(self) -> int:
+        """The sharded centers' position among the optimizer's parameters (its state key)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return next(i for i, p in enumerate(params) if p is self.loss.centers)
+
+    def _save_center_block(self, run: RunDir, optimizer: dict[str, Any], step: int) -> str:
+        """This rank's block of centers and their Adam state (atomically), which it takes out
+        of ``optimizer``; returns the block's file name."""
+        loss: Any = self.loss
+        adam = optimizer["state"].pop(self._centers_index(), {})
+        name = center_block_name(loss.start, loss.stop, step)
+        save_checkpoint(run.checkpoints / name, {
+            "start": loss.start, "stop": loss.stop, "centers": loss.centers.detach(),
+            **{k: v for k, v in adam.items() if k in ("step", "exp_avg", "exp_avg_sq")}})
+        return name
+
+    def _restore_center_block(self, run: RunDir, state: dict[str, Any]) -> None:
+        """This rank's classes of the sharded centers and their Adam state, from the blocks the
+        checkpoint names, whatever process count wrote them."""
+        loss: Any = self.loss
+        rows = read_center_rows(run.checkpoints, state["center_blocks"], loss.start, loss.stop)
+        with torch.no_grad():
+            loss.centers.copy_(rows["centers"])
+        self.optimizer.load_state_dict(state["optimizer"])  # without the centers' state
+        if "exp_avg" in rows:
+            device = loss.centers.device
+            self.optimizer.state[loss.centers] = {
+                "step": rows["step"], "exp_avg": rows["exp_avg"].to(device),
+                "exp_avg_sq": rows["exp_avg_sq"].to(device)}

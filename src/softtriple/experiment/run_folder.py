@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterable
@@ -31,8 +32,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from softtriple import distributed as dist
 from softtriple.atomic import atomic_path, write_json, write_text
 from softtriple.data.table import DataError
+from softtriple.experiment.config import ConfigError
 
 EMBEDDINGS_SUFFIX = ".npz"
 
@@ -130,6 +133,18 @@ class RunDir:
         for leftover in [*self.root.glob(".*.tmp*"), *self.root.glob("checkpoints/.*.tmp*")]:
             leftover.unlink()
 
+    def begin(self, config_text: str, bad_images: list[tuple[Path, str]]) -> None:
+        """As training starts: the folder, without leftovers of interrupted writes, its
+        config.yaml, and bad_images.txt when data.bad_images=skip left images out (said on
+        stderr too)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_leftovers()
+        self.write_config(config_text)
+        if bad_images:
+            self.write_bad_images(bad_images)
+            print(f"data.bad_images=skip: left out {len(bad_images)} unreadable image(s), "
+                  f"listed in {self.bad_images}", file=sys.stderr)
+
     # ------------------------------------------------------------------ files
     def write_config(self, text: str) -> None:
         write_text(self.config, text)
@@ -161,6 +176,63 @@ class RunDir:
 
     def write_bad_images(self, bad: list[tuple[Path, str]]) -> None:
         write_text(self.bad_images, "".join(f"{path}\t{why}\n" for path, why in bad))
+
+
+class TrainingFolder:
+    """The run folder a trainer trains into, resolved from ``--out``, ``--resume`` and
+    ``--overwrite``, and held by rank 0 (``RunDir.lock``) until ``release``:
+
+    - ``--resume`` of a folder stopped in its first epoch (no checkpoint): start it again there;
+    - ``--resume``: the folder that holds the checkpoint (a run folder or its last.pt);
+    - else ``--out``, refused when it holds a run unless ``--overwrite`` (which clears it).
+
+    Attributes:
+        root: the run folder. resume: the checkpoint to continue from, or None.
+    """
+
+    def __init__(self, out: str | Path, resume: str | Path | None, overwrite: bool) -> None:
+        self._lock: IO[str] | None = None
+        self._made = False
+        if dist.is_main():  # one trainer per run folder (the other ranks are its partners)
+            target = Path(resume) if resume is not None else Path(out)
+            folder = target if target.is_dir() or resume is None else target.parent.parent
+            self._made = not folder.exists()
+            self._lock = RunDir(folder).lock()
+        try:
+            self._resolve(Path(out), None if resume is None else Path(resume), overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def _resolve(self, out: Path, resume: Path | None, overwrite: bool) -> None:
+        if resume is not None and resume.is_dir() and RunDir(resume).never_checkpointed():
+            if dist.is_main():  # killed in its first epoch: nothing to keep, start it again
+                print(f"{resume} has no checkpoint yet (stopped in its first epoch): starting "
+                      f"it from the beginning", file=sys.stderr)
+            out, resume, overwrite = resume, None, True
+        self.resume = resume
+        if resume is not None:
+            self.root = resume if resume.is_dir() else resume.parent.parent
+            return
+        self.root = out
+        held = RunDir(out).held()
+        if held and not overwrite:
+            raise ConfigError(f"run folder {out} already holds a run ({held[0]}); continue it "
+                              f"with --resume {out}, start over with --overwrite (deletes it), "
+                              f"or choose another --out")
+        if held and dist.is_main():
+            RunDir(out).clear()
+        dist.barrier()
+
+    def release(self) -> None:
+        """Let another process train into this folder (the trainer does at its end)."""
+        if self._lock is not None:
+            folder = Path(self._lock.name).parent
+            self._lock.close()
+            self._lock = None
+            if self._made and [p.name for p in folder.iterdir()] == [".lock"]:
+                (folder / ".lock").unlink()  # refused before it began: leave no folder behind
+                folder.rmdir()
 
 
 def run_file_of(path: str | Path) -> tuple[Path, str] | None:

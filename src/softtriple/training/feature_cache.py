@@ -15,6 +15,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from softtriple import distributed as dist
 from softtriple.data import ImageDataset, ImageTable, eval_transform
 from softtriple.data.checks import file_version
+from softtriple.experiment.config import Config, ConfigError
+from softtriple.experiment.loaders import loader_workers
 from softtriple.models import EmbeddingModel
+from softtriple.models.backbones import WHEEL_WEIGHTS
 
 CACHE_DIR = ".softtriple-cache"
 
@@ -121,3 +126,26 @@ def cached_features(model: EmbeddingModel, table: ImageTable, backbone: str,
         where = {k: i for i, k in enumerate(cached_keys.tolist())}
     rows = np.array([where[k] for k in keys.tolist()], dtype=np.int64)
     return cached[rows], int(missing.sum())
+
+
+def feature_source(config: Config, model: EmbeddingModel, device: torch.device
+                   ) -> Callable[[ImageTable], np.ndarray] | None:
+    """The head protocol's cached backbone features of a table, when data.feature_cache is on
+    (the loaders then feed them in place of images); None when it is off."""
+    if not config.data.feature_cache:
+        return None
+    if (config.model.weights is None and config.model.backbone not in WHEEL_WEIGHTS
+            and not config.model.pretrained):
+        raise ConfigError(f"data.feature_cache needs pretrained features: set model.weights for "
+                          f"{config.model.backbone} (a random backbone's features change with "
+                          f"the seed), or use {', '.join(WHEEL_WEIGHTS)}")
+
+    def features(table: ImageTable) -> np.ndarray:
+        rows, _ = cached_features(
+            model, table, config.model.backbone, config.model.weights, config.data.image_size,
+            config.evaluation.batch_size, device,
+            loader_workers(config.data.workers, device.type == "cuda"),
+            config.run.progress and dist.is_main())
+        return rows
+
+    return features
