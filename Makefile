@@ -43,7 +43,7 @@ sources-demo: $(BASE)
 
 sources: $(STAMP) sources-demo
 	@missing=$$($(BIN)/python -c "from softtriple.data.builtin import emoji, fonts; \
-	print(' '.join(emoji.debian_packages_missing() + \
+	print(' '.join(emoji.missing_packages() + \
 	fonts.missing_packages(fonts.TEST_PACKAGES)))"); \
 	$(APT_INSTALL)
 	@missing=$$(command -v chromium >/dev/null || echo chromium); \

@@ -21,7 +21,7 @@ import numpy as np
 
 from softtriple.atomic import write_json
 from softtriple.evaluation import KMeansSettings, normalized_mutual_info
-from softtriple.evaluation.clustering import kmeans
+from softtriple.evaluation.clustering import cluster_rows
 
 RESULTS = Path(__file__).parent / "results" / "nmi_protocol.json"
 N, D, CLASSES, NOISE = 5_924, 64, 100, 0.25
@@ -47,11 +47,12 @@ def old_default(x: np.ndarray, seed: int) -> np.ndarray:
 
 PROTOCOLS = {
     "old default: faiss, random start, 1 run, 20 iterations": old_default,
-    "sklearn, k-means++, 1 start": lambda x, s: kmeans(x, CLASSES, s, KMeansSettings(starts=1)),
+    "sklearn, k-means++, 1 start":
+        lambda x, s: cluster_rows(x, CLASSES, s, KMeansSettings(starts=1)),
     "new default: sklearn, k-means++, best of 10 (official)":
-        lambda x, s: kmeans(x, CLASSES, s, KMeansSettings()),
+        lambda x, s: cluster_rows(x, CLASSES, s, KMeansSettings()),
     "faiss backend: our k-means++, best of 10":
-        lambda x, s: kmeans(x, CLASSES, s, KMeansSettings(backend="faiss")),
+        lambda x, s: cluster_rows(x, CLASSES, s, KMeansSettings(backend="faiss")),
 }
 
 

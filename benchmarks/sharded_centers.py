@@ -63,7 +63,7 @@ def worker(mode: str, classes: int, out: Path) -> None:
     from softtriple import distributed as dist
     from softtriple.experiment.build import Objective
     from softtriple.losses import SoftTripleLoss
-    from softtriple.losses.sharded import ShardedSoftTripleLoss
+    from softtriple.losses.sharded_softtriple import ShardedSoftTripleLoss
 
     dist.setup(torch.device("cpu"))
     torch.set_num_threads(1)

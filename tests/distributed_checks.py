@@ -82,7 +82,7 @@ def check_losses() -> None:
             close(mean.detach(), ref_value.detach(), f"{name}'s loss")
             for n in expected:
                 close(got[n], expected[n], f"{name}'s gradient of {n}")
-    from softtriple.losses.sharded import ShardedSoftTripleLoss
+    from softtriple.losses.sharded_softtriple import ShardedSoftTripleLoss
     uneven = torch.randn(4 + me, DIM)  # one line, not a failure deep inside an all-gather
     for gather in (lambda e, y: dist.gather_batch(e, y),
                    lambda e, y: ShardedSoftTripleLoss(CLASSES, DIM, centers_per_class=2)(e, y)):
@@ -151,7 +151,7 @@ def check_sharded_loss() -> None:
     center's gradient and the embeddings' gradient equal the single-process SoftTripleLoss
     (and SoftMax-norm at K = 1) on the same global batch, with uneven class blocks."""
     from softtriple.losses import SoftMaxNormLoss, SoftTripleLoss
-    from softtriple.losses.sharded import ShardedSoftTripleLoss
+    from softtriple.losses.sharded_softtriple import ShardedSoftTripleLoss
     world, me = dist.world_size(), dist.rank()
     classes = 7  # blocks of 4/3 (2 ranks) or 2/2/2/1 (4 ranks)
     x, _ = global_batch(world)
@@ -203,7 +203,7 @@ def check_sharded_knn() -> None:
     import numpy as np
 
     from softtriple.evaluation import evaluate, knn
-    from softtriple.evaluation.sharded import sharded_evaluate, sharded_knn
+    from softtriple.evaluation.sharded_search import sharded_evaluate, sharded_knn
     world, me = dist.world_size(), dist.rank()
     g = torch.Generator().manual_seed(3)
 

@@ -265,3 +265,22 @@ def margin_softmax_reference(x: Tensor, labels: Tensor, weights: Tensor, scale: 
         log_z = top + torch.log(sum(torch.exp(v - top) for v in logits))
         total = total + log_z - logits[int(labels[i])]
     return total / len(x)
+
+
+def center_regularizer(centers: Tensor) -> Tensor:
+    """The simple composition of SoftTriple's regularizer (the fused one is
+    ``softtriple.losses._fused.center_regularizer_fused``):
+
+    R = sum_c sum_{t<s} sqrt(2 + 1e-5 - 2 w_c^t . w_c^s) / (C K (K - 1)), per class block.
+
+    Args:
+        centers: (C, K, d) L2-normalized centers, K >= 2.
+
+    Returns:
+        A scalar; memory O(C K^2), never a CK x CK matrix.
+    """
+    num_classes, k, _ = centers.shape
+    gram = centers @ centers.transpose(1, 2)  # (C, K, K)
+    t, s = torch.triu_indices(k, k, offset=1, device=centers.device)
+    dist = torch.sqrt((2.0 + 1e-5 - 2.0 * gram[:, t, s]).clamp_min(1e-12))  # (C, K(K-1)/2)
+    return dist.sum() / (num_classes * k * (k - 1))

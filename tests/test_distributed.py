@@ -184,7 +184,7 @@ def test_a_two_node_job_on_one_machine_trains_like_one_process(data_root, tmp_pa
 
 def test_initial_sharded_centers_do_not_depend_on_the_process_count():
     from softtriple.distributed import block as class_block
-    from softtriple.losses.sharded import init_center_block
+    from softtriple.losses.sharded_softtriple import init_center_block
     full = init_center_block(0, 3000, 3, 8, seed=1)
     for world in (2, 3, 7):
         blocks = [class_block(3000, world, rank) for rank in range(world)]
@@ -197,7 +197,7 @@ def test_initial_sharded_centers_do_not_depend_on_the_process_count():
 
 def test_sharded_loss_in_one_process_is_softtriple():
     from softtriple.losses import SoftTripleLoss
-    from softtriple.losses.sharded import ShardedSoftTripleLoss
+    from softtriple.losses.sharded_softtriple import ShardedSoftTripleLoss
     torch.manual_seed(0)
     x, y = torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 5, (12,))
     single = SoftTripleLoss(5, 8, centers_per_class=3).double()

@@ -1,5 +1,5 @@
-"""The package's structure: no import circle among its modules, and the report, search and
-inference never import the trainer."""
+"""The package's structure: no import circle among its modules, every import down the layers of
+docs/ARCHITECTURE.md, and only the commands that train import the trainer."""
 
 from __future__ import annotations
 
@@ -83,12 +83,59 @@ def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
 
 
 def test_no_import_circle_between_subpackages_and_top_level_modules():
-    """The layers, with imports anywhere in a file counted: training (its build layer makes the
-    model and loss) below inference, which is below the CLI, the report, export and serve."""
     graph = package_graph(import_graph())
-    assert "softtriple.inference" not in graph["softtriple.training"]
-    assert "softtriple.analysis" not in graph["softtriple.training"]
     assert cycles(graph) == []
+
+
+# docs/ARCHITECTURE.md's layers, bottom first: a unit (subpackage or top-level module) imports
+# only units of lower layers, never one of its own layer or above (imports inside functions too)
+LAYERS = [
+    {"softtriple", "atomic", "faults", "machine", "names"},
+    {"distributed"},
+    {"data"},
+    {"models", "evaluation"},
+    {"losses"},
+    {"experiment"},
+    {"training", "inference"},
+    {"analysis", "export", "search"},
+    {"serve", "compare", "demo"},
+    {"cli"},
+    {"__main__"},
+]
+
+
+def layer_breaks(graph: dict[str, set[str]], layers: list[set[str]]) -> list[str]:
+    """Every import that goes up or sideways across ``layers`` (and every unit in no layer)."""
+    level = {unit: i for i, units in enumerate(layers) for unit in units}
+    breaks = [f"{unit} is in no layer" for unit in sorted(graph) if unit not in level]
+    for unit, edges in sorted(graph.items()):
+        for target in sorted(edges):
+            if unit in level and target in level and level[target] >= level[unit]:
+                breaks.append(f"{unit} (layer {level[unit]}) imports {target} "
+                              f"(layer {level[target]})")
+    return breaks
+
+
+def test_every_import_goes_down_the_layers():
+    short = {unit.removeprefix("softtriple.") or "softtriple": {
+        e.removeprefix("softtriple.") or "softtriple" for e in edges}
+        for unit, edges in package_graph(import_graph()).items()}
+    assert layer_breaks(short, LAYERS) == []
+
+
+def test_the_layer_check_finds_an_upward_and_a_sideways_import():
+    graph = {"losses": {"evaluation"}, "evaluation": {"losses"}, "models": {"data"}, "data": set(),
+             "stray": set()}
+    assert layer_breaks(graph, [{"data"}, {"models", "evaluation"}, {"losses"}]) == [
+        "stray is in no layer", "evaluation (layer 1) imports losses (layer 2)"]
+    assert layer_breaks({"a": {"b"}, "b": set()}, [{"a", "b"}]) == [
+        "a (layer 0) imports b (layer 0)"]
+
+
+def test_only_the_commands_that_train_import_the_trainer_package():
+    graph = package_graph(import_graph())
+    importers = {unit for unit, edges in graph.items() if "softtriple.training" in edges}
+    assert importers <= {"softtriple.cli", "softtriple.demo", "softtriple.compare"}
 
 
 def test_the_cycle_finder_finds_a_circle():

@@ -388,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "both embeddings files from 'softtriple embed'; without --queries, of every "
                     "gallery item among the others. Under torchrun each process memory-maps "
                     "only its shard of the files and the queries go round "
-                    "(softtriple.evaluation.sharded), so the gallery may exceed one process's "
-                    "memory. Writes indices and similarities (N, k) to --out and prints "
+                    "(softtriple.evaluation.sharded_search), so the gallery may exceed one "
+                    "process's memory. Writes indices and similarities (N, k) to --out and prints "
                     "Recall@1 and Recall@k by the files' labels.",
         epilog="example:\n  softtriple neighbours runs/digits/test.npz -k 5 --out "
                "runs/digits/knn.npz", formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,7 +6,6 @@ and the export is checked by running it on the run's own test images against PyT
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -111,7 +110,3 @@ def export(run: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     write_json(preprocessing_file(out), record)
     return record
 
-
-def read_preprocessing(model_file: str | Path) -> dict[str, Any]:
-    """The preprocessing record written beside an exported model."""
-    return dict(json.loads(preprocessing_file(Path(model_file)).read_text()))

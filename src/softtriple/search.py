@@ -2,7 +2,7 @@
 faiss is installed, else the exact kNN of softtriple.evaluation (the same neighbours); or, for
 large galleries on one node, an approximate faiss index (IVF or HNSW) whose recall against the
 exact search ``recall_against_exact`` measures. Galleries larger than one node's memory:
-``softtriple.evaluation.sharded`` (exact, over processes)."""
+``softtriple.evaluation.sharded_search`` (exact, over processes)."""
 
 from __future__ import annotations
 
@@ -145,10 +145,10 @@ def file_neighbours(gallery_file: str | Path, k: int,
     """The exact k nearest neighbours (cosine) of each row of ``queries_file`` among
     ``gallery_file``'s rows (of each gallery row among the others without ``queries_file``).
     Under torchrun each process memory-maps only its block of the rows and the blocks go round
-    (``evaluation.sharded.sharded_knn``); the result reaches rank 0, the others get None."""
+    (``evaluation.sharded_search.sharded_knn``); the result reaches rank 0, the others get None."""
     from softtriple import distributed as dist
     from softtriple.distributed import block
-    from softtriple.evaluation.sharded import sharded_knn
+    from softtriple.evaluation.sharded_search import sharded_knn
 
     world, rank = dist.world_size(), dist.rank()
     query_file = queries_file or gallery_file

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from softtriple.losses import SoftTripleLoss
-from softtriple.losses.softtriple import MERGE_THRESHOLD as CENTER_THRESHOLD
+from softtriple.losses.softtriple import MERGE_THRESHOLD
 
 
 def center_wins(embeddings: np.ndarray, labels: np.ndarray, centers: torch.Tensor) -> np.ndarray:
@@ -33,7 +33,7 @@ def center_wins(embeddings: np.ndarray, labels: np.ndarray, centers: torch.Tenso
 
 def center_usage(run: str | Path) -> dict[str, Any] | None:
     """The usage summary of a finished SoftTriple run (None for any other loss): centers per
-    class K, effective centers (merged at cosine > CENTER_THRESHOLD), the fraction of centers
+    class K, effective centers (merged at cosine > MERGE_THRESHOLD), the fraction of centers
     that win no training example, the mean number of centers that win at least one example per
     class, and the share of a class's examples its busiest center wins."""
     from softtriple.experiment.build import build_config_loss
@@ -50,7 +50,7 @@ def center_usage(run: str | Path) -> dict[str, Any] | None:
     wins = wins[present]
     return {"run": str(run), "centers_per_class": int(wins.shape[1]),
             "effective_centers": float(
-                loss.effective_centers(CENTER_THRESHOLD).float()[present].mean()),
+                loss.effective_centers(MERGE_THRESHOLD).float()[present].mean()),
             "centers_winning_none": float((wins == 0).mean()),
             "winning_centers_per_class": float((wins > 0).sum(axis=1).mean()),
             "busiest_center_share": float((wins.max(axis=1) / wins.sum(axis=1)).mean()),

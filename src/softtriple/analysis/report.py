@@ -14,7 +14,7 @@ from softtriple.analysis import plots
 from softtriple.atomic import write_text
 from softtriple.experiment.run_folder import RunDir, read_embeddings
 from softtriple.losses import SoftTripleLoss
-from softtriple.losses.softtriple import MERGE_THRESHOLD as CENTER_THRESHOLD
+from softtriple.losses.softtriple import MERGE_THRESHOLD
 
 
 def _test_embeddings(run: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -48,7 +48,7 @@ def _center_assignments(run: Path, classes: int = 3,
         loss.load_state_dict(state["loss"])
     if not isinstance(loss, SoftTripleLoss):
         return None
-    counts = loss.effective_centers(CENTER_THRESHOLD).cpu().numpy()
+    counts = loss.effective_centers(MERGE_THRESHOLD).cpu().numpy()
     centers = torch.nn.functional.normalize(loss.centers.detach(), dim=2)  # (C, K, d)
     table = load_table(config.data).split("train")
     labels, original = table.encoded_labels()
@@ -98,7 +98,7 @@ def write_report(run: str | Path) -> Path:
     if centers is not None:
         counts, k, assignments = centers
         figures.append(("Effective centers per training class",
-                        plots.plot_effective_centers(counts, k, CENTER_THRESHOLD, out)))
+                        plots.plot_effective_centers(counts, k, MERGE_THRESHOLD, out)))
         figures.append(("What each center learned", plots.plot_center_images(assignments, out)))
     results = run_dir.read_results()
     config_text = run_dir.config.read_text()

@@ -116,9 +116,10 @@ def _faiss_kmeans(x: np.ndarray, n_clusters: int, settings: KMeansSettings,
     return best[1]
 
 
-def kmeans(x: np.ndarray, n_clusters: int, seed: int = 0,
-           settings: KMeansSettings = KMeansSettings()) -> np.ndarray:  # noqa: B008
-    """Cluster ids (N,) int64 of the rows of ``x`` (N, d) (callers L2-normalize first)."""
+def cluster_rows(x: np.ndarray, n_clusters: int, seed: int = 0,
+                 settings: KMeansSettings = KMeansSettings()) -> np.ndarray:  # noqa: B008
+    """Cluster ids (N,) int64 of the rows of ``x`` (N, d) as they are (``metrics.kmeans``
+    L2-normalizes embeddings first)."""
     settings.check()
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_clusters = check_k(n_clusters, x.shape[0], "n_clusters", "embeddings to cluster")

@@ -1,15 +1,12 @@
 """The CPU engine of the exact kNN: torch's BLAS, numpy's, or faiss's exact search, whichever is
 fastest here.
 
-torch's wheels multiply float32 matrices with MKL, numpy's and faiss's with OpenBLAS. Which is
-fastest depends on the CPU: on an AMD EPYC (Zen 4) MKL ran at half OpenBLAS's speed (5,924 x 512
-times its transpose: 0.33 s against 0.15-0.17 s), on an Intel Xeon with AVX-512 the other way
-round, and there faiss's exact search (its product and a heap per query) beat both a product and
-a top-k in torch. The bf16 engine (``evaluation.bf16``: a bf16 product, exact float32 re-rank
-of the rows a bound cannot rule out) is measured with them; on the Xeon's benchmark data it lost
-to faiss and torch (docs/PERFORMANCE.md); it may win where bf16 rules out most rows. So
-``knn(..., backend="auto")`` takes ``$SOFTTRIPLE_KNN_ENGINE`` (``torch``, ``numpy``, ``faiss``,
-``bf16``) or, by default, the engine measured fastest on this machine.
+torch's wheels multiply float32 matrices with MKL, numpy's and faiss's with OpenBLAS, and which
+is fastest depends on the CPU (the measured orders are in docs/PERFORMANCE.md): faiss's exact
+search (its product and a heap per query) against a product and a top-k in torch or numpy, and
+the bf16 engine (``evaluation.bf16``: a bf16 product, exact float32 re-rank of the rows a bound
+cannot rule out). So ``knn(..., backend="auto")`` takes ``$SOFTTRIPLE_KNN_ENGINE`` (``torch``,
+``numpy``, ``faiss``, ``bf16``) or, by default, the engine measured fastest on this machine.
 
 The measurement (``knn.measure_engines``: each engine's whole search at 3,072 rows, about 1 s)
 is kept per machine in ``$XDG_CACHE_HOME/softtriple/knn_engine.json``

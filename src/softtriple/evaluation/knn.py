@@ -45,8 +45,8 @@ ArrayLike = Tensor | np.ndarray
 Backend = Literal["auto", "torch", "numpy", "faiss", "bf16"]
 Product = Callable[[Tensor, Tensor], Tensor]
 PENDING = 8  # candidates kept per row, in multiples of k, before they are reduced to k
-PROBE = (3072, 512, 32)  # rows, width and k of the engines' measurement: at 768 or 2,048 rows a
-# product and a top-k ranked torch first on one Xeon, where faiss's search is the fastest at 5,924
+PROBE = (3072, 512, 32)  # rows, width and k of the engines' measurement (docs/PERFORMANCE.md:
+# smaller probes can rank the engines otherwise than the searches users run)
 SMALL = 2**28  # multiply-adds below which a search goes to torch unmeasured (about 10 ms)
 
 

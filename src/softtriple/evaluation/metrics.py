@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softtriple.evaluation.clustering import KMeansSettings
-from softtriple.evaluation.clustering import kmeans as cluster
+from softtriple.evaluation.clustering import KMeansSettings, cluster_rows
 from softtriple.evaluation.knn import ArrayLike, Backend, as_numpy, as_tensor, knn
 
 RETRIEVAL_METRICS = ("recall", "precision_at_1", "r_precision", "map_at_r")
@@ -259,7 +258,7 @@ def kmeans(embeddings: ArrayLike, n_clusters: int, seed: int = 0,
     """Cluster ids (N,) of the L2-normalized embeddings; by default the paper's protocol
     (scikit-learn, k-means++, best of 10 starts; see ``softtriple.evaluation.clustering``)."""
     x = torch.nn.functional.normalize(as_tensor(embeddings, "embeddings").float(), dim=1)
-    return cluster(x.cpu().numpy(), n_clusters, seed, settings)
+    return cluster_rows(x.cpu().numpy(), n_clusters, seed, settings)
 
 
 def nmi(embeddings: ArrayLike, labels: ArrayLike, n_clusters: int | None = None,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from softtriple import distributed as dist
 from softtriple.experiment.config import Config, ConfigError, resolved_eps
-from softtriple.losses import LOSSES, SoftTripleLoss, build_loss, loss_arguments
+from softtriple.losses import SoftTripleLoss, build_loss, loss_arguments
 from softtriple.models import EmbeddingModel, build_backbone
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
@@ -76,12 +76,11 @@ SHARDABLE: dict[str, dict[str, Any]] = {
 
 
 def build_config_loss(config: Config, num_classes: int) -> nn.Module:
-    """The loss ``config.loss`` names, sized for ``num_classes`` training classes; with
-    ``loss.shard_centers`` this process's block of a ShardedSoftTripleLoss."""
-    if config.loss.name not in LOSSES:
-        raise ConfigError(f"unknown loss.name {config.loss.name!r}; valid: {', '.join(LOSSES)}")
+    """The loss ``config.loss`` names (checked when the config was read, ``config.check_loss``),
+    sized for ``num_classes`` training classes; with ``loss.shard_centers`` this process's block
+    of a ShardedSoftTripleLoss."""
     if config.loss.shard_centers:
-        from softtriple.losses.sharded import ShardedSoftTripleLoss
+        from softtriple.losses.sharded_softtriple import ShardedSoftTripleLoss
         if config.loss.name not in SHARDABLE:
             raise ConfigError(f"loss.shard_centers applies to {', '.join(SHARDABLE)}; "
                               f"{config.loss.name} has no class centers to shard")

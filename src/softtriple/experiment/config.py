@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from softtriple.evaluation.clustering import KMeansSettings
-from softtriple.losses import LOSSES, adam_eps
+from softtriple.losses import LOSSES, adam_eps, build_loss, loss_arguments
 
 
 class ConfigError(ValueError):
@@ -29,14 +29,11 @@ class ModelConfig:
     embedding_dim: int = 64
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (official --freeze_BN)
     freeze_backbone: bool = False  # train only the embedding layer (fast, keeps the features)
-    # memory format of the network and its input batch: channels_last by default, measured
-    # faster for the demo's recipe on both CPUs tried (1.6-1.9x on an Intel Xeon, 1.43x on an AMD
-    # EPYC; benchmarks/train_speed.py) and for every convolutional backbone but ResNet-18
-    # (benchmarks/backbone_speed.py); false for torch's default NCHW
+    # memory format of the network and its input batch: channels_last (measured faster, see
+    # docs/PERFORMANCE.md), or false for torch's default NCHW
     channels_last: bool = True
-    # torch.compile the network (inductor: needs a C++ compiler on CPU). Off by default: on the
-    # demo's recipe the compiled step is no faster than the eager one on 2 CPU cores, after a
-    # 53 s first compile (benchmarks/train_speed.py); worth trying on a GPU
+    # torch.compile the network (inductor: needs a C++ compiler on CPU); off by default, as it
+    # measured no faster on CPUs after a long first compile (docs/PERFORMANCE.md)
     compile: bool = False
     head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
     normalize: bool = True  # L2-normalize embeddings; false for N-pairs / lifted (their papers')
@@ -291,8 +288,6 @@ def check_loss(config: Config) -> None:
     """ConfigError unless loss.name is a registered loss and loss.args are its arguments with
     valid values (the loss is built once, for two classes, to let it check them): a misspelt
     name or argument fails when the config is read, not after the data are loaded."""
-    from softtriple.losses import LOSSES, build_loss, loss_arguments
-
     name, args = config.loss.name, config.loss.args
     if name not in LOSSES:
         raise ConfigError(f"loss.name={name!r} is not a loss; valid: {', '.join(LOSSES)}")

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from softtriple.losses.clustering import ClusteringLoss
 from softtriple.losses.contrastive import ContrastiveLoss
+from softtriple.losses.facility_location import ClusteringLoss
 from softtriple.losses.lifted import LiftedStructureLoss
 from softtriple.losses.margin_softmax import ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss
 from softtriple.losses.multi_similarity import MultiSimilarityLoss

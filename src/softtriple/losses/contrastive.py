@@ -5,11 +5,10 @@ Reality Check" (ECCV 2020), where it was at or near the top under fair tuning.""
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from softtriple.losses._checks import check_batch, check_positive
-from softtriple.losses._pairs import class_masks, degenerate, euclidean_distances
-from softtriple.losses._precision import float32_forward
+from softtriple.losses._checks import check_positive
+from softtriple.losses._pairs import PairLoss, class_masks, degenerate, euclidean_distances
 
 
 def mean_of_positive(losses: Tensor) -> Tensor:
@@ -18,7 +17,7 @@ def mean_of_positive(losses: Tensor) -> Tensor:
     return losses[active].mean() if bool(active.any()) else losses.sum() * 0.0
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(PairLoss):
     """Pulls same-class pairs within ``pos_margin`` and pushes other-class pairs beyond
     ``neg_margin``, in Euclidean distance D between L2-normalized embeddings:
 
@@ -30,26 +29,19 @@ class ContrastiveLoss(nn.Module):
 
     Args:
         pos_margin: m+ >= 0 (default 0). neg_margin: m- > m+ (default 1; D lies in [0, 2]).
-
-    Shapes:
-        embeddings (B, d) float, labels (B,) int64 -> scalar.
     """
 
-    # couples the examples of a batch: under DDP every rank sees the gathered global batch
-    needs_global_batch: bool = True
+    pos_margin: float
+    neg_margin: float
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0) -> None:
-        super().__init__()
-        check_positive("pos_margin", pos_margin, allow_zero=True)
+        super().__init__(pos_margin=pos_margin, neg_margin=neg_margin)
         check_positive("neg_margin", neg_margin)
         if neg_margin <= pos_margin:
             raise ValueError(f"neg_margin must be larger than pos_margin; got neg_margin="
                              f"{neg_margin}, pos_margin={pos_margin}")
-        self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)
 
-    @float32_forward
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels)
+    def batch_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         positive, negative = class_masks(labels)  # (B, B) each
         if not bool(positive.any()) and not bool(negative.any()):
             return degenerate(embeddings, "ContrastiveLoss", "the batch has a single example")
@@ -57,9 +49,6 @@ class ContrastiveLoss(nn.Module):
         pos = F.relu(dist[positive] - self.pos_margin)
         neg = F.relu(self.neg_margin - dist[negative])
         return mean_of_positive(pos) + mean_of_positive(neg)
-
-    def extra_repr(self) -> str:
-        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}"
 
 
 

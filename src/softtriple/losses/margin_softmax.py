@@ -15,17 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtriple.losses._checks import (
-    check_batch,
-    check_classes,
     check_count,
     check_fits,
     check_positive,
     check_scale,
 )
 from softtriple.losses._precision import float32_forward
+from softtriple.losses._proxies import ProxyLoss
 
 
-class _MarginSoftmax(nn.Module):
+class _MarginSoftmax(ProxyLoss):
     """Cross-entropy on s * cos(x, c), the target class's cosine replaced by ``target_logit``,
     where cos(x, c) = max_k cos(x, w_c^k) over the class's K sub-centers (K = 1: the one weight).
 
@@ -38,19 +37,15 @@ class _MarginSoftmax(nn.Module):
         c's sub-centers in rows c K .. c K + K - 1 (pytorch-metric-learning's order).
     """
 
-    needs_global_batch: bool = False  # a mean of per-example terms: DDP's mean is exact
-    adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
+    settings = ("scale", "margin")
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float,
                  margin: float, centers_per_class: int = 1) -> None:
-        super().__init__()
-        check_classes(num_classes)
-        check_count("embedding_dim", embedding_dim)
+        super().__init__(num_classes, embedding_dim)
         check_count("centers_per_class", centers_per_class)
         check_scale("scale", scale)
         check_positive("margin", margin, allow_zero=True)
         check_fits("the loss's class weights", num_classes * centers_per_class, embedding_dim)
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.centers_per_class = centers_per_class
         self.scale, self.margin = float(scale), float(margin)
         self.weights = nn.Parameter(
@@ -61,10 +56,8 @@ class _MarginSoftmax(nn.Module):
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
-        dtype = torch.promote_types(embeddings.dtype, self.weights.dtype)
-        cos = F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(
-            self.weights.to(dtype), dim=1).T  # (B, C K)
+        x, w = self.unit_rows(embeddings, labels, self.weights)  # (B, d), (C K, d)
+        cos = x @ w.T  # (B, C K)
         if self.centers_per_class > 1:  # the closest sub-center of each class
             cos = cos.view(len(cos), self.num_classes, self.centers_per_class).amax(2)  # (B, C)
         target = cos.gather(1, labels[:, None])  # (B, 1)
@@ -73,8 +66,7 @@ class _MarginSoftmax(nn.Module):
 
     def extra_repr(self) -> str:
         k = f", centers_per_class={self.centers_per_class}" if self.centers_per_class > 1 else ""
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-                f"scale={self.scale}, margin={self.margin}{k}")
+        return f"{super().extra_repr()}{k}"
 
 
 class CosFaceLoss(_MarginSoftmax):

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from softtriple.losses._checks import check_batch, check_positive, check_products_finite
-from softtriple.losses._pairs import degenerate
-from softtriple.losses._precision import float32_forward
+from softtriple.losses._checks import check_products_finite
+from softtriple.losses._pairs import PairLoss, degenerate
 
 
 def first_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,7 +27,7 @@ def first_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
             torch.tensor(positives, dtype=torch.long, device=labels.device))
 
 
-class NPairLoss(nn.Module):
+class NPairLoss(PairLoss):
     """Multi-class N-pair loss with its l2 embedding regularizer (paper eq. 6 and section 3.2).
 
     From N pairs (f_i, f_i^+) of N distinct classes:
@@ -42,23 +41,14 @@ class NPairLoss(nn.Module):
 
     Args:
         l2_reg: lambda of the embedding-norm regularizer (0 turns it off).
-
-    Shapes:
-        embeddings (B, d) float, labels (B,) int64 -> scalar.
     """
 
-    # couples the examples of a batch: under DDP every rank sees the gathered global batch
-    # (softtriple.distributed.gather_batch)
-    needs_global_batch: bool = True
+    l2_reg: float
 
     def __init__(self, l2_reg: float = 0.002) -> None:
-        super().__init__()
-        check_positive("l2_reg", l2_reg, allow_zero=True)
-        self.l2_reg = float(l2_reg)
+        super().__init__(l2_reg=l2_reg)
 
-    @float32_forward
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels)
+    def batch_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         anchor_idx, positive_idx = first_pairs(labels)
         if len(anchor_idx) < 2:
             return degenerate(embeddings, "NPairLoss",
@@ -73,6 +63,3 @@ class NPairLoss(nn.Module):
                 dim=1).mean()
             loss = loss + 0.25 * self.l2_reg * norms
         return loss
-
-    def extra_repr(self) -> str:
-        return f"l2_reg={self.l2_reg}"

@@ -7,13 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtriple.losses._checks import (
-    check_batch,
-    check_count,
     check_fits,
     check_positive,
     check_scale,
 )
 from softtriple.losses._precision import float32_forward
+from softtriple.losses._proxies import ProxyLoss
 
 
 def _log1p_sum_exp(logits: Tensor, mask: Tensor) -> Tensor:
@@ -23,7 +22,7 @@ def _log1p_sum_exp(logits: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(torch.cat([zero, masked]), dim=0)
 
 
-class ProxyAnchorLoss(nn.Module):
+class ProxyAnchorLoss(ProxyLoss):
     """Proxy-Anchor: one proxy p per class, used as an anchor against the whole batch (paper
     eq. 4):
 
@@ -46,17 +45,14 @@ class ProxyAnchorLoss(nn.Module):
     # couples the examples of a batch: under DDP every rank sees the gathered global batch
     # (softtriple.distributed.gather_batch)
     needs_global_batch: bool = True
-    adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
+    settings = ("alpha", "margin")
 
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 32.0,
                  margin: float = 0.1) -> None:
-        super().__init__()
-        check_count("num_classes", num_classes)
-        check_count("embedding_dim", embedding_dim)
+        super().__init__(num_classes, embedding_dim, min_classes=1)
         check_scale("alpha", alpha)
         check_fits("the loss's proxies", num_classes, embedding_dim)
         check_positive("margin", margin, allow_zero=True)
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.alpha, self.margin = float(alpha), float(margin)
         proxies = torch.empty(num_classes, embedding_dim)
         nn.init.kaiming_normal_(proxies, mode="fan_out")
@@ -64,17 +60,10 @@ class ProxyAnchorLoss(nn.Module):
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
-        dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
-        x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d)
-        p = F.normalize(self.proxies.to(dtype), dim=1)  # (C, d)
+        x, p = self.unit_rows(embeddings, labels, self.proxies)  # (B, d), (C, d)
         cos = x @ p.T  # (B, C)
         positive = F.one_hot(labels, self.num_classes).bool()  # (B, C)
         pos_term = _log1p_sum_exp(-self.alpha * (cos - self.margin), positive)  # (C,)
         neg_term = _log1p_sum_exp(self.alpha * (cos + self.margin), ~positive)  # (C,)
         present = positive.any(0)  # (C,) the proxies in P+
         return pos_term[present].sum() / present.sum() + neg_term.sum() / self.num_classes
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-                f"alpha={self.alpha}, margin={self.margin}")

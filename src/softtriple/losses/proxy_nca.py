@@ -4,20 +4,17 @@ ICCV 2017)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtriple.losses._checks import (
-    check_batch,
-    check_classes,
-    check_count,
     check_scale,
 )
 from softtriple.losses._precision import float32_forward
+from softtriple.losses._proxies import ProxyLoss
 from softtriple.losses.softmax_norm import init_centers
 
 
-class ProxyNCALoss(nn.Module):
+class ProxyNCALoss(ProxyLoss):
     """ProxyNCA: one learned proxy p_c per class and NCA over proxies (paper eq. 9):
 
         loss_i = -log( exp(-s d(x_i, p_{y_i})) / sum_{z != y_i} exp(-s d(x_i, p_z)) ),
@@ -37,36 +34,21 @@ class ProxyNCALoss(nn.Module):
         embeddings (B, d) float, labels (B,) int64 in [0, C) -> scalar; proxies (C, d).
     """
 
-    # a mean of per-example terms (plus a term of the centers alone): DDP's mean of the ranks'
-    # gradients is the single-process gradient, so no gather is needed under DDP
-    needs_global_batch: bool = False
-    adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
+    settings = ("scale", "exclude_positive")
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 1.0,
                  exclude_positive: bool = True) -> None:
-        super().__init__()
-        check_classes(num_classes)
-        check_count("embedding_dim", embedding_dim)
+        super().__init__(num_classes, embedding_dim)
         check_scale("scale", scale)
-        if exclude_positive and num_classes < 2:
-            raise ValueError("ProxyNCA with exclude_positive=True needs num_classes >= 2")
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.scale, self.exclude_positive = float(scale), bool(exclude_positive)
         self.proxies = nn.Parameter(init_centers(num_classes, embedding_dim))  # (C, d)
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
-        dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
-        x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d)
-        p = F.normalize(self.proxies.to(dtype), dim=1)  # (C, d)
+        x, p = self.unit_rows(embeddings, labels, self.proxies)  # (B, d), (C, d)
         dist = (2.0 - 2.0 * (x @ p.T)).clamp_min(0.0)  # (B, C) squared distance of unit vectors
         logits = -self.scale * dist
         positive = logits.gather(1, labels[:, None])[:, 0]  # (B,)
         if self.exclude_positive:
             logits = logits.scatter(1, labels[:, None], float("-inf"))
         return (torch.logsumexp(logits, dim=1) - positive).mean()
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-                f"scale={self.scale}, exclude_positive={self.exclude_positive}")

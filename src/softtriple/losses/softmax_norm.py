@@ -9,14 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtriple.losses._checks import (
-    check_batch,
-    check_classes,
-    check_count,
     check_fits,
     check_positive,
     check_scale,
 )
 from softtriple.losses._precision import float32_forward
+from softtriple.losses._proxies import ProxyLoss
 
 
 def margin_cross_entropy(similarity: Tensor, labels: Tensor, la: float, margin: float) -> Tensor:
@@ -44,7 +42,7 @@ def init_centers(num_rows: int, embedding_dim: int) -> Tensor:
     return weight
 
 
-class SoftMaxNormLoss(nn.Module):
+class SoftMaxNormLoss(ProxyLoss):
     """Normalized SoftMax with a margin ("SoftMax norm", Qian et al. 2019, eq. 4 with K = 1).
 
     One center w_c per class; logits ``la * (x_i . w_c - delta [c == y_i])`` on L2-normalized
@@ -60,30 +58,17 @@ class SoftMaxNormLoss(nn.Module):
         embeddings: (B, d) float; labels: (B,) int64 in [0, C); returns a scalar.
     """
 
-    # a mean of per-example terms (plus a term of the centers alone): DDP's mean of the ranks'
-    # gradients is the single-process gradient, so no gather is needed under DDP
-    needs_global_batch: bool = False
-    adam_eps: float = 0.01  # Adam's, when optimizer.eps is unset (losses.adam_eps)
+    settings = ("la", "margin")
 
     def __init__(self, num_classes: int, embedding_dim: int, la: float = 20.0,
                  margin: float = 0.01) -> None:
-        super().__init__()
-        check_classes(num_classes)
-        check_count("embedding_dim", embedding_dim)
+        super().__init__(num_classes, embedding_dim)
         check_scale("la", la)
         check_positive("margin", margin, allow_zero=True)
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.la, self.margin = float(la), float(margin)
         self.centers = nn.Parameter(init_centers(num_classes, embedding_dim))  # (C, d)
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels, self.embedding_dim, self.num_classes)
-        dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)
-        x = F.normalize(embeddings.to(dtype), dim=1)  # (B, d)
-        w = F.normalize(self.centers.to(dtype), dim=1)  # (C, d)
+        x, w = self.unit_rows(embeddings, labels, self.centers)  # (B, d), (C, d)
         return margin_cross_entropy(x @ w.T, labels, self.la, self.margin)
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-                f"la={self.la}, margin={self.margin}")

@@ -40,22 +40,6 @@ def relaxed_class_similarity(x: Tensor, centers: Tensor, gamma: float) -> Tensor
     return (q * s).sum(dim=2)
 
 
-def center_regularizer(centers: Tensor) -> Tensor:
-    """R = sum_c sum_{t<s} sqrt(2 + 1e-5 - 2 w_c^t . w_c^s) / (C K (K - 1)), per class block.
-
-    Args:
-        centers: (C, K, d) L2-normalized centers, K >= 2.
-
-    Returns:
-        A scalar; memory O(C K^2), never a CK x CK matrix.
-    """
-    num_classes, k, _ = centers.shape
-    gram = centers @ centers.transpose(1, 2)  # (C, K, K)
-    t, s = torch.triu_indices(k, k, offset=1, device=centers.device)
-    dist = torch.sqrt((2.0 + 1e-5 - 2.0 * gram[:, t, s]).clamp_min(1e-12))  # (C, K(K-1)/2)
-    return dist.sum() / (num_classes * k * (k - 1))
-
-
 def class_similarity(x: Tensor, centers: Tensor, gamma: float, chunk: int = 1024,
                      compiled: bool = False) -> Tensor:
     """SoftTriple's class similarities S (B, C) of normalized embeddings x (B, d) to raw centers

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from softtriple.losses._checks import check_batch, check_positive
-from softtriple.losses._pairs import class_masks, degenerate, euclidean_distances
-from softtriple.losses._precision import float32_forward
+from softtriple.losses._pairs import PairLoss, class_masks, euclidean_distances
 
 
-class TripletLoss(nn.Module):
+class TripletLoss(PairLoss):
     """Triplet loss with online semi-hard mining (paper eq. 1 and section 3.2):
 
         loss = mean over positive pairs (a, p) of max(0, |f_a - f_p|^2 - |f_a - f_n|^2 + alpha),
@@ -28,29 +26,18 @@ class TripletLoss(nn.Module):
 
     Args:
         margin: alpha (0.2 in the paper).
-
-    Shapes:
-        embeddings (B, d) float, labels (B,) int64 -> scalar.
     """
 
-    # couples the examples of a batch: under DDP every rank sees the gathered global batch
-    # (softtriple.distributed.gather_batch)
-    needs_global_batch: bool = True
+    margin: float
 
     def __init__(self, margin: float = 0.2) -> None:
-        super().__init__()
-        check_positive("margin", margin, allow_zero=True)
-        self.margin = float(margin)
+        super().__init__(margin=margin)
 
-    @float32_forward
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels)
+    def batch_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         dist = euclidean_distances(F.normalize(embeddings, dim=1), squared=True)  # (B, B)
         positive, negative = class_masks(labels)
-        if not bool(positive.any()):
-            return degenerate(embeddings, "TripletLoss", "the batch has no positive pair")
-        if not bool(negative.any()):
-            return degenerate(embeddings, "TripletLoss", "the batch has only one class")
+        if (zero := self.nothing_to_learn(embeddings, positive, negative)) is not None:
+            return zero
         a, p = positive.nonzero(as_tuple=True)  # (P,) ordered pairs
         d_ap = dist[a, p]  # (P,)
         d_an = dist[a]  # (P, B)
@@ -61,6 +48,3 @@ class TripletLoss(nn.Module):
             farthest = torch.where(neg, d_an, float("-inf")).argmax(dim=1)
             n = torch.where(farther.any(dim=1), semi_hard, farthest)  # (P,)
         return torch.relu(d_ap - dist[a, n] + self.margin).mean()
-
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from softtriple import distributed as dist
 from softtriple import faults
-from softtriple.evaluation.sharded import sharded_evaluate
+from softtriple.evaluation.sharded_search import sharded_evaluate
 from softtriple.experiment.build import (
     PRECISIONS,
     build_config_loss,
@@ -113,7 +113,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """The test metrics, on every rank. Several processes search their shards of the test
-        set (``softtriple.evaluation.sharded``: exact, equal to one process); only NMI/AMI's
+        set (``softtriple.evaluation.sharded_search``: exact, equal to one process); only NMI/AMI's
         k-means gathers the embeddings."""
         embeddings = self.embed_test()
         faults.point("evaluation")

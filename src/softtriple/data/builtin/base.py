@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,3 +45,13 @@ def folder_checksum(folder: Path) -> str:
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def debian_version(package: str) -> str:
+    """The installed version of a Debian package (recorded in a built set's sources), or
+    "unknown" where dpkg cannot tell."""
+    if shutil.which("dpkg-query") is None:
+        return "unknown"
+    done = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True,
+                          text=True, check=False)
+    return done.stdout.strip() or "unknown"

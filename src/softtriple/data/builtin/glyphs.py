@@ -6,8 +6,6 @@ near-duplicate typefaces are dropped. Characters: the 3,755 of GB2312 level 1, k
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from softtriple.data.builtin.base import Builtin
+from softtriple.data.builtin.base import Builtin, debian_version
 from softtriple.data.table import DataError
 
 SIZE = 64  # image side, pixels
@@ -99,14 +97,6 @@ def _cmap(face: Typeface) -> set[int]:
     return set(font.getBestCmap() or {})
 
 
-def _version(package: str) -> str:
-    if shutil.which("dpkg-query") is None:
-        return "unknown"
-    done = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True,
-                          text=True, check=False)
-    return done.stdout.strip() or "unknown"
-
-
 def build(folder: Path, limit: int | None = None) -> dict[str, Any]:
     missing = missing_packages()
     if missing:
@@ -140,7 +130,7 @@ def build(folder: Path, limit: int | None = None) -> dict[str, Any]:
             counts[name] += 1
     by_name = {t.name: t for t in TYPEFACES}
     return {
-        "sources": [{"package": by_name[n].package, "version": _version(by_name[n].package),
+        "sources": [{"package": by_name[n].package, "version": debian_version(by_name[n].package),
                      "file": by_name[n].path, "style": by_name[n].style,
                      "licence": by_name[n].licence, "images": counts[n]} for n in kept],
         "dropped_near_duplicates": dropped, "classes": classes,

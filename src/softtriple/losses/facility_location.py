@@ -6,12 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from softtriple.evaluation.metrics import normalized_mutual_info
-from softtriple.losses._checks import check_batch, check_positive
-from softtriple.losses._pairs import degenerate, euclidean_distances
-from softtriple.losses._precision import float32_forward
+from softtriple.losses._pairs import PairLoss, degenerate, euclidean_distances
 
 
 def facility_score(dist: Tensor, medoids: Tensor) -> Tensor:
@@ -19,7 +17,7 @@ def facility_score(dist: Tensor, medoids: Tensor) -> Tensor:
     return -dist[:, medoids].amin(dim=1).sum()
 
 
-class ClusteringLoss(nn.Module):
+class ClusteringLoss(PairLoss):
     """The facility-location clustering loss (paper eq. 5-6):
 
         loss = [ max_{|S| = |Y|} ( F(X, S) + gamma * (1 - NMI(g(S), y)) ) - F~(X, y) ]_+
@@ -36,19 +34,12 @@ class ClusteringLoss(nn.Module):
 
     Args:
         gamma: the margin multiplier gamma on the structured margin 1 - NMI (1 in the paper).
-
-    Shapes:
-        embeddings (B, d) float, labels (B,) int64 -> scalar.
     """
 
-    # couples the examples of a batch: under DDP every rank sees the gathered global batch
-    # (softtriple.distributed.gather_batch)
-    needs_global_batch: bool = True
+    gamma: float
 
     def __init__(self, gamma: float = 1.0) -> None:
-        super().__init__()
-        check_positive("gamma", gamma, allow_zero=True)
-        self.gamma = float(gamma)
+        super().__init__(gamma=gamma)
 
     def _objective(self, dist: np.ndarray, medoids: list[int], labels: np.ndarray) -> float:
         assign = np.asarray(medoids)[dist[:, medoids].argmin(axis=1)]
@@ -74,9 +65,7 @@ class ClusteringLoss(nn.Module):
             medoids[c] = best
         return medoids
 
-    @float32_forward
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels)
+    def batch_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         if len(torch.unique(labels)) < 2:
             return degenerate(embeddings, "ClusteringLoss", "the batch has only one class")
         dist = euclidean_distances(F.normalize(embeddings, dim=1))  # (B, B)
@@ -92,6 +81,3 @@ class ClusteringLoss(nn.Module):
             within = dist[members][:, members]  # (n_k, n_k)
             oracle = oracle - within.sum(dim=0).min()  # the best medoid inside class k
         return torch.relu(augmented + self.gamma * margin - oracle)
-
-    def extra_repr(self) -> str:
-        return f"gamma={self.gamma}"
