@@ -45,7 +45,7 @@ def raw_pixel_metrics(trainer: Trainer) -> dict[str, Any]:
                     metrics=("recall", "map_at_r", "nmi", "ami"))
 
 
-def run(overrides: list[str] = ()) -> dict[str, dict[str, float]]:  # type: ignore[assignment]
+def train_demo(overrides: list[str] = ()) -> dict[str, dict[str, float]]:  # type: ignore[assignment]
     """Prepare glyphs, train, and return the held-out metrics: raw pixels, before, after."""
     prepare("glyphs")
     trainer = Trainer(demo_config(overrides), overwrite=True)  # the demo's folder is its own
@@ -70,7 +70,7 @@ def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
           f"on glyphs, {config.schedule.epochs} epochs on this CPU")
     print(f"train on {config.data.max_classes or 'all'} characters, evaluate retrieval on "
           f"{config.data.max_classes or 'all'} other characters (10 typefaces each)\n")
-    results = run(overrides)
+    results = train_demo(overrides)
     columns = ["raw pixels", "pretrained", "trained"]
     print("\n" + f"{'held-out':<12}" + "".join(f"{c:>12}" for c in columns))
     for key in SHOWN:

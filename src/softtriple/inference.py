@@ -1,7 +1,7 @@
 """Using a trained model: load it from a run folder or checkpoint, and embed a split or one image
 on the run's device and precision. One home for the CLI (evaluate, embed, search), the report,
-export and the search page; above the training package (whose build layer, experiment/build.py,
-makes the model and loss from a config), never imported by it."""
+export and the search page; beside the training package (both stand on softtriple.experiment,
+whose build.py makes the model and loss from a config), and neither imports the other."""
 
 from __future__ import annotations
 
