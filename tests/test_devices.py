@@ -35,6 +35,27 @@ def test_knn_runs_on_the_inputs_device_and_matches_numpy(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_knn_default_tiles_on_the_device_match_small_tiles(device):
+    """The default tile (4,096 rows on a CPU, sized to free memory on CUDA) finds the same
+    neighbours, in the same order, as tiles of 16 rows, on rows with exact duplicates (ties)."""
+    x, _ = _data()
+    x = torch.from_numpy(np.concatenate([x, x[::3]])).to(device)
+    assert torch.equal(knn(x, 10)[1].cpu(), knn(x.cpu(), 10, block=16)[1])
+    assert torch.equal(knn(x[:60], 7, x)[1].cpu(), knn(x[:60].cpu(), 7, x.cpu(), block=16)[1])
+
+
+def test_accelerator_tiles_are_sized_to_free_memory():
+    from softtriple.evaluation.knn import block_for_memory, default_block
+
+    assert default_block(torch.device("cpu")) == 4096
+    assert block_for_memory(139 * 2**30) == 55296  # an H200's: a quarter holds 3 tiles of it
+    assert 55296**2 * 4 * 3 <= 139 * 2**30 / 4 < 56320**2 * 4 * 3
+    assert block_for_memory(20 * 2**30) == 20480
+    assert block_for_memory(2**28) == 4096  # the smallest
+    assert block_for_memory(2**50) == 65536  # the largest
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_evaluate_and_kmeans_take_device_tensors(device):
     x, y = _data()
     on_device = torch.from_numpy(x).to(device)

@@ -48,6 +48,11 @@ PENDING = 8  # candidates kept per row, in multiples of k, before they are reduc
 PROBE = (3072, 512, 32)  # rows, width and k of the engines' measurement (docs/PERFORMANCE.md:
 # smaller probes can rank the engines otherwise than the searches users run)
 SMALL = 2**28  # multiply-adds below which a search goes to torch unmeasured (about 10 ms)
+CPU_BLOCK = 4096  # rows per tile on a CPU: a 64 MiB float32 tile, within its caches' reach
+# a tile and its temporaries (chunk maxima, candidates, the float32 tile of a half-precision
+# product) in multiples of the tile's own bytes, for sizing the tiles of an accelerator
+TILE_COPIES = 3
+ACCELERATOR_BLOCKS = (4096, 65536)  # the smallest and largest tile an accelerator gets
 
 
 def as_numpy(values: ArrayLike | Sequence[Any]) -> np.ndarray:
@@ -169,7 +174,7 @@ class _RunningTopk:
 
 
 def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
-        backend: Backend = "auto", block: int = 4096) -> tuple[Tensor, Tensor]:
+        backend: Backend = "auto", block: int | None = None) -> tuple[Tensor, Tensor]:
     """The k most similar gallery rows of every query, by cosine similarity.
 
     Without ``gallery`` the queries are the gallery and no query retrieves itself. When the
@@ -183,7 +188,10 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
         backend: ``"auto"`` (the fastest engine here for a large float32 CPU search, else
             torch), ``"torch"`` or ``"numpy"`` (exact tiled products by that library's BLAS), or
             ``"faiss"`` (IndexFlatIP on the CPU); the same tie rule for all.
-        block: at most this many rows per tile; memory is O(block x block + N x k).
+        block: at most this many rows per tile; memory is O(block x block + N x k). None:
+            4,096 on a CPU; on an accelerator as large as a quarter of its free memory allows
+            (``block_for_memory``), so that a million rows take hundreds of tiles, not tens of
+            thousands of small ones each paying its launches and one host sync.
 
     Returns:
         similarities (Nq, k) float and indices (Nq, k) int64 into the gallery, best first, on
@@ -210,6 +218,8 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
     available = q.shape[0] - 1 if g is None else g.shape[0]
     k = check_k(k, available, what="items in the gallery" if g is not None else
                 "other queries (a query is never its own neighbour)")
+    if block is None:
+        block = default_block(q.device)
     if block < 1:
         raise ValueError(f"block must be >= 1; got {block}")
     if backend not in ("auto", *ENGINES):
@@ -281,6 +291,22 @@ def choose(queries: Tensor, gallery_rows: int, k: int = 1) -> Engine:
     if ranking[0] == "bf16" and k > BF16_MAX_K_SHARE * gallery_rows and len(ranking) > 1:
         return ranking[1]
     return ranking[0]
+
+
+def block_for_memory(free_bytes: int, element_bytes: int = 4) -> int:
+    """Rows per tile whose (block x block) tile and its temporaries (TILE_COPIES of its bytes)
+    fit in a quarter of ``free_bytes``: a multiple of 1,024 within ACCELERATOR_BLOCKS."""
+    low, high = ACCELERATOR_BLOCKS
+    side = int(math.sqrt(free_bytes / 4 / (TILE_COPIES * element_bytes)))
+    return max(low, min(high, side // 1024 * 1024))
+
+
+def default_block(device: torch.device) -> int:
+    """``knn``'s tile rows on ``device``: CPU_BLOCK on a CPU, else sized to its free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return block_for_memory(int(free))
+    return CPU_BLOCK
 
 
 def _starts(n: int, block: int) -> tuple[list[int], int]:

@@ -53,7 +53,7 @@ def _without_self(sims: Tensor, index: Tensor, own: Tensor, k: int) -> tuple[Ten
 
 
 def sharded_knn(queries: ArrayLike, gallery: ArrayLike | None, k: int, *,
-                query_block: int = 4096, block: int = 4096) -> tuple[Tensor, Tensor]:
+                query_block: int = 4096, block: int | None = None) -> tuple[Tensor, Tensor]:
     """The exact k most similar rows, over all ranks' gallery shards, of this rank's queries.
 
     Args:
@@ -62,7 +62,7 @@ def sharded_knn(queries: ArrayLike, gallery: ArrayLike | None, k: int, *,
             gallery is all ranks' queries, in rank order) and no query retrieves itself.
         k: neighbours per query, at most the whole gallery's size (minus one without gallery).
         query_block: queries broadcast at a time.
-        block: tile size of each rank's local ``knn``.
+        block: tile size of each rank's local ``knn`` (None: its default for the device).
 
     Returns:
         similarities (n_r, k) and global gallery indices (n_r, k), best first, on the queries'
