@@ -74,6 +74,15 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
+def gather_to_main(obj: Any) -> list[Any]:
+    """Rank 0: every rank's ``obj`` in rank order; other ranks: []; in one process [obj]."""
+    if not tdist.is_initialized():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    tdist.gather_object(obj, out, dst=0)
+    return out or []
+
+
 def stream_to_main(obj: Any) -> Iterator[Any]:
     """Rank 0: an iterator over every rank's ``obj`` in rank order, each received only when the
     iterator reaches it (so rank 0 holds one at a time; it must consume them all). Other

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-from softtriple.distributed import size_and_rank
+from softtriple.distributed import gather, gather_to_main, size_and_rank
 from softtriple.evaluation.clustering import KMeansSettings
 from softtriple.evaluation.knn import ArrayLike, as_numpy, as_tensor, check_k, knn
 from softtriple.evaluation.metrics import (
@@ -35,12 +35,8 @@ from softtriple.evaluation.topk import select_topk
 
 
 def _sizes(n: int) -> list[int]:
-    world, _ = size_and_rank()
-    if world == 1:
-        return [n]
-    out: list[Any] = [None] * world
-    tdist.all_gather_object(out, n)
-    return [int(v) for v in out]
+    """Every rank's ``n``, in rank order."""
+    return [int(v) for v in gather(n)]
 
 
 def _without_self(sims: Tensor, index: Tensor, own: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -153,15 +149,13 @@ def sharded_evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int]
     if set(metrics) & set(RETRIEVAL_METRICS):
         k = required_k(y, ks if "recall" in metrics else ())
         _, index = sharded_knn(x, None, min(k, len(y) - 1))
-        parts: list[Any] = [None] * world
-        tdist.gather_object(index.cpu(), parts if me == 0 else None, dst=0)
+        parts = gather_to_main(index.cpu())
         if me == 0:
             nb = Neighbours.from_index(torch.cat(parts), y)
             out.update(retrieval_metrics(nb, ks, metrics))
     cluster = [m for m in metrics if m in CLUSTER_METRICS]
     if cluster:
-        parts = [None] * world
-        tdist.gather_object(x.cpu(), parts if me == 0 else None, dst=0)
+        parts = gather_to_main(x.cpu())
         if me == 0:
             out.update(evaluate(torch.cat(parts), y, ks, cluster, seed=seed,
                                 kmeans_settings=kmeans_settings))

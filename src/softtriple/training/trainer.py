@@ -64,9 +64,10 @@ class Trainer:
             raise
 
     def _setup(self, config: Config) -> None:
-        self.state = None if self.folder.resume is None else load_checkpoint(self.folder.resume)
-        if self.state is not None:
-            check_resumable(self.state, config, self.folder.resume or "")
+        self.state = None
+        if self.folder.resume is not None:
+            self.state = load_checkpoint(self.folder.resume)
+            check_resumable(self.state, config, self.folder.resume)
         self.out = self.folder.root
         seed_everything(config.run.seed)
         self.model = build_training_model(config, self.device)
