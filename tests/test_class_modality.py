@@ -14,13 +14,14 @@ from class_modality import best_k, modality
 
 
 def _classes() -> tuple[np.ndarray, np.ndarray]:
-    """Class 0: two modes 6 standard deviations apart; class 1: one Gaussian blob; 12 rows each."""
+    """Class 0: two modes 6 standard deviations apart along 4 of 8 dimensions; class 1: one
+    Gaussian blob, as elongated; 40 rows each."""
     rng = np.random.default_rng(0)
-    centre = np.zeros(16)
-    centre[0] = 3.0
-    modes = np.concatenate([rng.normal(centre, 1.0, (6, 16)), rng.normal(-centre, 1.0, (6, 16))])
-    blob = rng.normal(0.0, 1.0, (12, 16))
-    return np.concatenate([modes, blob]), np.repeat([0, 1], 12)
+    centre = np.zeros(8)
+    centre[:4] = 3.0
+    modes = np.concatenate([rng.normal(centre, 1.0, (20, 8)), rng.normal(-centre, 1.0, (20, 8))])
+    blob = rng.normal(0.0, 1.0, (40, 8)) * np.where(np.arange(8) < 4, 3.0, 1.0)
+    return np.concatenate([modes, blob]), np.repeat([0, 1], 40)
 
 
 def test_two_modes_are_found_and_a_blob_is_not():
@@ -29,7 +30,7 @@ def test_two_modes_are_found_and_a_blob_is_not():
     assert result is not None and result["classes"] == 2
     assert result["found"] == [True, False]
     assert result["found_share"] == 0.5
-    assert modality(x, labels, 7) is None  # no class has 14 rows
+    assert modality(x, labels, 21) is None  # no class has 42 rows
 
 
 def test_best_k_is_the_largest_k_found_and_1_when_none_is():
