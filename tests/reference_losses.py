@@ -110,8 +110,10 @@ def lifted_reference(x: Tensor, labels: Tensor, margin: float) -> Tensor:
     return total / (2 * count)
 
 
-def triplet_semihard_reference(x: Tensor, labels: Tensor, margin: float) -> Tensor:
-    """FaceNet eq. 1 on unit vectors, squared distances, one semi-hard negative per (a, p)."""
+def triplet_semihard_reference(x: Tensor, labels: Tensor, margin: float,
+                               hardest: bool = False) -> Tensor:
+    """FaceNet eq. 1 on unit vectors, squared distances, one semi-hard negative per (a, p) (with
+    ``hardest``, the closest negative instead)."""
     u = [_unit(v) for v in x]
     y = labels.tolist()
     losses = []
@@ -123,6 +125,8 @@ def triplet_semihard_reference(x: Tensor, labels: Tensor, margin: float) -> Tens
             negs = [((u[a] - u[k]) ** 2).sum() for k in range(len(x)) if y[k] != y[a]]
             farther = [d for d in negs if float(d) > float(d_ap)]
             d_an = min(farther, key=float) if farther else max(negs, key=float)
+            if hardest:
+                d_an = min(negs, key=float)
             losses.append(torch.clamp(d_ap - d_an + margin, min=0))
     return sum(losses) / len(losses)
 

@@ -139,6 +139,14 @@ def test_triplet_semihard_equals_reference(labels, margin, seed):
     y = torch.tensor(labels)
     _grads(TripletLoss(margin), _x(len(y), seed=seed), y,
            lambda x: triplet_semihard_reference(x, y, margin))
+    _grads(TripletLoss(margin, mining="hardest"), _x(len(y), seed=seed), y,
+           lambda x: triplet_semihard_reference(x, y, margin, hardest=True))
+
+
+def test_triplet_mining_is_named():
+    with pytest.raises(ValueError, match="mining must be one of semihard, hardest; got 'hard'"):
+        TripletLoss(mining="hard")
+    assert repr(TripletLoss()) == "TripletLoss(margin=0.2, mining=semihard)"
 
 
 @pytest.mark.parametrize("labels", BATCHES)

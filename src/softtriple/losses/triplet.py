@@ -24,14 +24,25 @@ class TripletLoss(PairLoss):
     definition: it keeps every semi-hard triplet, not one per positive pair, and uses
     non-squared distances; the tests check ours against a loop over the paper's definition.
 
+    ``mining="hardest"`` takes instead each pair's closest negative (the batch-hard rule of
+    Hermans et al., "In Defense of the Triplet Loss", 2017, per positive pair), which the paper
+    warns can collapse a model trained from scratch; semi-hard mining skips every negative that
+    is nearer than the positive, the very ones a nearest-neighbour search gets wrong.
+
     Args:
         margin: alpha (0.2 in the paper).
+        mining: "semihard" (the paper's) or "hardest".
     """
 
     margin: float
+    MINING = ("semihard", "hardest")
 
-    def __init__(self, margin: float = 0.2) -> None:
+    def __init__(self, margin: float = 0.2, mining: str = "semihard") -> None:
         super().__init__(margin=margin)
+        if mining not in self.MINING:
+            raise ValueError(f"mining must be one of {', '.join(self.MINING)}; got {mining!r}")
+        self.mining = mining
+        self.settings = ("margin", "mining")
 
     def batch_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         dist = euclidean_distances(F.normalize(embeddings, dim=1), squared=True)  # (B, B)
@@ -43,8 +54,11 @@ class TripletLoss(PairLoss):
         d_an = dist[a]  # (P, B)
         neg = negative[a]  # (P, B)
         with torch.no_grad():  # mining picks an index; the gradient flows through dist below
-            farther = neg & (d_an > d_ap[:, None])
-            semi_hard = torch.where(farther, d_an, float("inf")).argmin(dim=1)
-            farthest = torch.where(neg, d_an, float("-inf")).argmax(dim=1)
-            n = torch.where(farther.any(dim=1), semi_hard, farthest)  # (P,)
+            if self.mining == "hardest":
+                n = torch.where(neg, d_an, float("inf")).argmin(dim=1)  # (P,)
+            else:
+                farther = neg & (d_an > d_ap[:, None])
+                semi_hard = torch.where(farther, d_an, float("inf")).argmin(dim=1)
+                farthest = torch.where(neg, d_an, float("-inf")).argmax(dim=1)
+                n = torch.where(farther.any(dim=1), semi_hard, farthest)  # (P,)
         return torch.relu(d_ap - dist[a, n] + self.margin).mean()
