@@ -70,7 +70,8 @@ def mean_run_seconds(data: object) -> list[float]:
         return []
     seconds: dict[str, list[float]] = {}
     for run in data["runs"]:
-        seconds.setdefault(run["variant"], []).append(run["seconds"])
+        if run["seconds"] is not None:  # a run compare did not time (trained before the suite)
+            seconds.setdefault(run["variant"], []).append(run["seconds"])
     return [sum(v) / len(v) for v in seconds.values()]
 
 
