@@ -187,12 +187,14 @@ class TrainingState:
         rank 0 (each rank's center block first: last.pt names them, so a kill between leaves the
         previous set in use); every rank calls it."""
         blocks: list[str] = []
-        optimizer = self.optimizer.state_dict()
-        if self.sharded:
+        if self.sharded:  # every rank: its block, taken out of its optimizer state
+            optimizer = self.optimizer.state_dict()
             blocks = dist.gather(self._save_center_block(run, optimizer, int(progress["step"])))
             dist.barrier()
         if not dist.is_main():
             return
+        if not self.sharded:  # rank 0 only: the other ranks' state is the same
+            optimizer = self.optimizer.state_dict()
         save_checkpoint(run.checkpoint, {
             "model": self.model.state_dict(),
             "loss": {} if self.sharded else self.loss.state_dict(), "center_blocks": blocks,
