@@ -10,9 +10,14 @@
 3. **trainer**: EfficientNet-Lite0 at 224 px, batch 128, bf16, channels_last on a folder of
    JPEGs written here (3,000 images, 100 classes, as a user's folder data set): each whole
    epoch and evaluation from metrics.jsonl (first against steady), against the in-memory step
-   floor of the same model, loss and optimizer;
+   floor of the same model, loss and optimizer; where the first epoch's time goes (to the first
+   step's end, the first steps, the last, the median, the device synchronized after each step);
 4. **tests**: the device-parametrized tests (CUDA included where a GPU is visible), their pass
-   count.
+   count;
+5. **trainer_no_autotuning**: part 3 again, 2 epochs, with ``run.cudnn_benchmark=false``, in a
+   fresh process: what cuDNN's autotuning costs the first epoch and gains the steady ones.
+
+Results are written after each part, so a call cut short keeps what it measured.
 
     .venv/bin/python benchmarks/gpu.py [--json FILE] [--tiny]
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import platform
@@ -195,24 +201,55 @@ def write_folder(root: Path, classes: int, per_class: int, size: int) -> None:
         base = rng.uniform(0, 255, (8, 8, 3))
         for i in range(per_class):
             small = np.clip(base + rng.normal(0, 30, (8, 8, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(small).resize((size, size), Image.BILINEAR).save(
+            Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR).save(
                 folder / f"{i:03d}.jpg", quality=90)
 
 
-def trainer_section(device: torch.device, tiny: bool, work: Path) -> dict[str, Any]:
+def step_clock(optimizer: torch.optim.Optimizer, device: torch.device) -> list[float]:
+    """The perf_counter after each optimizer step, the device synchronized, appended to the list
+    returned (where a first epoch's time goes: worker start before the first step, cuDNN's
+    autotuning in the first steps of each shape, the last partial batch)."""
+    marks: list[float] = [time.perf_counter()]
+
+    def mark(*_: Any) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+    optimizer.register_step_post_hook(mark)
+    return marks
+
+
+def first_epoch_anatomy(marks: list[float], steps: int) -> dict[str, Any]:
+    """Seconds from the epoch's start (the clock's first mark, at setup's end) to the first
+    step's end, the first steps' and the last step's ms, and the median step of the epoch."""
+    gaps = [1000 * (b - a) for a, b in itertools.pairwise(marks[:steps + 1])]
+    if not gaps:
+        return {}
+    return {"to_first_step_seconds": gaps[0] / 1000, "first_steps_ms": gaps[1:9],
+            "median_step_ms": statistics.median(gaps[1:] or gaps), "last_step_ms": gaps[-1]}
+
+
+def trainer_section(device: torch.device, tiny: bool, work: Path,
+                    cudnn_benchmark: bool = True) -> dict[str, Any]:
+    """The trainer on a folder of JPEGs against its in-memory step. With ``cudnn_benchmark``
+    off (a second, shorter run), what cuDNN's autotuning costs the first epoch."""
     from softtriple.experiment import load_config
     from softtriple.training import Trainer
     classes, per_class, size, batch, epochs = (10, 8, 40, 8, 2) if tiny else (100, 30, 256, 128,
                                                                               3)
+    epochs = epochs if cudnn_benchmark else 2
     data = work / "folder"
     start = time.perf_counter()
-    write_folder(data, classes, per_class, size)
+    if not data.exists():
+        write_folder(data, classes, per_class, size)
+    run = work / ("run" if cudnn_benchmark else "run_no_autotuning")
     settings = ["model.backbone=efficientnet_lite0", "data.format=folder", f"data.root={data}",
                 f"data.image_size={32 if tiny else 224}", f"data.batch_size={batch}",
                 f"evaluation.batch_size={batch}", f"schedule.epochs={epochs}",
                 "evaluation.before_training=false", "evaluation.every=1",
                 "evaluation.metrics=[recall]", "run.progress=false", "run.report=false",
-                "loss.args={centers_per_class: 4}", f"run.out={work / 'run'}",
+                "loss.args={centers_per_class: 4}", f"run.out={run}",
+                f"run.cudnn_benchmark={str(cudnn_benchmark).lower()}",
                 f"run.precision={'bf16' if device.type == 'cuda' else 'fp32'}",
                 f"run.device={device.type}"]
     out: dict[str, Any] = {"images": classes * per_class, "write_seconds":
@@ -237,11 +274,14 @@ def trainer_section(device: torch.device, tiny: bool, work: Path) -> dict[str, A
     trainer.objective.load_state_dict(saved[0])
     trainer.optimizer.load_state_dict(saved[1])
     out["floor_images_per_second"] = 1000 * batch / out["floor"]["ms"]
+    marks = step_clock(trainer.optimizer, device)
+    marks[0] = time.perf_counter()
     result = trainer.train()
-    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs_s = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
     evals = [r["eval_seconds"] for r in rows if "eval_seconds" in r]
     steps = trainer.step // epochs
+    out["first_epoch"] = first_epoch_anatomy(marks, steps)
     out |= {"epoch_seconds": epochs_s, "eval_seconds": evals, "steps_per_epoch": steps,
             "recall@1": result["metrics"].get("recall@1")}
     steady = statistics.median(epochs_s[1:]) if len(epochs_s) > 1 else epochs_s[0]
@@ -250,8 +290,18 @@ def trainer_section(device: torch.device, tiny: bool, work: Path) -> dict[str, A
     out["first_over_steady_epoch"] = epochs_s[0] / steady
     if len(evals) > 1:
         out["first_over_later_eval"] = evals[0] / statistics.median(evals[1:])
-    print("trainer", json.dumps(out), flush=True)
+    print("trainer" if cudnn_benchmark else "trainer_no_autotuning", json.dumps(out), flush=True)
     return out
+
+
+def no_autotuning_child(tiny: bool, work: Path) -> dict[str, Any]:
+    """The trainer part again with cuDNN's autotuning off, in a fresh process (so that CUDA's
+    lazy start, Triton's compiles and cuDNN's caches are cold again, as in the first run)."""
+    target = work / "no_autotuning.json"
+    subprocess.run([sys.executable, __file__, "--parts", "trainer", "--no-autotuning",
+                    "--json", str(target), *(["--tiny"] if tiny else [])], cwd=ROOT, check=True,
+                   timeout=300)
+    return dict(json.loads(target.read_text())["trainer"])
 
 
 def tests_section(work: Path, timeout: int) -> dict[str, Any]:
@@ -282,9 +332,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="toy sizes: check the script")
-    parser.add_argument("--parts", default="loss,eval,trainer,tests")
+    parser.add_argument("--parts", default="loss,eval,trainer,tests,trainer_no_autotuning")
     parser.add_argument("--tests-timeout", type=int, default=150)
     parser.add_argument("--knn-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-autotuning", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -298,8 +349,11 @@ def main() -> None:
         work = Path(tmp)
         for name, run in (("loss", lambda: loss_section(device, args.tiny)),
                           ("eval", lambda: eval_section(device, args.tiny)),
-                          ("trainer", lambda: trainer_section(device, args.tiny, work)),
-                          ("tests", lambda: tests_section(work, args.tests_timeout))):
+                          ("trainer", lambda: trainer_section(device, args.tiny, work,
+                                                              not args.no_autotuning)),
+                          ("tests", lambda: tests_section(work, args.tests_timeout)),
+                          ("trainer_no_autotuning",
+                           lambda: no_autotuning_child(args.tiny, work))):
             if name not in parts:
                 continue
             start = time.perf_counter()
@@ -309,10 +363,16 @@ def main() -> None:
                 results[name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
                 print(name, "failed:", results[name]["error"], flush=True)
             results.setdefault("seconds", {})[name] = time.perf_counter() - start
-    target = args.json or (RESULTS if device.type == "cuda" and not args.tiny else None)
+            write_results(results, args.json, device, args.tiny)  # each part's, if cut short
+    print("wrote", args.json or (RESULTS if device.type == "cuda" and not args.tiny else "$OUT"))
+
+
+def write_results(results: dict[str, Any], target: Path | None, device: torch.device,
+                  tiny: bool) -> None:
+    """To ``target`` (a GPU run's default: benchmarks/results/gpu.json) and $OUT/gpu.json."""
+    target = target or (RESULTS if device.type == "cuda" and not tiny else None)
     if target is not None:
         write_json(target, results)
-        print("wrote", target)
     out = os.environ.get("OUT")
     if out:
         write_json(Path(out) / "gpu.json", results)
