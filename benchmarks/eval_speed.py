@@ -143,6 +143,64 @@ def bf16_anatomy(x: np.ndarray, k: int) -> dict[str, Any]:
             len(per_block), "product_seconds": products}
 
 
+def million(rows: int, queries: int, k: int, cap: float) -> dict[str, Any]:
+    """The exact kNN of a million-row gallery (``rows`` x 128, clustered as make_data's, classes
+    of 10), for its first ``queries`` rows as queries (the whole self-search takes 1,000 times
+    the product of CUB's test set: hours on 2 cores, so it is projected, not run): ours (auto),
+    ours with the bf16 engine, faiss's exact search and torch's product + top-k, in this order,
+    each timed once after a warm-up on a tenth of the queries; a tool whose warm-up, scaled to
+    the whole block, would pass ``cap`` seconds is not run. The neighbours of ours and ours bf16
+    must equal faiss's up to ties (the similarities at every rank equal)."""
+    import torch
+
+    from softtriple.evaluation import knn
+    from softtriple.evaluation.engines import faiss_search
+    from softtriple.evaluation.knn import cpu_engine
+
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(rows // 10 + 1), 10)[:rows])
+    means = rng.standard_normal((labels.max() + 1, 128)).astype(np.float32)
+    x = means[labels] + 1.6 * rng.standard_normal((rows, 128)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q, xt = x[:queries], torch.from_numpy(x)
+    calls: dict[str, Callable[[np.ndarray], Any]] = {
+        "ours": lambda a: knn(a, k, x),
+        "ours bf16": lambda a: knn(a, k, x, backend="bf16"),
+        "faiss exact search": lambda a: faiss_search(a, x, k),
+        "torch matmul + topk": lambda a: (torch.from_numpy(a) @ xt.T).topk(k, dim=1)}
+    out: dict[str, Any] = {"rows": rows, "dim": 128, "queries": queries, "k": k, "cap": cap,
+                           "tools": {}}
+    found = {}
+    cpu_engine()  # the auto engine's one-off probe, outside the timings
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call(q[:max(1, queries // 10)])
+        projected = (time.perf_counter() - start) * 10
+        if projected > cap:
+            out["tools"][name] = {"seconds": None, "warm_up_projected_seconds": projected}
+            continue
+        start = time.perf_counter()
+        result = call(q)
+        seconds = time.perf_counter() - start
+        found[name] = np.asarray(result[0], dtype=np.float32)
+        out["tools"][name] = {"seconds": seconds,
+                              "self_search_projected_seconds": seconds * rows / queries}
+        print(f"million {name}: {seconds:.2f} s for {queries} queries", flush=True)
+    if "faiss exact search" in found:
+        for name in ("ours", "ours bf16"):
+            if name in found and not np.allclose(found[name], found["faiss exact search"],
+                                                 atol=1e-5):
+                raise AssertionError(f"{name}'s neighbours differ from faiss's exact search")
+    timed = {name: v["seconds"] for name, v in out["tools"].items() if v["seconds"] is not None}
+    floor = {name: s for name, s in timed.items() if name not in ("ours", "ours bf16")}
+    if floor:
+        out["floor"] = min(floor, key=floor.__getitem__)
+        for name in ("ours", "ours bf16"):
+            if name in timed:
+                out["tools"][name]["floor_ratio"] = timed[name] / floor[out["floor"]]
+    return out
+
+
 def warm(x: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
     """Median seconds of each tool and floor after one warm-up call, calls interleaved in this
     process (the floors only where the N x N product fits in memory)."""
@@ -200,8 +258,13 @@ def cold(x: np.ndarray, y: np.ndarray, tool: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=sorted(SHAPES), action="append",
-                        help="run only these shapes (repeatable)")
+    parser.add_argument("--only", choices=sorted([*SHAPES, "million"]), action="append",
+                        help="run only these shapes (repeatable); 'million': a block of queries "
+                             "against a 1,000,000 x 128 gallery, time-capped (not by default)")
+    parser.add_argument("--million", nargs=2, type=int, default=[1_000_000, 8192],
+                        metavar=("ROWS", "QUERIES"), help=argparse.SUPPRESS)
+    parser.add_argument("--cap", type=float, default=300.0,
+                        help="seconds: the million-row shape skips a tool projected past this")
     parser.add_argument("--repeats", type=int, default=5, help="warm calls per tool (median)")
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write results")
     parser.add_argument("--noisy", action="store_true",
@@ -220,7 +283,11 @@ def main() -> None:
 
     conditions = Conditions.start(allow_noisy=args.noisy)
     rows = []
+    extra: dict[str, Any] = {}
     for name in args.only or list(SHAPES):
+        if name == "million":
+            extra["million"] = million(*args.million, k=8, cap=args.cap)
+            continue
         x, y = make_data(name)
         row: dict[str, Any] = {"shape": name, "n": len(x), "dim": x.shape[1],
                                "classes": int(y.max() + 1), "warm": warm(x, y, args.repeats),
@@ -254,7 +321,7 @@ def main() -> None:
               flush=True)
     report = {"conditions": conditions.finish(), "knn_engine": cpu_engine(),
               "command": " ".join(["OMP_WAIT_POLICY=PASSIVE .venv/bin/python", *sys.argv]),
-              "repeats": args.repeats, "rows": rows}
+              "repeats": args.repeats, "rows": rows, **extra}
     write_json(args.json, report)
     print(f"wrote {args.json}")
 
