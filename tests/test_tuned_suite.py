@@ -1,0 +1,69 @@
+"""benchmarks/tuned_suite.py: the suite that runs each method at its best validation settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from softtriple.compare import load_suite
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "tuned_suite.py"
+
+
+def write_tuning(folder: Path, recalls: dict[str, float]) -> tuple[Path, Path]:
+    configs = folder / "configs"
+    (configs / "compare").mkdir(parents=True)
+    (configs / "base.yaml").write_text((REPO / "configs" / "glyphs.yaml").read_text())
+    variants = [{"label": label, "set": [f"optimizer.lr={label.split('lr=')[1].split()[0]}"]}
+                for label in recalls]
+    suite = configs / "compare" / "tune.yaml"
+    suite.write_text(yaml.safe_dump({"base": "../base.yaml", "out": "runs/compare/tune",
+                                     "seeds": [0], "set": ["data.validation_classes=0.5",
+                                                           "evaluation.every=0"],
+                                     "variants": variants}))
+    summary = folder / "summary.json"
+    summary.write_text(json.dumps({"variants": {
+        label: {"metrics": {"recall@1": {"mean": value}}} if value is not None else {}
+        for label, value in recalls.items()}}))
+    return suite, summary
+
+
+def test_each_method_runs_at_its_best_validation_settings(tmp_path):
+    suite, summary = write_tuning(tmp_path, {
+        "SoftMax-norm lr=0.0003 la=20": 0.60, "SoftMax-norm lr=0.001 la=20": 0.70,
+        "Triplet lr=0.0003 batch=32": 0.50, "Triplet lr=0.001 batch=32": 0.40})
+    out = tmp_path / "configs" / "compare" / "tuned.yaml"
+    subprocess.run([sys.executable, str(SCRIPT), str(suite), str(summary), str(out),
+                    "--seeds", "0,1"], check=True, capture_output=True, text=True)
+    tuned = yaml.safe_load(out.read_text())
+    assert [v["label"] for v in tuned["variants"]] == ["SoftMax-norm", "Triplet"]
+    assert tuned["variants"][0]["set"] == ["optimizer.lr=0.001"]
+    assert tuned["variants"][1]["set"] == ["optimizer.lr=0.0003"]
+    assert tuned["set"] == ["evaluation.every=0"]  # the test classes, not the validation split
+    assert tuned["paired"] == [["Triplet", "SoftMax-norm"]] and tuned["seeds"] == [0, 1]
+    assert "Triplet lr=0.001 batch=32: validation recall@1 0.400" in out.read_text()
+    loaded = load_suite(out)  # the base config resolves from the new file's folder
+    assert len(loaded.variants) == 2
+
+
+def test_an_unfinished_tuning_is_refused(tmp_path):
+    suite, summary = write_tuning(tmp_path, {"SoftMax-norm lr=0.001 la=20": 0.7,
+                                             "Triplet lr=0.001 batch=32": None})
+    done = subprocess.run([sys.executable, str(SCRIPT), str(suite), str(summary),
+                           str(tmp_path / "tuned.yaml")], capture_output=True, text=True)
+    assert done.returncode != 0 and "not finished" in done.stderr
+    assert "Triplet lr=0.001 batch=32" in done.stderr
+    assert not (tmp_path / "tuned.yaml").exists()
+
+
+def test_an_anchor_that_is_no_method_is_refused(tmp_path):
+    suite, summary = write_tuning(tmp_path, {"SoftMax-norm lr=0.001 la=20": 0.7})
+    done = subprocess.run([sys.executable, str(SCRIPT), str(suite), str(summary),
+                           str(tmp_path / "tuned.yaml"), "--anchor", "ProxyNCA"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "not a method" in done.stderr
