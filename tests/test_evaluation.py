@@ -129,6 +129,22 @@ def test_knn_dtypes_and_torch_input(dtype):
     assert s_np.shape == (40, 5) and bool((s_np[:, :-1] >= s_np[:, 1:]).all())
 
 
+def test_faiss_product_path_finds_the_same_and_leaves_faiss_as_it_was():
+    """Gallery searches ask faiss for its BLAS product (its per-query scan is several times
+    slower for a few hundred queries against a large gallery); the setting is faiss-global, so
+    it is put back after the search."""
+    faiss = pytest.importorskip("faiss")
+    from softtriple.evaluation.engines import faiss_search
+    x, _ = _data(3, n=600, d=16, classes=20)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    before = faiss.cvar.distance_compute_blas_threshold
+    s1, i1 = faiss_search(x[:50], x, 7)
+    s2, i2 = faiss_search(x[:50], x, 7, blas=True)
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+
+
 def test_faiss_backend_agrees_with_torch():
     pytest.importorskip("faiss")
     x, y = _data(5, n=400, d=16, classes=20)
