@@ -179,3 +179,42 @@ def test_runs_sharing_the_cores_wait_passively_and_a_lone_run_does_not(monkeypat
     assert _run_environment(1)["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice stands alone
     assert _run_environment(0)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_carry_takes_an_earlier_summarys_matching_runs_and_no_others(tmp_path, capsys):
+    """A summary committed by another checkout seeds the run folders it matches (same base,
+    same settings and seed), so that compare trains only the rest; its rows come back unchanged
+    in the next summary, marked as carried."""
+    suite = compare.load_suite(_suite(tmp_path))
+    first, second, third, fourth = compare.runs(suite)  # seed 0 of each variant, then seed 1
+    metrics = {"recall@1": 0.5, "map_at_r": 0.25, "nmi": 0.75}
+
+    def row(run: compare.Run, **change: object) -> dict[str, object]:
+        return {"variant": run.variant.label, "seed": run.seed, "run": "elsewhere",
+                "seconds": 12.5, "metrics": metrics, "kmeans": "sklearn",
+                "settings": compare.run_settings(suite, run), **change}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"base": "/another/checkout/base.yaml", "runs": [
+        row(first), row(second, settings=["schedule.epochs=9"]),
+        {k: v for k, v in row(third).items() if k != "settings"},
+        row(fourth, variant="ProxyNCA")]}))
+    assert main(["compare", str(suite.path), "--carry", str(earlier), "--summarize-only"]) == 0
+    out = capsys.readouterr().out
+    assert "carried 1 finished run(s)" in out
+    assert "SoftMax-norm seed 0: its settings differ" in out
+    assert "SoftTriple K=2 seed 1: the summary does not record its settings" in out
+    assert "ProxyNCA seed 1: not a run of this suite" in out
+    assert [run.status for run in compare.runs(suite)] == ["done", "new", "new", "new"]
+    (carried,) = json.loads((suite.out / "summary.json").read_text())["runs"]
+    assert carried["metrics"] == metrics and carried["seconds"] == 12.5
+    assert carried["carried_from"] == str(earlier)
+    assert carried["settings"] == compare.run_settings(suite, first)
+    # a folder that holds anything is never overwritten
+    assert compare.carry(suite, earlier)[0] == 0
+    # another suite's summary, or no summary at all, is refused in one line
+    earlier.write_text(json.dumps({"base": "fonts.yaml", "runs": [row(first)]}))
+    with pytest.raises(ConfigError, match="made from fonts.yaml, this suite's from base.yaml"):
+        compare.carry(suite, earlier)
+    earlier.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a compare summary"):
+        compare.carry(suite, earlier)

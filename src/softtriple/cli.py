@@ -253,6 +253,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if args.verbose:
                 print("        " + " ".join(compare.train_command(suite, run, 0)[3:]))
         return 0
+    if args.carry:
+        carried, skipped = compare.carry(suite, args.carry)
+        print(f"carried {carried} finished run(s) from {args.carry}"
+              + "".join(f"\n  not carried: {line}" for line in skipped))
     failures = [] if args.summarize_only else compare.run_suite(suite, args.jobs)
     summary = compare.summarize(suite)
     print(f"wrote {suite.out / 'summary.md'}, summary.json and plots/ "
@@ -452,6 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="with --dry-run, print each run's train arguments")
     compare_parser.add_argument("--summarize-only", action="store_true",
                                 help="train nothing; summarize the finished runs")
+    compare_parser.add_argument("--carry", metavar="SUMMARY",
+                                help="first take the finished runs of an earlier summary of "
+                                     "this suite (e.g. benchmarks/results/compare/NAME.json, "
+                                     "from another checkout) whose settings match; train the "
+                                     "rest")
     compare_parser.set_defaults(func=cmd_compare)
 
     demo = commands.add_parser(

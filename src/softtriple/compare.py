@@ -15,7 +15,9 @@ A suite file (YAML; ``configs/compare/`` holds ours)::
 Run ``OUT/<variant>/seed<S>/`` is finished when it holds results.json (skipped), interrupted
 when it holds a checkpoint (resumed), and otherwise started afresh. The summary
 (summary.json, summary.md, plots/) is written from the runs' results.json files alone, so
-rerunning a finished suite only summarizes it again.
+rerunning a finished suite only summarizes it again. ``--carry SUMMARY`` first takes the finished
+runs of an earlier summary of the suite (each row records its settings), so that a suite longer
+than one machine's session is finished by another checkout from the committed summary.
 """
 
 from __future__ import annotations
@@ -153,14 +155,18 @@ def runs(suite: Suite) -> list[Run]:
             for seed in suite.seeds for v in suite.variants]
 
 
+def run_settings(suite: Suite, run: Run) -> list[str]:
+    """The overrides of the base config that make a run what it is, its seed included."""
+    return [*suite.set, *run.variant.set, f"run.seed={run.seed}"]
+
+
 def train_command(suite: Suite, run: Run, threads: int) -> list[str]:
     """The ``softtriple train`` command line of one run (a resume where it was interrupted)."""
     if run.status == "partial":
         return [sys.executable, "-m", "softtriple", "train", "--resume", str(run.folder),
                 "--set", "run.progress=false"]
     command = [sys.executable, "-m", "softtriple", "train", "--config", str(suite.base)]
-    settings = [*suite.set, *run.variant.set, f"run.seed={run.seed}", f"run.out={run.folder}",
-                "run.progress=false"]
+    settings = [*run_settings(suite, run), f"run.out={run.folder}", "run.progress=false"]
     if threads:
         settings.append(f"run.threads={threads}")
     for item in settings:
@@ -225,6 +231,47 @@ def run_suite(suite: Suite, jobs: int = 1, log: Any = print) -> list[str]:
     return failures
 
 
+def carry(suite: Suite, summary_file: str | Path) -> tuple[int, list[str]]:
+    """Write the finished runs of an earlier summary of this suite (another checkout's, e.g. a
+    committed benchmarks/results/compare/*.json) into their run folders, so that the suite
+    trains only the rest: a row is carried where its run's folder holds nothing yet and the row
+    names the same base config and the same settings (overrides and seed). Its results.json
+    holds the row's metrics and ``carried_from``; its time stays the row's. The rows trust the
+    summary for everything the settings do not say (the code version, the machine). Returns the
+    runs carried and one line for each row not carried."""
+    path = Path(summary_file)
+    try:
+        summary = json.loads(path.read_text())
+        rows, base = list(summary["runs"]), Path(str(summary["base"])).name
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"--carry {path}: not a compare summary ({error.__class__.__name__}: "
+                          f"{error}); give a summary.json written by softtriple compare") from error
+    if base != suite.base.name:
+        raise ConfigError(f"--carry {path}: its runs were made from {base}, this suite's from "
+                          f"{suite.base.name}; carry only a summary of the same suite")
+    by_key = {(run.variant.label, run.seed): run for run in runs(suite)}
+    carried, skipped = 0, []
+    for row in rows:
+        name = f"{row.get('variant')} seed {row.get('seed')}"
+        run = by_key.get((row.get("variant"), row.get("seed")))
+        if run is None:
+            skipped.append(f"{name}: not a run of this suite")
+        elif row.get("settings") != run_settings(suite, run):
+            skipped.append(f"{name}: " + ("the summary does not record its settings"
+                                          if "settings" not in row else "its settings differ"))
+        elif run.folder.exists() and any(run.folder.iterdir()):
+            skipped.append(f"{name}: its folder is not empty ({run.status})")
+        else:
+            run.folder.mkdir(parents=True, exist_ok=True)
+            if row.get("seconds") is not None:
+                write_json(run.folder / "compare.json", {"seconds": row["seconds"]})
+            write_json(RunDir(run.folder).results,
+                       {"metrics": {**row["metrics"], "kmeans": row.get("kmeans")},
+                        "carried_from": str(path)})
+            carried += 1
+    return carried, skipped
+
+
 # ----------------------------------------------------------------------------- summary
 def _t_quantile_975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom."""
@@ -258,7 +305,10 @@ def summarize(suite: Suite) -> dict[str, Any]:
             seconds += run_seconds or 0.0
             rows.append({"variant": v.label, "seed": run.seed, "run": str(run.folder),
                          "seconds": run_seconds, "metrics": metrics,
-                         "kmeans": results["metrics"].get("kmeans")})
+                         "kmeans": results["metrics"].get("kmeans"),
+                         "settings": run_settings(suite, run),
+                         **({"carried_from": results["carried_from"]}
+                            if "carried_from" in results else {})})
             seeds.append(run.seed)
             for key, value in metrics.items():
                 per_metric.setdefault(key, []).append(value)
