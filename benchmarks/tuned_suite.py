@@ -53,15 +53,16 @@ def choose(suite: dict[str, Any], summary: dict[str, Any],
 
 def tuned_suite(suite_path: Path, suite: dict[str, Any], chosen: dict[str, dict[str, Any]],
                 lines: list[str], out_path: Path, seeds: list[int], anchor: str,
-                pairs: list[list[str]]) -> str:
+                pairs: list[list[str]], base: str | None = None) -> str:
     """The new suite file's text: a header naming its source and choices, then the YAML."""
     if anchor not in chosen:
         raise SystemExit(f"--anchor {anchor!r} is not a method of the tuning suite; "
                          f"methods: {', '.join(chosen)}")
     common = [s for s in suite.get("set", []) if not s.startswith("data.validation_classes")]
-    base = os.path.relpath(suite_path.parent / suite["base"], out_path.parent)
+    base = base or os.path.relpath(suite_path.parent / suite["base"], out_path.parent)
     new = {"description": f"Every method of {suite_path.name} at the settings its tuning chose "
-                          f"(best validation Recall@1), on the test classes, {len(seeds)} seeds.",
+                          f"(best validation Recall@1), on the test classes of {Path(base).stem}"
+                          f", {len(seeds)} seeds.",
            "base": base, "out": str(Path(suite["out"]).with_name(out_path.stem)),
            "seeds": seeds, "set": common,
            "variants": [{"label": method, "set": variant["set"]}
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("summary", type=Path, help="its summary.json (softtriple compare)")
     parser.add_argument("out", type=Path, help="the tuned suite to write")
     parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--base", help="another run config for the chosen settings (relative to "
+                                       "OUT's folder), e.g. a data set too small to tune on")
     parser.add_argument("--anchor", default="SoftMax-norm", help="every method is paired with it")
     parser.add_argument("--pair", action="append", default=[], metavar="A,B",
                         help="another paired difference (repeatable)")
@@ -90,7 +93,7 @@ def main() -> None:
     chosen, lines = choose(suite, json.loads(args.summary.read_text()))
     text = tuned_suite(args.suite, suite, chosen, lines, args.out,
                        [int(s) for s in args.seeds.split(",")], args.anchor,
-                       [pair.split(",") for pair in args.pair])
+                       [pair.split(",") for pair in args.pair], args.base)
     write_text(args.out, text)
     print(f"wrote {args.out}: " + "; ".join(v["label"] for v in chosen.values()))
 

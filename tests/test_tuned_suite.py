@@ -49,6 +49,14 @@ def test_each_method_runs_at_its_best_validation_settings(tmp_path):
     assert "Triplet lr=0.001 batch=32: validation recall@1 0.400" in out.read_text()
     loaded = load_suite(out)  # the base config resolves from the new file's folder
     assert len(loaded.variants) == 2
+    # the same choices on another data set's recipe (fonts reuses glyphs' tuning)
+    (tmp_path / "configs" / "other.yaml").write_text((REPO / "configs" / "fonts.yaml").read_text())
+    other = tmp_path / "configs" / "compare" / "other_tuned.yaml"
+    subprocess.run([sys.executable, str(SCRIPT), str(suite), str(summary), str(other),
+                    "--base", "../other.yaml"], check=True, capture_output=True, text=True)
+    moved = yaml.safe_load(other.read_text())
+    assert moved["base"] == "../other.yaml" and moved["out"] == "runs/compare/other_tuned"
+    assert moved["variants"] == tuned["variants"] and load_suite(other).base.name == "other.yaml"
 
 
 def test_an_unfinished_tuning_is_refused(tmp_path):
