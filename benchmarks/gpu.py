@@ -240,9 +240,8 @@ def trainer_section(device: torch.device, tiny: bool, work: Path,
     epochs = epochs if cudnn_benchmark else 2
     data = work / "folder"
     start = time.perf_counter()
-    if not data.exists():
-        write_folder(data, classes, per_class, size)
-    run = work / ("run" if cudnn_benchmark else "run_no_autotuning")
+    write_folder(data, classes, per_class, size)
+    run = work / "run"
     settings = ["model.backbone=efficientnet_lite0", "data.format=folder", f"data.root={data}",
                 f"data.image_size={32 if tiny else 224}", f"data.batch_size={batch}",
                 f"evaluation.batch_size={batch}", f"schedule.epochs={epochs}",
@@ -300,7 +299,7 @@ def no_autotuning_child(tiny: bool, work: Path) -> dict[str, Any]:
     target = work / "no_autotuning.json"
     subprocess.run([sys.executable, __file__, "--parts", "trainer", "--no-autotuning",
                     "--json", str(target), *(["--tiny"] if tiny else [])], cwd=ROOT, check=True,
-                   timeout=300)
+                   timeout=300, env={k: v for k, v in os.environ.items() if k != "OUT"})
     return dict(json.loads(target.read_text())["trainer"])
 
 
