@@ -218,3 +218,5 @@ def test_carry_takes_an_earlier_summarys_matching_runs_and_no_others(tmp_path, c
     earlier.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a compare summary"):
         compare.carry(suite, earlier)
+    with pytest.raises(ConfigError, match="missing.json: no such file"):
+        compare.carry(suite, tmp_path / "missing.json")

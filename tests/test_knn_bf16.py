@@ -132,3 +132,14 @@ def test_a_bound_too_small_gives_wrong_neighbours(monkeypatch):
     assert torch.equal(knn(x, 5, backend="bf16")[1], knn(x, 5, backend="torch")[1])
     monkeypatch.setattr(bf16_module, "similarity_bound", lambda *args: 0.0)
     assert not torch.equal(knn(x, 5, backend="bf16")[1], knn(x, 5, backend="torch")[1])
+
+
+def test_the_band_compares_bf16_similarities_in_float32():
+    """The engine keeps its (b, n) similarities in bf16 and compares them with a float32
+    threshold (k-th best - 2 beta): torch must promote each element, not round the threshold
+    to bf16 (which would move it by up to 2^-9 and widen or narrow the band)."""
+    strip = torch.tensor([[0.99609375, 1.0]], dtype=torch.bfloat16)  # both exact in bf16
+    threshold = torch.tensor([[0.997]])  # rounds down to 0.99609375 in bf16
+    assert threshold.to(torch.bfloat16).item() == 0.99609375
+    assert (strip >= threshold).tolist() == [[False, True]]  # rounded: [[True, True]]
+    assert (strip >= threshold).tolist() == (strip.float() >= threshold).tolist()

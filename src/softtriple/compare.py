@@ -240,6 +240,9 @@ def carry(suite: Suite, summary_file: str | Path) -> tuple[int, list[str]]:
     summary for everything the settings do not say (the code version, the machine). Returns the
     runs carried and one line for each row not carried."""
     path = Path(summary_file)
+    if not path.is_file():
+        raise ConfigError(f"--carry {path}: no such file; give the summary.json of an earlier "
+                          "compare of this suite (e.g. benchmarks/results/compare/NAME.json)")
     try:
         summary = json.loads(path.read_text())
         rows, base = list(summary["runs"]), Path(str(summary["base"])).name

@@ -116,10 +116,13 @@ def knn_bf16(q: Tensor, k: int, g: Tensor | None,
             index_out.append(found[1])
             continue
         own = torch.arange(a, a + b, device=q.device)  # the rows' own gallery indices
-        strip = (rows16 @ g16.T).float()  # (b, n): s~
+        # (b, n): s~, kept in bf16: a float32 copy cost as much as the bf16 product itself
+        # (eval_speed's SOP anatomy); the comparison with the float32 threshold promotes
+        # each element exactly, so the band is the same
+        strip = rows16 @ g16.T
         if self_search:
             strip[own - a, own] = float("-inf")
-        kth = strip.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (b, 1)
+        kth = strip.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True).float()
         union = (strip >= kth - 2 * beta).any(dim=0)  # (n,): a candidate of some row
         del strip
         chosen = columns[union]  # (u,) ascending
