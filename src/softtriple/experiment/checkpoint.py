@@ -22,6 +22,7 @@ from softtriple import faults
 from softtriple.atomic import atomic_path
 from softtriple.experiment.config import Config, ConfigError
 from softtriple.experiment.run_folder import RunDir
+from softtriple.models.backbones import refused_global
 
 # keys a resumed run may change: data.workers and data.decode_once_mib too, as the data order
 # and every augmentation depend on (seed, epoch, sample) only, and decoding once is bitwise
@@ -76,9 +77,9 @@ def mismatch_detail(error: BaseException, limit: int = 400) -> str:
 def refused_or_corrupt(what: str, error: Exception, fix: str) -> CheckpointError:
     """The one line for a file torch.load(weights_only=True) could not read: a pickled object
     it refused (unpickling it could run any code), or a file truncated or corrupt."""
-    refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # "unsupported GLOBAL posix.mkdir"
+    refused = refused_global(error)
     if refused:
-        return CheckpointError(f"{what} holds a pickled Python object ({refused.group(1)}) that "
+        return CheckpointError(f"{what} holds a pickled Python object ({refused}) that "
                                f"is refused: unpickling it could run any code, and softtriple "
                                f"loads only tensors and plain data; {fix}")
     return CheckpointError(f"{what} is truncated or corrupt ({error.__class__.__name__}); {fix}")

@@ -38,6 +38,13 @@ class Backbone:
     native_size: int | None = None  # the input size the weights were trained at, when known
 
 
+def refused_global(error: BaseException) -> str | None:
+    """The Python object torch.load(weights_only=True) refused to unpickle, named in its error
+    ("Unsupported global: GLOBAL posix.mkdir ..."), or None for any other failure."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return refused.group(1) if refused else None
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """A state dict from ``path`` (torch.load with weights_only=True), 'module.' prefixes and a
     {'state_dict': ...} wrapper removed."""
@@ -59,10 +66,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a bad file
-        refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # torch's weights-only refusal
+        refused = refused_global(error)
         if refused:
             raise WeightsError(f"weights file {file} holds a pickled Python object "
-                               f"({refused.group(1)}) that is refused: unpickling it could run "
+                               f"({refused}) that is refused: unpickling it could run "
                                f"any code; save the weights as a plain state dict") from error
         raise WeightsError(f"cannot read weights file {file} ({error.__class__.__name__}); is it "
                            f"a PyTorch state dict saved with torch.save?") from error
