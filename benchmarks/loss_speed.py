@@ -55,11 +55,11 @@ def make_step(method: str, b: int, d: int, c: int, k: int,
                 gn.T @ xn
             return numpy_step
 
-        def step() -> None:
+        def products() -> None:
             x.detach() @ w.T
             grad @ w
             grad.T @ x.detach()
-        return step
+        return products
     if method.startswith("ours"):
         from softtriple.losses import SoftMaxNormLoss, SoftTripleLoss
         tau = 0.2 if method == "ours_tau0.2" else 0.0
