@@ -134,12 +134,18 @@ def test_a_bound_too_small_gives_wrong_neighbours(monkeypatch):
     assert not torch.equal(knn(x, 5, backend="bf16")[1], knn(x, 5, backend="torch")[1])
 
 
-def test_the_band_compares_bf16_similarities_in_float32():
-    """The engine keeps its (b, n) similarities in bf16 and compares them with a float32
-    threshold (k-th best - 2 beta): torch must promote each element, not round the threshold
-    to bf16 (which would move it by up to 2^-9 and widen or narrow the band)."""
-    strip = torch.tensor([[0.99609375, 1.0]], dtype=torch.bfloat16)  # both exact in bf16
-    threshold = torch.tensor([[0.997]])  # rounds down to 0.99609375 in bf16
-    assert threshold.to(torch.bfloat16).item() == 0.99609375
-    assert (strip >= threshold).tolist() == [[False, True]]  # rounded: [[True, True]]
-    assert (strip >= threshold).tolist() == (strip.float() >= threshold).tolist()
+def test_the_band_threshold_in_bf16_is_exact():
+    """bf16_at_or_above(t) is the smallest bf16 >= t, so for every bf16 s, s >= t (float32)
+    exactly when s >= it: the engine's band compares in bf16 and keeps the float32 band."""
+    rng = np.random.default_rng(0)
+    t = torch.from_numpy(np.concatenate([
+        rng.uniform(-1.5, 1.5, 5000), [0.0, -0.0, 1.0, -1.0, 0.997, -0.997, 0.99609375,
+                                       1e-30, -1e-30]]).astype(np.float32))
+    up = bf16_module.bf16_at_or_above(t)
+    assert up.dtype == torch.bfloat16
+    assert (up.float() >= t).all()
+    below = torch.nextafter(up, torch.full_like(up, float("-inf")))  # the next bf16 down
+    assert (below.float() < t).all()
+    s = torch.from_numpy(rng.uniform(-1.5, 1.5, (200, 1))).to(torch.bfloat16)
+    assert torch.equal(s >= up[None, :], s.float() >= t[None, :])
+    assert bf16_module.bf16_at_or_above(torch.tensor([0.997])).item() == 1.0

@@ -71,6 +71,17 @@ def similarity_bound(q: Tensor, q16: Tensor, g: Tensor, g16: Tensor) -> float:
             + gamma * nq * ng)
 
 
+def bf16_at_or_above(t: Tensor) -> Tensor:
+    """The smallest bf16 value >= each float32 value of ``t`` (finite), as bf16: for a bf16 s,
+    s >= t exactly when s >= this, so a band's comparison can stay in bf16. bf16 is the upper
+    half of float32's bits: round the magnitude up (t >= 0) or down (t < 0) to a multiple of
+    2^16 in the bit pattern."""
+    bits = t.float().contiguous().view(torch.int32)
+    low = -(2**16)  # 0xFFFF0000: clears the 16 bits bf16 drops
+    up = torch.where(t >= 0, (bits + (2**16 - 1)) & low, bits & low)
+    return up.view(torch.float32).to(torch.bfloat16)
+
+
 def strip_rows(gallery_rows: int) -> int:
     """Queries per block: at most MAX_BLOCK_ROWS (a larger block's union of candidates only
     grows), fewer where their bf16 similarities to the whole gallery would pass STRIP_BYTES."""
@@ -117,13 +128,13 @@ def knn_bf16(q: Tensor, k: int, g: Tensor | None,
             continue
         own = torch.arange(a, a + b, device=q.device)  # the rows' own gallery indices
         # (b, n): s~, kept in bf16: a float32 copy cost as much as the bf16 product itself
-        # (eval_speed's SOP anatomy); the comparison with the float32 threshold promotes
-        # each element exactly, so the band is the same
+        # in an SOP-size anatomy, and so did a bf16-to-float32 comparison
         strip = rows16 @ g16.T
         if self_search:
             strip[own - a, own] = float("-inf")
         kth = strip.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True).float()
-        union = (strip >= kth - 2 * beta).any(dim=0)  # (n,): a candidate of some row
+        threshold = bf16_at_or_above(kth - 2 * beta)  # (b, 1): s~ >= it iff s~ >= kth - 2 beta
+        union = (strip >= threshold).any(dim=0)  # (n,): a candidate of some row
         del strip
         chosen = columns[union]  # (u,) ascending
         if chosen.numel() > FALLBACK_SHARE * n:
