@@ -130,10 +130,10 @@ def bf16_anatomy(x: np.ndarray, k: int) -> dict[str, Any]:
         per_block.append(float(band.any(dim=0).float().mean()))
     products = {}
     timed_rows = min(len(q), PRODUCT_ROWS)  # SOP's whole product would not fit in memory
-    for name, (a, b) in {"bf16": (q16, q16), "float32": (q, q)}.items():
-        a[:timed_rows] @ b.T
+    for name, (left, right) in {"bf16": (q16, q16), "float32": (q, q)}.items():
+        left[:timed_rows] @ right.T
         start = time.perf_counter()
-        a[:timed_rows] @ b.T
+        left[:timed_rows] @ right.T
         products[name] = time.perf_counter() - start
     return {"k": k, "bound": beta, "largest_error": error, "block_rows": rows,
             "product_rows": timed_rows,
@@ -311,7 +311,8 @@ def main() -> None:
 
     for name in args.only or list(SHAPES):
         if name == "million":
-            extra["million"] = million(*args.million, k=8, cap=args.cap)
+            gallery_rows, queries = args.million
+            extra["million"] = million(gallery_rows, queries, k=8, cap=args.cap)
             report(final=False)
             continue
         x, y = make_data(name)
