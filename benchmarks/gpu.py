@@ -15,11 +15,18 @@
 4. **tests**: the device-parametrized tests (CUDA included where a GPU is visible), their pass
    count;
 5. **trainer_no_autotuning**: part 3 again, 2 epochs, with ``run.cudnn_benchmark=false``, in a
-   fresh process: what cuDNN's autotuning costs the first epoch and gains the steady ones.
+   fresh process: what cuDNN's autotuning costs the first epoch and gains the steady ones;
+6. **demo**: the demo's recipe (``softtriple demo``: configs/glyphs.yaml, 8 epochs at 64 px) on
+   the device in a fresh process, seconds after its imports, each epoch and evaluation, and its
+   held-out Recall@1 against the CPU's (benchmarks/results/demo.json). The lent machine has no
+   CJK fonts to render glyphs and the whole set (141 MiB) is over the carry limit, so the demo's
+   own 600 classes (4.4 MiB) travel: ``--pack-demo`` copies them from this machine's prepared
+   glyphs into ``.gpu_data/`` (carry it).
 
 Results are written after each part, so a call cut short keeps what it measured.
 
     .venv/bin/python benchmarks/gpu.py [--json FILE] [--tiny]
+    .venv/bin/python benchmarks/gpu.py --pack-demo   # before the call: .gpu_data/, to carry
 
 ``--tiny`` runs every part at toy sizes (on the CPU where no GPU is visible) to check the script;
 only a GPU run is written to benchmarks/results/gpu.json, with the device, driver, clocks and
@@ -34,6 +41,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +59,7 @@ from softtriple.atomic import write_json
 
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 ROOT = Path(__file__).parents[1]
+DEMO_DATA = ROOT / ".gpu_data"  # $SOFTTRIPLE_DATA of the demo part: the demo's classes of glyphs
 LOSS_SHAPES = [(256, 512, 11318, 10), (512, 512, 100000, 10)]  # (B, d, C, K)
 TINY_LOSS_SHAPES = [(16, 32, 50, 4)]
 TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
@@ -303,6 +312,93 @@ def no_autotuning_child(tiny: bool, work: Path) -> dict[str, Any]:
     return dict(json.loads(target.read_text())["trainer"])
 
 
+TINY_DEMO = ["data.max_classes=3", "data.image_size=32", "data.batch_size=8",
+             "schedule.epochs=2", "schedule.milestones=[1]", "evaluation.every=1"]
+
+
+def demo_classes(tiny: bool) -> int:
+    from softtriple.demo import demo_config
+    return 3 if tiny else demo_config().data.max_classes
+
+
+def demo_rows(root: Path, classes: int) -> list[tuple[str, str, str]]:
+    """(path relative to the glyphs folder, class name, split) of each image the demo reads
+    from the glyphs folder under ``root`` (its first ``classes`` classes of each split)."""
+    from softtriple.demo import demo_config
+    from softtriple.experiment.loaders import read_config_table
+    table = read_config_table(demo_config(["data.format=folder", f"data.root={root / 'glyphs'}",
+                                           f"data.max_classes={classes}"]).data)
+    return [(str(Path(path).relative_to(root / "glyphs")), table.class_names[label], split)
+            for path, label, split in zip(table.paths, table.labels, table.splits, strict=True)]
+
+
+def pack_demo(source: Path, target: Path, classes: int) -> dict[str, Any]:
+    """Copy the demo's classes of the prepared glyphs under ``source`` (its first ``classes``
+    training and first ``classes`` test classes) to ``target``/glyphs, with a manifest whose
+    checksum is the copy's, so that the demo takes the copy as the prepared built-in set. The
+    whole set's classes split at their sorted middle, so the demo's training classes sort before
+    its test classes and the copy splits into the same classes, its training labels unchanged
+    (checked here: the demo reads the same images, classes and splits from both)."""
+    from softtriple.data.builtin import folder_checksum, prepared
+    manifest = prepared("glyphs", source)
+    if manifest is None:
+        raise SystemExit(f"no prepared glyphs under {source}: softtriple data prepare glyphs")
+    rows = demo_rows(source, classes)
+    folder = target / "glyphs"
+    if folder.exists():
+        shutil.rmtree(folder)
+    for relative in sorted({Path(path).parent for path, _, _ in rows}):
+        shutil.copytree(source / "glyphs" / relative, folder / relative)
+    if demo_rows(target, classes) != rows:
+        raise SystemExit(f"the copy in {folder} does not split as the whole set does")
+    packed = {**manifest, "classes": 2 * classes, "images": len(rows),
+              "subset_of": manifest.get("checksum"), "checksum": folder_checksum(folder),
+              "subset": f"the demo's {classes} training and {classes} test classes, copied by "
+                        "benchmarks/gpu.py --pack-demo"}
+    write_json(folder / "manifest.json", packed)
+    return packed
+
+
+def demo_child(overrides: list[str], target: Path) -> None:
+    """The demo's training (softtriple.demo.train_demo) in this fresh process, timed from after
+    its imports; its seconds, metrics and each epoch's and evaluation's seconds to ``target``."""
+    from softtriple.demo import train_demo
+    start = time.perf_counter()
+    shown = train_demo(overrides)
+    seconds = time.perf_counter() - start
+    rows = [json.loads(line) for line in
+            (Path(shown["run"]["folder"]) / "metrics.jsonl").read_text().splitlines()]
+    write_json(target, {"seconds_after_imports": seconds, "trained": shown["trained"],
+                        "pretrained": shown["pretrained"],
+                        "epoch_seconds": [r["epoch_seconds"] for r in rows if "epoch_seconds" in r],
+                        "eval_seconds": [r["eval_seconds"] for r in rows if "eval_seconds" in r]})
+
+
+def demo_section(tiny: bool, work: Path, data: Path) -> dict[str, Any]:
+    """The demo's recipe on the device in a fresh process, against the CPU's demo.json."""
+    if not (data / "glyphs" / "manifest.json").is_file():
+        return {"error": f"no demo data in {data}: run benchmarks/gpu.py --pack-demo on a "
+                         "machine with glyphs prepared, and carry .gpu_data"}
+    target = work / "demo.json"
+    overrides = [f"run.out={work / 'demo'}", *(TINY_DEMO if tiny else [])]
+    env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"SOFTTRIPLE_DATA": str(data)}
+    done = subprocess.run([sys.executable, __file__, "--demo-child", json.dumps(overrides),
+                           "--json", str(target)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    out: dict[str, Any] = {"overrides": overrides, **json.loads(target.read_text())}
+    cpu = json.loads((Path(__file__).parent / "results" / "demo.json").read_text())
+    out["cpu"] = {"seconds": cpu["seconds"], "machine": cpu["cpu"],
+                  "recall@1": cpu["trained"]["recall@1"]}
+    out["recall@1_minus_cpu"] = out["trained"]["recall@1"] - cpu["trained"]["recall@1"]
+    epochs = out["epoch_seconds"]
+    if len(epochs) > 1:
+        out["first_over_steady_epoch"] = epochs[0] / statistics.median(epochs[1:])
+    print("demo", json.dumps(out), flush=True)
+    return out
+
+
 def tests_section(work: Path, timeout: int) -> dict[str, Any]:
     report = work / "junit.xml"
     start = time.perf_counter()
@@ -331,13 +427,32 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="toy sizes: check the script")
-    parser.add_argument("--parts", default="loss,eval,trainer,tests,trainer_no_autotuning")
+    parser.add_argument("--parts", default="loss,eval,trainer,demo,tests,trainer_no_autotuning")
     parser.add_argument("--tests-timeout", type=int, default=150)
     parser.add_argument("--knn-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-autotuning", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
+    parser.add_argument("--demo-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pack-demo", action="store_true",
+                        help="copy the demo's classes of this machine's prepared glyphs into "
+                             "--demo-data (to carry to a machine that cannot render them)")
+    parser.add_argument("--demo-source", type=Path, default=None,
+                        help="the data folder holding the prepared glyphs (default: "
+                             "$SOFTTRIPLE_DATA or data/)")
+    parser.add_argument("--demo-data", type=Path, default=DEMO_DATA,
+                        help="$SOFTTRIPLE_DATA of the demo part (default: .gpu_data)")
     args = parser.parse_args()
+    if args.demo_child:
+        demo_child(json.loads(args.demo_child), args.json)
+        return
+    if args.pack_demo:
+        from softtriple.data.builtin import default_root
+        packed = pack_demo(args.demo_source or default_root(), args.demo_data,
+                           demo_classes(args.tiny))
+        print(f"{args.demo_data / 'glyphs'}: {packed['images']} images, {packed['classes']} "
+              "classes of glyphs, the demo's (carry this folder)")
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.knn_child:
         knn_child(args.knn_child, device, args.backend)
@@ -350,6 +465,7 @@ def main() -> None:
                           ("eval", lambda: eval_section(device, args.tiny)),
                           ("trainer", lambda: trainer_section(device, args.tiny, work,
                                                               not args.no_autotuning)),
+                          ("demo", lambda: demo_section(args.tiny, work, args.demo_data)),
                           ("tests", lambda: tests_section(work, args.tests_timeout)),
                           ("trainer_no_autotuning",
                            lambda: no_autotuning_child(args.tiny, work))):

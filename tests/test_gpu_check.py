@@ -34,3 +34,49 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     untuned = results["trainer_no_autotuning"]
     assert "run.cudnn_benchmark=false" in untuned["settings"]
     assert len(untuned["epoch_seconds"]) == 2 and untuned["first_epoch"]["median_step_ms"] > 0
+
+
+def test_the_gpu_check_packs_the_demos_classes_and_runs_the_demo_on_them(tmp_path):
+    """--pack-demo copies the demo's classes of a prepared glyphs folder (here a toy one: 8
+    classes, the first 4 train) with a manifest the demo accepts, and the demo part trains the
+    demo's recipe on the copy in a fresh process."""
+    from PIL import Image
+
+    from softtriple.atomic import write_json
+    from softtriple.data.builtin import folder_checksum
+
+    source = tmp_path / "source"
+    for c in range(8):
+        folder = source / "glyphs" / f"u{0x4e00 + c:05x}"
+        folder.mkdir(parents=True)
+        for font in range(4):
+            Image.new("L", (40, 40), 40 * font + 10 * c).save(folder / f"font{font}.png")
+    write_json(source / "glyphs" / "manifest.json",
+               {"name": "glyphs", "classes": 8, "images": 32, "train_fraction": 0.5,
+                "checksum": folder_checksum(source / "glyphs")})
+    packed = tmp_path / "packed"
+    script = str(REPO / "benchmarks" / "gpu.py")
+    done = subprocess.run([sys.executable, script, "--tiny", "--pack-demo", "--demo-source",
+                           str(source), "--demo-data", str(packed)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((packed / "glyphs" / "manifest.json").read_text())
+    assert (manifest["classes"], manifest["images"]) == (6, 24)
+    assert sorted(p.name for p in (packed / "glyphs").iterdir() if p.is_dir()) == \
+        ["u04e00", "u04e01", "u04e02", "u04e04", "u04e05", "u04e06"]  # 3 train, 3 test
+    assert manifest["checksum"] == folder_checksum(packed / "glyphs")
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, script, "--tiny", "--parts", "demo", "--demo-data",
+                           str(packed), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    demo = json.loads(out.read_text())["demo"]
+    assert "error" not in demo, demo
+    assert demo["seconds_after_imports"] > 0 and len(demo["epoch_seconds"]) == 2
+    assert 0 <= demo["trained"]["recall@1"] <= 1 and demo["cpu"]["recall@1"] > 0.5
+    assert "data.max_classes=3" in demo["overrides"]
+    done = subprocess.run([sys.executable, script, "--tiny", "--parts", "demo", "--demo-data",
+                           str(tmp_path / "none"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--pack-demo" in json.loads(out.read_text())["demo"]["error"]  # says what to do

