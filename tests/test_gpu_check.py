@@ -73,6 +73,7 @@ def test_the_gpu_check_packs_the_demos_classes_and_runs_the_demo_on_them(tmp_pat
     demo = json.loads(out.read_text())["demo"]
     assert "error" not in demo, demo
     assert demo["seconds_after_imports"] > 0 and len(demo["epoch_seconds"]) == 2
+    assert demo["report_seconds"] > 0
     assert 0 <= demo["trained"]["recall@1"] <= 1 and demo["cpu"]["recall@1"] > 0.5
     assert "data.max_classes=3" in demo["overrides"]
     done = subprocess.run([sys.executable, script, "--tiny", "--parts", "demo", "--demo-data",
