@@ -238,6 +238,13 @@ def first_epoch_anatomy(marks: list[float], steps: int) -> dict[str, Any]:
             "median_step_ms": statistics.median(gaps[1:] or gaps), "last_step_ms": gaps[-1]}
 
 
+def epoch_and_eval_seconds(run: Path) -> tuple[list[float], list[float]]:
+    """Each epoch's and each evaluation's seconds, from a run folder's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return ([r["epoch_seconds"] for r in rows if "epoch_seconds" in r],
+            [r["eval_seconds"] for r in rows if "eval_seconds" in r])
+
+
 def trainer_section(device: torch.device, tiny: bool, work: Path,
                     cudnn_benchmark: bool = True) -> dict[str, Any]:
     """The trainer on a folder of JPEGs against its in-memory step. With ``cudnn_benchmark``
@@ -285,9 +292,7 @@ def trainer_section(device: torch.device, tiny: bool, work: Path,
     marks = step_clock(trainer.optimizer, device)
     marks[0] = time.perf_counter()
     result = trainer.train()
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    epochs_s = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
-    evals = [r["eval_seconds"] for r in rows if "eval_seconds" in r]
+    epochs_s, evals = epoch_and_eval_seconds(run)
     steps = trainer.step // epochs
     out["first_epoch"] = first_epoch_anatomy(marks, steps)
     out |= {"epoch_seconds": epochs_s, "eval_seconds": evals, "steps_per_epoch": steps,
@@ -372,13 +377,10 @@ def demo_child(overrides: list[str], target: Path) -> None:
     start = time.perf_counter()
     write_report(shown["run"]["folder"])  # make demo's report, timed apart from the recipe
     report_seconds = time.perf_counter() - start
-    rows = [json.loads(line) for line in
-            (Path(shown["run"]["folder"]) / "metrics.jsonl").read_text().splitlines()]
+    epochs, evals = epoch_and_eval_seconds(Path(shown["run"]["folder"]))
     write_json(target, {"seconds_after_imports": seconds, "report_seconds": report_seconds,
-                        "trained": shown["trained"],
-                        "pretrained": shown["pretrained"],
-                        "epoch_seconds": [r["epoch_seconds"] for r in rows if "epoch_seconds" in r],
-                        "eval_seconds": [r["eval_seconds"] for r in rows if "eval_seconds" in r]})
+                        "trained": shown["trained"], "pretrained": shown["pretrained"],
+                        "epoch_seconds": epochs, "eval_seconds": evals})
 
 
 def demo_section(tiny: bool, work: Path, data: Path) -> dict[str, Any]:

