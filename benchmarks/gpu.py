@@ -1,4 +1,5 @@
-"""The GPU check, in one call of at most 5 minutes on the lent machine (the `device` tool):
+"""The GPU check, in one call on the lent machine (the `device` tool; six parts, unmeasured there
+as a whole: give the call ~540 s, or split it with ``--parts``):
 
 1. **loss**: SoftTriple forward + backward (tau = 0, the regularizer apart as in loss_speed.py)
    against pytorch-metric-learning's SoftTripleLoss and the three (B, d) x (d, CK) products the
@@ -25,7 +26,7 @@
 
 Results are written after each part, so a call cut short keeps what it measured.
 
-    .venv/bin/python benchmarks/gpu.py [--json FILE] [--tiny]
+    .venv/bin/python benchmarks/gpu.py [--json FILE] [--tiny] [--parts loss,eval,...]
     .venv/bin/python benchmarks/gpu.py --pack-demo   # before the call: .gpu_data/, to carry
 
 ``--tiny`` runs every part at toy sizes (on the CPU where no GPU is visible) to check the script;
