@@ -350,6 +350,16 @@ def test_knn_equals_stable_sort_with_every_engine(engine, ties, monkeypatch):
         knn_module.cpu_ranking.cache_clear()
 
 
+def test_engine_ranking_keeps_torch_on_a_near_tie():
+    from softtriple.evaluation.engines import TORCH_MARGIN, rank
+
+    near = 1 - TORCH_MARGIN / 2  # faster than torch, by less than the margin
+    assert rank({"faiss": near, "torch": 1.0, "numpy": 2.0})[:2] == ["torch", "faiss"]
+    clear = 1 - 2 * TORCH_MARGIN
+    assert rank({"faiss": clear, "torch": 1.0, "numpy": 2.0}) == ["faiss", "torch", "numpy"]
+    assert rank({"numpy": 0.5, "faiss": 0.7, "torch": 1.0})[:2] == ["numpy", "faiss"]
+
+
 def test_knn_engine_is_measured_or_named(monkeypatch, tmp_path):
     from softtriple.evaluation import engines
     knn_module = importlib.import_module("softtriple.evaluation.knn")
@@ -371,6 +381,11 @@ def test_knn_engine_is_measured_or_named(monkeypatch, tmp_path):
         cache.write_text(json.dumps(cached))  # process
         knn_module.cpu_ranking.cache_clear()
         assert knn_module.cpu_engine() == other
+        cached["probe"] = [3072, 512, 32]  # another probe's ranking: measured again
+        cache.write_text(json.dumps(cached))
+        knn_module.cpu_ranking.cache_clear()
+        knn_module.cpu_engine()
+        assert json.loads(cache.read_text())["probe"] == [256, 32, 8]
         cache.write_text("{not json")
         knn_module.cpu_ranking.cache_clear()
         assert knn_module.cpu_engine() in engines.available()  # a corrupt cache: measured again

@@ -8,8 +8,8 @@ the bf16 engine (``evaluation.bf16``: a bf16 product, exact float32 re-rank of t
 cannot rule out). So ``knn(..., backend="auto")`` takes ``$SOFTTRIPLE_KNN_ENGINE`` (``torch``,
 ``numpy``, ``faiss``, ``bf16``) or, by default, the engine measured fastest on this machine.
 
-The measurement (``knn.measure_engines``: each engine's whole search at 3,072 rows, about 1 s)
-is kept per machine in ``$XDG_CACHE_HOME/softtriple/knn_engine.json``
+The measurement (``knn.measure_engines``: each engine's whole search at about CUB's size, 6,144
+rows, a few seconds once) is kept per machine in ``$XDG_CACHE_HOME/softtriple/knn_engine.json``
 (``~/.cache`` by default), keyed by the CPU and the libraries' versions; delete it to measure
 again. The engines differ only in float32 rounding; every one keeps the kNN's tie rule (the lower
 index wins), so their neighbours are the same wherever no rounding decides.
@@ -33,6 +33,10 @@ from softtriple.machine import cpu_model
 
 Engine = Literal["torch", "numpy", "faiss", "bf16"]
 ENGINES: tuple[Engine, ...] = ("torch", "numpy", "faiss", "bf16")
+# another engine replaces torch only when its probe is this much faster: the engines' probes
+# differ by 2-10% at users' sizes and repeated probes by as much, so a near-tie stays with
+# torch (no second thread pool, the path of small searches and the GPU)
+TORCH_MARGIN = 0.05
 
 
 def tile_product(engine: Engine) -> Callable[[Tensor, Tensor], Tensor]:
@@ -90,19 +94,28 @@ def machine_key() -> str:
         ", ".join(versions)
 
 
-def measured_ranking(measure: Callable[[], dict[Engine, float]]) -> list[Engine]:
-    """The engines here, fastest first, from the per-machine cache, or by ``measure()`` (seconds
-    per engine) now, then cached."""
+def rank(seconds: dict[Engine, float]) -> list[Engine]:
+    """The engines fastest first, torch ahead of any engine less than TORCH_MARGIN faster."""
+    def key(engine: Engine) -> float:
+        return seconds[engine] * (1 - TORCH_MARGIN if engine == "torch" else 1)
+    return sorted(seconds, key=key)
+
+
+def measured_ranking(measure: Callable[[], dict[Engine, float]],
+                     probe: tuple[int, ...] = ()) -> list[Engine]:
+    """The engines here, fastest first (``rank``), from the per-machine cache of a measurement
+    of the same ``probe`` shape, or by ``measure()`` (seconds per engine) now, then cached."""
     path, key = cache_file(), machine_key()
     try:
         cached = json.loads(path.read_text())
-        if cached.get("machine") == key and set(cached.get("seconds", {})) == set(available()):
-            times = cached["seconds"]
-            return sorted(times, key=times.__getitem__)
+        if cached.get("machine") == key and cached.get("probe", []) == list(probe) and \
+                set(cached.get("seconds", {})) == set(available()):
+            return rank(cached["seconds"])
     except (OSError, ValueError, AttributeError, TypeError):
         pass  # no cache, or an unreadable one: measure
     times = measure()
-    ranking = sorted(times, key=times.__getitem__)
+    ranking = rank(times)
     with contextlib.suppress(OSError, DiskFullError):  # a read-only home: measure next time
-        write_json(path, {"machine": key, "engine": ranking[0], "seconds": times})
+        write_json(path, {"machine": key, "probe": list(probe), "engine": ranking[0],
+                          "seconds": times})
     return ranking

@@ -45,8 +45,10 @@ ArrayLike = Tensor | np.ndarray
 Backend = Literal["auto", "torch", "numpy", "faiss", "bf16"]
 Product = Callable[[Tensor, Tensor], Tensor]
 PENDING = 8  # candidates kept per row, in multiples of k, before they are reduced to k
-PROBE = (3072, 512, 32)  # rows, width and k of the engines' measurement (docs/PERFORMANCE.md:
-# smaller probes can rank the engines otherwise than the searches users run)
+PROBE = (6144, 512, 60)  # rows, width and k of the engines' measurement: about CUB's test set
+# (5,924 x 512, k 59). Smaller probes ranked the engines otherwise than the searches users run,
+# both ways: 768-2,048 rows took torch on an Intel Xeon where faiss was fastest at 5,924, and
+# 3,072 took faiss on an AMD EPYC where torch was (benchmarks/results/knn_engines.json)
 SMALL = 2**28  # multiply-adds below which a search goes to torch unmeasured (about 10 ms)
 CPU_BLOCK = 4096  # rows per tile on a CPU: a 64 MiB float32 tile, within its caches' reach
 # a tile and its temporaries (chunk maxima, candidates, the float32 tile of a half-precision
@@ -274,7 +276,7 @@ def cpu_ranking() -> tuple[Engine, ...]:
     if setting != "auto":
         raise ValueError(f"SOFTTRIPLE_KNN_ENGINE={setting!r}; valid: auto, "
                          f"{', '.join(ENGINES)}")
-    return tuple(measured_ranking(measure_engines))
+    return tuple(measured_ranking(measure_engines, PROBE))
 
 
 def cpu_engine() -> Engine:
