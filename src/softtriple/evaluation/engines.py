@@ -9,10 +9,11 @@ cannot rule out). So ``knn(..., backend="auto")`` takes ``$SOFTTRIPLE_KNN_ENGINE
 ``numpy``, ``faiss``, ``bf16``) or, by default, the engine measured fastest on this machine.
 
 The measurement (``knn.measure_engines``: each engine's whole search at about CUB's size, 6,144
-rows, a few seconds once) is kept per machine in ``$XDG_CACHE_HOME/softtriple/knn_engine.json``
-(``~/.cache`` by default), keyed by the CPU and the libraries' versions; delete it to measure
-again. The engines differ only in float32 rounding; every one keeps the kNN's tie rule (the lower
-index wins), so their neighbours are the same wherever no rounding decides.
+rows, about 10 s once on 2 cores) is kept per machine in
+``$XDG_CACHE_HOME/softtriple/knn_engine.json`` (``~/.cache`` by default), keyed by the CPU, the
+libraries' versions and the probe's shape; delete it to measure again. The engines differ only
+in float32 rounding; every one keeps the kNN's tie rule (the lower index wins), so their
+neighbours are the same wherever no rounding decides.
 """
 
 from __future__ import annotations
