@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from conditions import Conditions
 from eval_speed import make_data
 
 from softtriple.atomic import write_json
-from softtriple.evaluation import knn
-from softtriple.evaluation.engines import available, rank
-from softtriple.evaluation.knn import PROBE, measure_engines
+from softtriple.evaluation.engines import Engine, available, rank
+from softtriple.evaluation.knn import PROBE, measure_engines, probe_rows, search_seconds
 from softtriple.evaluation.metrics import required_k
 
 RESULTS = Path(__file__).parent / "results" / "knn_engines.json"
@@ -45,11 +42,9 @@ def cases(tiny: bool) -> dict[str, tuple[np.ndarray, int]]:
     rows, width, k = PROBE
     if tiny:
         rows, width = 256, 16
-    probe = torch.randn(rows, width, generator=torch.Generator().manual_seed(0)).numpy()
-    out = {f"probe ({rows} random rows, k {k})": (probe, k)}
+    out = {f"probe ({rows} random rows, k {k})": (probe_rows(rows, width).numpy(), k)}
     if not tiny:  # the probe of earlier versions, which ranked the engines otherwise here
-        old = torch.randn(3072, width, generator=torch.Generator().manual_seed(0)).numpy()
-        out["former probe (3072 random rows, k 32)"] = (old, 32)
+        out["former probe (3072 random rows, k 32)"] = (probe_rows(3072, width).numpy(), 32)
     for name in ("cub", "cars"):
         x, y = make_data(name)
         if tiny:
@@ -59,17 +54,6 @@ def cases(tiny: bool) -> dict[str, tuple[np.ndarray, int]]:
     size = 512 if tiny else 16384
     out[f"{size} rows (SOP-like)"] = (wide[:size, :16] if tiny else wide[:size], 32)
     return out
-
-
-def time_engine(x: np.ndarray, k: int, engine: str, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` consecutive searches after one warm-up."""
-    knn(x, k, backend=engine)  # type: ignore[arg-type]
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        knn(x, k, backend=engine)  # type: ignore[arg-type]
-        seconds.append(time.perf_counter() - start)
-    return seconds
 
 
 def main() -> None:
@@ -82,17 +66,17 @@ def main() -> None:
                         help="run on a busy machine anyway; the results are marked noisy")
     args = parser.parse_args()
     conditions = Conditions.start(allow_noisy=args.noisy or args.tiny)
-    engines = list(available())
+    engines: list[Engine] = list(available())
     probe = measure_engines()  # the probe itself, as auto runs it (not its cache)
     ranked = rank(probe)
     out: dict[str, Any] = {"command": " ".join(["OMP_WAIT_POLICY=PASSIVE .venv/bin/python",
                                                 *sys.argv]),
                            "probe_seconds": probe, "probe_pick": ranked[0], "sizes": {}}
     for name, (x, k) in cases(args.tiny).items():
-        times: dict[str, list[float]] = {engine: [] for engine in engines}
+        times: dict[Engine, list[float]] = {engine: [] for engine in engines}
         for order in (engines, engines[::-1]):
             for engine in order:
-                times[engine] += time_engine(x, k, engine, args.repeats)
+                times[engine] += search_seconds(x, k, engine, args.repeats)
         median = {engine: statistics.median(t) for engine, t in times.items()}
         fastest = min(median, key=median.__getitem__)
         out["sizes"][name] = {

@@ -103,7 +103,7 @@ def rank(seconds: dict[Engine, float]) -> list[Engine]:
 
 
 def measured_ranking(measure: Callable[[], dict[Engine, float]],
-                     probe: tuple[int, ...] = ()) -> list[Engine]:
+                     probe: tuple[int, ...]) -> list[Engine]:
     """The engines here, fastest first (``rank``), from the per-machine cache of a measurement
     of the same ``probe`` shape, or by ``measure()`` (seconds per engine) now, then cached."""
     path, key = cache_file(), machine_key()

@@ -244,23 +244,33 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
     return tiles(tile_product(engine))
 
 
+def probe_rows(rows: int, width: int) -> Tensor:
+    """The random (rows, width) float32 rows the engines are measured on (seed 0)."""
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
+
+
+def search_seconds(x: ArrayLike, k: int, engine: Engine, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` consecutive searches of ``x`` among itself with ``engine``, after
+    a warm-up call."""
+    knn(x, k, backend=engine)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        knn(x, k, backend=engine)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def measure_engines(repeats: int = 2) -> dict[Engine, float]:
     """Median seconds of each available engine's whole search (``PROBE``: k nearest neighbours of
-    random rows among themselves), over ``repeats`` consecutive calls after a warm-up call. Not
-    interleaved: a BLAS whose threads keep spinning after its product slows torch's next
+    ``probe_rows`` among themselves), over ``repeats`` consecutive calls after a warm-up call.
+    Not interleaved: a BLAS whose threads keep spinning after its product slows torch's next
     operations (numpy's OpenBLAS doubled the time of torch's top-k on an Intel Xeon), and that
     cost belongs to the engine that causes it."""
     rows, width, k = PROBE
-    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
-    times: dict[Engine, float] = {}
-    for engine in available():
-        seconds = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            knn(x, k, backend=engine)
-            seconds.append(time.perf_counter() - start)
-        times[engine] = statistics.median(seconds[1:])
-    return times
+    x = probe_rows(rows, width)
+    return {engine: statistics.median(search_seconds(x, k, engine, repeats))
+            for engine in available()}
 
 
 BF16_MAX_K_SHARE = 1 / 64  # k above this share of the gallery: the bf16 pass rules out too few
