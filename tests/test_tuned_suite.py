@@ -75,3 +75,47 @@ def test_an_anchor_that_is_no_method_is_refused(tmp_path):
                            str(tmp_path / "tuned.yaml"), "--anchor", "ProxyNCA"],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "not a method" in done.stderr
+
+
+def write_extension(folder: Path, recalls: dict[str, float], common: list[str]) -> tuple[Path,
+                                                                                      Path]:
+    """A second tuning suite of the same base (e.g. the grid past its edge) and its summary."""
+    suite = folder / "configs" / "compare" / "edge.yaml"
+    suite.write_text(yaml.safe_dump({
+        "base": "../base.yaml", "out": "runs/compare/edge", "seeds": [0], "set": common,
+        "variants": [{"label": label, "set": [f"optimizer.lr={label.split('lr=')[1].split()[0]}"]}
+                     for label in recalls]}))
+    summary = folder / "edge_summary.json"
+    summary.write_text(json.dumps({"variants": {
+        label: {"metrics": {"recall@1": {"mean": value}}} for label, value in recalls.items()}}))
+    return suite, summary
+
+
+def test_also_extends_the_grid_past_its_edge(tmp_path):
+    suite, summary = write_tuning(tmp_path, {
+        "SoftMax-norm lr=0.001 la=20": 0.60, "SoftMax-norm lr=0.003 la=20": 0.70,
+        "Triplet lr=0.0003 batch=32": 0.50, "Triplet lr=0.001 batch=32": 0.40})
+    common = ["data.validation_classes=0.5", "evaluation.every=0"]
+    edge, edge_summary = write_extension(tmp_path, {"SoftMax-norm lr=0.01 la=20": 0.75,
+                                                    "Triplet lr=0.01 batch=32": 0.10}, common)
+    out = tmp_path / "configs" / "compare" / "tuned.yaml"
+    subprocess.run([sys.executable, str(SCRIPT), str(suite), str(summary), str(out),
+                    "--also", str(edge), str(edge_summary)],
+                   check=True, capture_output=True, text=True)
+    tuned = yaml.safe_load(out.read_text())
+    assert [v["set"] for v in tuned["variants"]] == [["optimizer.lr=0.01"],
+                                                     ["optimizer.lr=0.0003"]]
+    text = out.read_text()
+    assert "edge.yaml" in text.splitlines()[0]
+    assert "Triplet lr=0.01 batch=32: validation recall@1 0.100" in text
+    # another recipe's runs, or a label tuned twice, are refused
+    for edge_common, labels, message in (
+            (["evaluation.every=0"], {"SoftMax-norm lr=0.01 la=20": 0.75}, "common settings"),
+            (common, {"SoftMax-norm lr=0.003 la=20": 0.75}, "already tuned")):
+        (tmp_path / "configs" / "compare" / "edge.yaml").unlink()
+        edge, edge_summary = write_extension(tmp_path, labels, edge_common)
+        done = subprocess.run([sys.executable, str(SCRIPT), str(suite), str(summary),
+                               str(tmp_path / "refused.yaml"), "--also", str(edge),
+                               str(edge_summary)], capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr, done.stderr
+        assert not (tmp_path / "refused.yaml").exists()
