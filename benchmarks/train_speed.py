@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="trainer epochs (whole ones)")
     parser.add_argument("--repeats", type=int, default=8, help="floor steps per variant")
     parser.add_argument("--noisy", action="store_true", help="run on a busy machine anyway")
+    parser.add_argument("--json", type=Path, default=RESULTS,
+                        help="where to write results (another CPU's: another file)")
     parser.add_argument("--figure", choices=FIGURES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.figure:  # a child process: one figure, as JSON on the last line
@@ -252,7 +254,8 @@ def main() -> None:
               "bare_over_floor": bare / best, "trainer_over_nchw_floor": ours / nchw,
               "channels_last": load_config(None, SETTINGS).model.channels_last,
               "bare_loop_steps": args.steps, "epochs": args.epochs, "settings": SETTINGS,
-              "command": ".venv/bin/python benchmarks/train_speed.py"}
+              "command": ".venv/bin/python benchmarks/train_speed.py" + (
+                  "" if args.json == RESULTS else f" --json {args.json}")}
     for name, v in variants.items():
         print(f"floor {name:<24} {v['ms_per_step']:6.0f} ms/step {v['images_per_second']:6.1f} "
               f"img/s")
@@ -265,7 +268,7 @@ def main() -> None:
         print(f"round {i + 1}: trainer epochs {', '.join(f'{x:.1f}' for x in r['trainer_epochs'])}"
               f" img/s; / floor {r['trainer_over_floor']:.2f}, / float32 NCHW floor "
               f"{r['trainer_over_nchw_floor']:.2f}")
-    write_json(RESULTS, report)
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":
