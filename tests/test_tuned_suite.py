@@ -15,22 +15,29 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "tuned_suite.py"
 
 
-def write_tuning(folder: Path, recalls: dict[str, float]) -> tuple[Path, Path]:
-    configs = folder / "configs"
-    (configs / "compare").mkdir(parents=True)
-    (configs / "base.yaml").write_text((REPO / "configs" / "glyphs.yaml").read_text())
+def write_suite(suite: Path, summary: Path, recalls: dict[str, float | None],
+                common: list[str]) -> tuple[Path, Path]:
+    """A tuning suite of ../base.yaml, one variant per label (its lr from the label), and a
+    summary with each label's validation Recall@1 (none for an unfinished one)."""
     variants = [{"label": label, "set": [f"optimizer.lr={label.split('lr=')[1].split()[0]}"]}
                 for label in recalls]
-    suite = configs / "compare" / "tune.yaml"
-    suite.write_text(yaml.safe_dump({"base": "../base.yaml", "out": "runs/compare/tune",
-                                     "seeds": [0], "set": ["data.validation_classes=0.5",
-                                                           "evaluation.every=0"],
-                                     "variants": variants}))
-    summary = folder / "summary.json"
+    suite.write_text(yaml.safe_dump({"base": "../base.yaml", "out": f"runs/compare/{suite.stem}",
+                                     "seeds": [0], "set": common, "variants": variants}))
     summary.write_text(json.dumps({"variants": {
         label: {"metrics": {"recall@1": {"mean": value}}} if value is not None else {}
         for label, value in recalls.items()}}))
     return suite, summary
+
+
+COMMON = ["data.validation_classes=0.5", "evaluation.every=0"]
+
+
+def write_tuning(folder: Path, recalls: dict[str, float | None]) -> tuple[Path, Path]:
+    configs = folder / "configs"
+    (configs / "compare").mkdir(parents=True)
+    (configs / "base.yaml").write_text((REPO / "configs" / "glyphs.yaml").read_text())
+    return write_suite(configs / "compare" / "tune.yaml", folder / "summary.json", recalls,
+                       COMMON)
 
 
 def test_each_method_runs_at_its_best_validation_settings(tmp_path):
@@ -77,27 +84,13 @@ def test_an_anchor_that_is_no_method_is_refused(tmp_path):
     assert done.returncode != 0 and "not a method" in done.stderr
 
 
-def write_extension(folder: Path, recalls: dict[str, float], common: list[str]) -> tuple[Path,
-                                                                                      Path]:
-    """A second tuning suite of the same base (e.g. the grid past its edge) and its summary."""
-    suite = folder / "configs" / "compare" / "edge.yaml"
-    suite.write_text(yaml.safe_dump({
-        "base": "../base.yaml", "out": "runs/compare/edge", "seeds": [0], "set": common,
-        "variants": [{"label": label, "set": [f"optimizer.lr={label.split('lr=')[1].split()[0]}"]}
-                     for label in recalls]}))
-    summary = folder / "edge_summary.json"
-    summary.write_text(json.dumps({"variants": {
-        label: {"metrics": {"recall@1": {"mean": value}}} for label, value in recalls.items()}}))
-    return suite, summary
-
-
 def test_also_extends_the_grid_past_its_edge(tmp_path):
     suite, summary = write_tuning(tmp_path, {
         "SoftMax-norm lr=0.001 la=20": 0.60, "SoftMax-norm lr=0.003 la=20": 0.70,
         "Triplet lr=0.0003 batch=32": 0.50, "Triplet lr=0.001 batch=32": 0.40})
-    common = ["data.validation_classes=0.5", "evaluation.every=0"]
-    edge, edge_summary = write_extension(tmp_path, {"SoftMax-norm lr=0.01 la=20": 0.75,
-                                                    "Triplet lr=0.01 batch=32": 0.10}, common)
+    edge, edge_summary = tmp_path / "configs" / "compare" / "edge.yaml", tmp_path / "edge.json"
+    write_suite(edge, edge_summary, {"SoftMax-norm lr=0.01 la=20": 0.75,
+                                     "Triplet lr=0.01 batch=32": 0.10}, COMMON)
     out = tmp_path / "configs" / "compare" / "tuned.yaml"
     subprocess.run([sys.executable, str(SCRIPT), str(suite), str(summary), str(out),
                     "--also", str(edge), str(edge_summary)],
@@ -111,9 +104,8 @@ def test_also_extends_the_grid_past_its_edge(tmp_path):
     # another recipe's runs, or a label tuned twice, are refused
     for edge_common, labels, message in (
             (["evaluation.every=0"], {"SoftMax-norm lr=0.01 la=20": 0.75}, "common settings"),
-            (common, {"SoftMax-norm lr=0.003 la=20": 0.75}, "already tuned")):
-        (tmp_path / "configs" / "compare" / "edge.yaml").unlink()
-        edge, edge_summary = write_extension(tmp_path, labels, edge_common)
+            (COMMON, {"SoftMax-norm lr=0.003 la=20": 0.75}, "already tuned")):
+        write_suite(edge, edge_summary, labels, edge_common)
         done = subprocess.run([sys.executable, str(SCRIPT), str(suite), str(summary),
                                str(tmp_path / "refused.yaml"), "--also", str(edge),
                                str(edge_summary)], capture_output=True, text=True)
