@@ -28,12 +28,30 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     trainer = results["trainer"]
     assert len(trainer["epoch_seconds"]) == 2 and len(trainer["eval_seconds"]) == 2
     assert 0 < trainer["steady_over_floor"] and 0 <= trainer["recall@1"] <= 1
+    assert len(trainer["median_step_ms"]) == 2 and trainer["steady_step_over_floor"] > 0
     first = trainer["first_epoch"]
     assert first["to_first_step_seconds"] > 0 and first["median_step_ms"] > 0
     assert len(first["first_steps_ms"]) == min(8, trainer["steps_per_epoch"] - 1)
     untuned = results["trainer_no_autotuning"]
     assert "run.cudnn_benchmark=false" in untuned["settings"]
     assert len(untuned["epoch_seconds"]) == 2 and untuned["first_epoch"]["median_step_ms"] > 0
+
+
+def test_the_gpu_check_keeps_to_its_budget_and_names_the_parts_it_left(tmp_path):
+    """A part still running when the budget ends is stopped, with its error written; a part
+    that no budget is left for is skipped and named, with the --parts that runs it."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny",
+                           "--parts", "trainer,demo", "--budget", "0.5", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert "over the check's budget" in results["trainer"]["error"]
+    assert results["seconds"]["trainer"] < 30  # stopped, not run to its end
+    assert "--parts demo" in results["skipped"]["demo"] and "demo" not in results
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--parts",
+                           "loss,warp"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode != 0 and "unknown parts ['warp']" in done.stderr
 
 
 def test_the_gpu_check_packs_the_demos_classes_and_runs_the_demo_on_them(tmp_path):
