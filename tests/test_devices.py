@@ -81,6 +81,39 @@ def test_embed_moves_batches_to_the_device_and_returns_float32_on_the_host(devic
     np.testing.assert_allclose(out, expected, atol=tolerance, rtol=tolerance)
 
 
+class _BatchSizes(torch.nn.Module):
+    """A model that records the batch size of every forward it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 4 * 4, 5)
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.linear(x.flatten(1))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embed_pads_the_last_batch_to_one_shape_where_cudnn_autotunes_each(device):
+    """With pad_last (the default under cuDNN's autotuning on CUDA) every forward has the
+    loader's batch size, and the embeddings are the unpadded ones, none of the padding's."""
+    torch.manual_seed(0)
+    model = _BatchSizes().to(device)
+    images = torch.randn(10, 3, 4, 4)
+    loader = DataLoader(TensorDataset(images, torch.zeros(10), torch.arange(10)), batch_size=4)
+    plain = embed(model, loader, device, pad_last=False)
+    assert model.sizes == [4, 4, 2]
+    model.sizes.clear()
+    padded = embed(model, loader, device, pad_last=True)
+    assert model.sizes == [4, 4, 4] and padded.shape == (10, 5)
+    np.testing.assert_allclose(padded, plain, atol=1e-6, rtol=1e-6)
+    model.sizes.clear()
+    embed(model, loader, device)  # the default: pad only where cuDNN autotunes each shape
+    autotuning = device == "cuda" and torch.backends.cudnn.benchmark
+    assert model.sizes == ([4, 4, 4] if autotuning else [4, 4, 2])
+
+
 class _HostlessTensor(torch.Tensor):
     """A tensor that, like a CUDA tensor, refuses to become a numpy array until it is copied to
     the host with ``.cpu()``: labels on any device, checked without a GPU."""

@@ -71,19 +71,33 @@ class EmbeddingModel(nn.Module):
 
 @torch.no_grad()
 def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
-          autocast_dtype: torch.dtype | None = None,
-          channels_last: bool = False) -> np.ndarray:
+          autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+          pad_last: bool | None = None) -> np.ndarray:
     """Embeddings (N, d) float32 of every (image, label, index) batch of ``loader``, in order,
     with ``model`` (already on ``device``) in eval mode, under autocast to ``autocast_dtype``
-    (bf16 / fp16) when given."""
+    (bf16 / fp16) when given.
+
+    ``pad_last``: run a last, shorter batch padded to the loader's batch size (its last image
+    repeated; the padding's rows dropped), so that every forward has one shape. Under cuDNN's
+    autotuning each new input shape costs a search over every convolution's algorithms, seconds
+    for a first evaluation, against a fraction of one batch's compute. In eval mode a row's
+    embedding does not depend on the others. None (the default): pad where that autotuning is
+    on (a CUDA device with ``torch.backends.cudnn.benchmark``).
+    """
     model.eval()
     device = torch.device(device)
+    if pad_last is None:
+        pad_last = device.type == "cuda" and torch.backends.cudnn.benchmark
+    full = loader.batch_size if pad_last else None
     parts = []
     for images, _, _ in loader:
+        rows = images.shape[0]
         images = images.to(device, non_blocking=True)
+        if full is not None and rows < full:
+            images = torch.cat([images, images[-1:].expand(full - rows, *images.shape[1:])])
         if channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            parts.append(model(images).float().cpu().numpy())
+            parts.append(model(images)[:rows].float().cpu().numpy())
     width = getattr(model, "embedding_dim", 0)
     return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
