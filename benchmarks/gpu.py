@@ -120,6 +120,38 @@ def timed(step: Callable[[], Any], device: torch.device, reps: int,
     return out
 
 
+def step_profile(step: Callable[[], Any], device: torch.device, steps: int = 5) -> dict[str, Any]:
+    """Where a warm step's time goes, from torch.profiler over ``steps`` steps: on CUDA the
+    device's kernel ms and kernel launches a step (kernels that fill a fraction of the step's
+    wall time mean the host, launching them one by one, is the bound), and on every device the
+    operators with the most host time a step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = time.perf_counter() - start
+    rows = prof.key_averages()
+    out: dict[str, Any] = {"profiled_wall_ms_per_step": 1000 * wall / steps}
+    if cuda:
+        kernels = [r for r in rows if r.device_type == DeviceType.CUDA]
+        out["kernels_per_step"] = sum(r.count for r in kernels) / steps
+        out["kernel_ms_per_step"] = sum(getattr(r, "self_device_time_total", 0)
+                                        for r in kernels) / 1000 / steps
+    host = sorted((r for r in rows if r.device_type == DeviceType.CPU),
+                  key=lambda r: r.self_cpu_time_total, reverse=True)[:8]
+    out["host_ms_per_step"] = {r.key: round(r.self_cpu_time_total / 1000 / steps, 3)
+                               for r in host}
+    return out
+
+
 class OverBudget(Exception):
     """The check's time budget ran out during a part."""
 
@@ -339,6 +371,7 @@ def trainer_section(device: torch.device, tiny: bool, work: Path,
         trainer.objective(images, labels).backward()
         trainer.optimizer.step()
     out["floor"] = timed(step, device, 3 if tiny else 20)  # the objective autocasts itself
+    out["floor_profile"] = step_profile(step, device, 2 if tiny else 5)
     out["floor_images_per_second"] = 1000 * batch / out["floor"]["ms"]
     steady = statistics.median(epochs_s[1:]) if len(epochs_s) > 1 else epochs_s[0]
     out["steady_images_per_second"] = steps * batch / steady
@@ -412,11 +445,44 @@ def pack_demo(source: Path, target: Path, classes: int) -> dict[str, Any]:
     return packed
 
 
-def demo_child(overrides: list[str], target: Path) -> None:
+def demo_floor(overrides: list[str], tiny: bool) -> dict[str, Any]:
+    """The demo recipe's step on one in-memory batch (its model, loss, optimizer, batch and
+    image size, on the device the recipe trains on), timed and profiled: what the demo's steady
+    steps would take with no loader, logging or checks around them."""
+    from softtriple.demo import demo_config
+    from softtriple.experiment.build import (
+        build_config_loss,
+        build_objective,
+        build_optimizer,
+        build_training_model,
+        resolve_device,
+    )
+    config = demo_config(overrides)
+    device = resolve_device(config.run.device)
+    model = build_training_model(config, device)
+    loss = build_config_loss(config, config.data.max_classes).to(device)
+    objective = build_objective(config, model, loss, device)
+    optimizer = build_optimizer(config, model, loss, device)[0]
+    batch, size = config.data.batch_size, config.data.image_size
+    memory = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory)
+    labels = (torch.arange(batch, device=device) // config.data.images_per_class) \
+        % config.data.max_classes
+    objective.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        objective(images, labels).backward()
+        optimizer.step()
+    return {"batch": batch, "image_size": size, **timed(step, device, 3 if tiny else 30),
+            "profile": step_profile(step, device, 2 if tiny else 10)}
+
+
+def demo_child(overrides: list[str], target: Path, tiny: bool) -> None:
     """The demo's training (softtriple.demo.train_demo: data check, training, evaluations, the
-    raw-pixel baseline) in this fresh process, timed from after its imports, and then its report
-    (plots) timed apart; seconds, metrics and each epoch's and evaluation's seconds to
-    ``target``."""
+    raw-pixel baseline) in this fresh process, timed from after its imports, then its report
+    (plots) timed apart, then its step's floor (demo_floor); seconds, metrics, each epoch's and
+    evaluation's seconds and steps to ``target``."""
     from softtriple.analysis.report import write_report
     from softtriple.demo import train_demo
     start = time.perf_counter()
@@ -425,10 +491,13 @@ def demo_child(overrides: list[str], target: Path) -> None:
     start = time.perf_counter()
     write_report(shown["run"]["folder"])  # make demo's report, timed apart from the recipe
     report_seconds = time.perf_counter() - start
-    epochs, evals = epoch_and_eval_seconds(Path(shown["run"]["folder"]))
+    run = Path(shown["run"]["folder"])
+    epochs, evals = epoch_and_eval_seconds(run)
+    steps = json.loads((run / "results.json").read_text())["steps"] // max(len(epochs), 1)
     write_json(target, {"seconds_after_imports": seconds, "report_seconds": report_seconds,
                         "trained": shown["trained"], "pretrained": shown["pretrained"],
-                        "epoch_seconds": epochs, "eval_seconds": evals})
+                        "epoch_seconds": epochs, "eval_seconds": evals, "steps_per_epoch": steps,
+                        "floor": demo_floor(overrides, tiny)})
 
 
 def demo_section(tiny: bool, work: Path, data: Path) -> dict[str, Any]:
@@ -440,7 +509,8 @@ def demo_section(tiny: bool, work: Path, data: Path) -> dict[str, Any]:
     overrides = [f"run.out={work / 'demo'}", *(TINY_DEMO if tiny else [])]
     env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"SOFTTRIPLE_DATA": str(data)}
     done = subprocess.run([sys.executable, __file__, "--demo-child", json.dumps(overrides),
-                           "--json", str(target)], cwd=ROOT, capture_output=True, text=True,
+                           "--json", str(target), *(["--tiny"] if tiny else [])], cwd=ROOT,
+                          capture_output=True, text=True,
                           env=env)
     if done.returncode != 0:
         return {"error": done.stderr[-2000:]}
@@ -451,7 +521,12 @@ def demo_section(tiny: bool, work: Path, data: Path) -> dict[str, Any]:
     out["recall@1_minus_cpu"] = out["trained"]["recall@1"] - cpu["trained"]["recall@1"]
     epochs = out["epoch_seconds"]
     if len(epochs) > 1:
-        out["first_over_steady_epoch"] = epochs[0] / statistics.median(epochs[1:])
+        steady = statistics.median(epochs[1:])
+        out["first_over_steady_epoch"] = epochs[0] / steady
+        # the trainer's steady step against the same step on an in-memory batch: what the
+        # loader, logging and checks around a step cost at the demo's size
+        out["steady_step_ms"] = 1000 * steady / out["steps_per_epoch"]
+        out["steady_step_over_floor"] = out["floor"]["ms"] / out["steady_step_ms"]
     print("demo", json.dumps(out), flush=True)
     return out
 
@@ -501,7 +576,7 @@ def main() -> None:
                         help="$SOFTTRIPLE_DATA of the demo part (default: .gpu_data)")
     args = parser.parse_args()
     if args.demo_child:
-        demo_child(json.loads(args.demo_child), args.json)
+        demo_child(json.loads(args.demo_child), args.json, args.tiny)
         return
     if args.pack_demo:
         from softtriple.data.builtin import default_root

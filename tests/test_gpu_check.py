@@ -29,6 +29,8 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     assert len(trainer["epoch_seconds"]) == 2 and len(trainer["eval_seconds"]) == 2
     assert 0 < trainer["steady_over_floor"] and 0 <= trainer["recall@1"] <= 1
     assert len(trainer["median_step_ms"]) == 2 and trainer["steady_step_over_floor"] > 0
+    assert trainer["floor_profile"]["profiled_wall_ms_per_step"] > 0
+    assert all(ms >= 0 for ms in trainer["floor_profile"]["host_ms_per_step"].values())
     first = trainer["first_epoch"]
     assert first["to_first_step_seconds"] > 0 and first["median_step_ms"] > 0
     assert len(first["first_steps_ms"]) == min(8, trainer["steps_per_epoch"] - 1)
@@ -92,6 +94,8 @@ def test_the_gpu_check_packs_the_demos_classes_and_runs_the_demo_on_them(tmp_pat
     assert "error" not in demo, demo
     assert demo["seconds_after_imports"] > 0 and len(demo["epoch_seconds"]) == 2
     assert demo["report_seconds"] > 0
+    assert demo["floor"]["ms"] > 0 and demo["floor"]["profile"]["host_ms_per_step"]
+    assert demo["steps_per_epoch"] > 0 and demo["steady_step_over_floor"] > 0
     assert 0 <= demo["trained"]["recall@1"] <= 1 and demo["cpu"]["recall@1"] > 0.5
     assert "data.max_classes=3" in demo["overrides"]
     done = subprocess.run([sys.executable, script, "--tiny", "--parts", "demo", "--demo-data",
