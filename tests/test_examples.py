@@ -112,3 +112,11 @@ def test_every_help_example_uses_a_real_subcommand():
         words = command.split()
         sub = words[words.index("softtriple") + 1] if "softtriple" in words else None
         assert sub is None or sub in names or re.match(r"^-", sub), command
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_set_takes_several_settings_at_once_and_repeats(command):
+    """``--set a=1 b=2 --set c=3`` gives the three, in order (later ones win in load_config)."""
+    args = build_parser().parse_args([command, "--set", "schedule.epochs=2", "run.seed=3",
+                                      "--set", "schedule.epochs=4"])
+    assert args.set == ["schedule.epochs=2", "run.seed=3", "schedule.epochs=4"]

@@ -311,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--set loss.shard_centers=true gives each process only its block of "
                     "SoftTriple's centers, for very many classes (docs/DISTRIBUTED.md).")
     train.add_argument("--config", help="YAML file of settings (see configs/)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one setting, e.g. --set loss.name=proxy_nca "
-                            "--set schedule.epochs=5 (repeatable)")
+    train.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override settings, e.g. --set loss.name=proxy_nca "
+                            "schedule.epochs=5 (repeatable; later ones win)")
     train.add_argument("--out", help="run folder (default: run.out, runs/latest)")
     train.add_argument("--overwrite", action="store_true",
                        help="start over in a run folder that already holds a run (deletes it)")
@@ -470,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "on 2 CPU cores) and print Recall@1/2/4/8, MAP@R and NMI on 300 held-out "
                     "characters: raw pixels, pretrained features, and after training. The "
                     "settings are configs/glyphs.yaml's.")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a setting, e.g. --set schedule.epochs=2")
+    demo.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="override settings, e.g. --set schedule.epochs=2 "
+                           "run.device=cpu (repeatable; later ones win)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
