@@ -21,11 +21,14 @@ and named, to run in a second call with ``--parts``):
    own 600 classes (4.4 MiB) travel: ``--pack-demo`` copies them from this machine's prepared
    glyphs into ``.gpu_data/`` (carry it);
 4. **tests**: the device-parametrized tests (CUDA included where a GPU is visible), their pass
-   count;
-5. **eval**: ``evaluate`` at SOP's size (60,502 x 512) and the exact kNN of 1,000,000 x 128
+   count (in 4 processes where pytest-xdist is there);
+5. **demo_graphed**: part 3 with ``model.cuda_graph=true`` (the network's training pass
+   replayed as CUDA graphs), its floor graphed too: whether the demo's steps are the host
+   launching kernels one by one, and what graphs give the recipe's seconds and Recall@1;
+6. **eval**: ``evaluate`` at SOP's size (60,502 x 512) and the exact kNN of 1,000,000 x 128
    (in a child process, capped at a few times the floor), each with the float32 and the bf16
    engine (tensor cores), against the matmul + top-k floor;
-6. **trainer_no_autotuning**: part 2 again, 2 epochs, with ``run.cudnn_benchmark=false``, in a
+7. **trainer_no_autotuning**: part 2 again, 2 epochs, with ``run.cudnn_benchmark=false``, in a
    fresh process: what cuDNN's autotuning costs the first epoch and gains the steady ones.
 
 Results are written after each part, so a call cut short keeps what it measured.
@@ -68,11 +71,13 @@ ROOT = Path(__file__).parents[1]
 DEMO_DATA = ROOT / ".gpu_data"  # $SOFTTRIPLE_DATA of the demo part: the demo's classes of glyphs
 LOSS_SHAPES = [(256, 512, 11318, 10), (512, 512, 100000, 10)]  # (B, d, C, K)
 TINY_LOSS_SHAPES = [(16, 32, 50, 4)]
-PARTS = ("loss", "trainer", "demo", "tests", "eval", "trainer_no_autotuning")  # in this order
+PARTS = ("loss", "trainer", "demo", "tests", "demo_graphed", "eval",  # in this order
+         "trainer_no_autotuning")
+GRAPHED_DEMO = ("model.cuda_graph=true",)  # the demo_graphed part's settings
 # the least each part needs on the GPU (guessed, the check not yet timed on one; the figures in
 # gpu.json's "seconds" will tell): a part is skipped when less of the budget is left
-LEAST_SECONDS = {"loss": 20, "trainer": 60, "demo": 45, "tests": 60, "eval": 30,
-                 "trainer_no_autotuning": 40}
+LEAST_SECONDS = {"loss": 20, "trainer": 60, "demo": 45, "tests": 60, "demo_graphed": 30,
+                 "eval": 30, "trainer_no_autotuning": 40}
 TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
               "tests/test_fused_similarity.py"]
 
@@ -447,19 +452,23 @@ def pack_demo(source: Path, target: Path, classes: int) -> dict[str, Any]:
 
 def demo_floor(overrides: list[str], tiny: bool) -> dict[str, Any]:
     """The demo recipe's step on one in-memory batch (its model, loss, optimizer, batch and
-    image size, on the device the recipe trains on), timed and profiled: what the demo's steady
-    steps would take with no loader, logging or checks around them."""
+    image size, on the device the recipe trains on, its network graphed where the overrides say
+    model.cuda_graph=true), timed and profiled: what the demo's steady steps would take with no
+    loader, logging or checks around them."""
     from softtriple.demo import demo_config
     from softtriple.experiment.build import (
         build_config_loss,
         build_objective,
         build_optimizer,
         build_training_model,
+        graph_network,
         resolve_device,
     )
     config = demo_config(overrides)
     device = resolve_device(config.run.device)
     model = build_training_model(config, device)
+    if config.model.cuda_graph:
+        graph_network(model, config, device)
     loss = build_config_loss(config, config.data.max_classes).to(device)
     objective = build_objective(config, model, loss, device)
     optimizer = build_optimizer(config, model, loss, device)[0]
@@ -500,13 +509,15 @@ def demo_child(overrides: list[str], target: Path, tiny: bool) -> None:
                         "floor": demo_floor(overrides, tiny)})
 
 
-def demo_section(tiny: bool, work: Path, data: Path) -> dict[str, Any]:
-    """The demo's recipe on the device in a fresh process, against the CPU's demo.json."""
+def demo_section(tiny: bool, work: Path, data: Path, name: str = "demo",
+                 extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The demo's recipe (with the ``extra`` settings) on the device in a fresh process,
+    against the CPU's demo.json."""
     if not (data / "glyphs" / "manifest.json").is_file():
         return {"error": f"no demo data in {data}: run benchmarks/gpu.py --pack-demo on a "
                          "machine with glyphs prepared, and carry .gpu_data"}
-    target = work / "demo.json"
-    overrides = [f"run.out={work / 'demo'}", *(TINY_DEMO if tiny else [])]
+    target = work / f"{name}.json"
+    overrides = [f"run.out={work / name}", *(TINY_DEMO if tiny else []), *extra]
     env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"SOFTTRIPLE_DATA": str(data)}
     done = subprocess.run([sys.executable, __file__, "--demo-child", json.dumps(overrides),
                            "--json", str(target), *(["--tiny"] if tiny else [])], cwd=ROOT,
@@ -527,7 +538,7 @@ def demo_section(tiny: bool, work: Path, data: Path) -> dict[str, Any]:
         # loader, logging and checks around a step cost at the demo's size
         out["steady_step_ms"] = 1000 * steady / out["steps_per_epoch"]
         out["steady_step_over_floor"] = out["floor"]["ms"] / out["steady_step_ms"]
-    print("demo", json.dumps(out), flush=True)
+    print(name, json.dumps(out), flush=True)
     return out
 
 
@@ -616,6 +627,8 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
             "trainer": lambda: trainer_section(device, args.tiny, work, not args.no_autotuning),
             "demo": lambda: demo_section(args.tiny, work, args.demo_data),
             "tests": lambda: tests_section(work),
+            "demo_graphed": lambda: demo_section(args.tiny, work, args.demo_data, "demo_graphed",
+                                                 GRAPHED_DEMO),
             "eval": lambda: eval_section(device, args.tiny),
             "trainer_no_autotuning": lambda: no_autotuning_child(
                 args.tiny, work, ends - time.perf_counter())}
@@ -623,11 +636,13 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
             left = ends - time.perf_counter()
             # toy sizes and the no-autotuning child (its parent checked) need no least
             least = 0 if args.tiny or args.no_autotuning else LEAST_SECONDS[name]
-            if left <= least:
-                results.setdefault("skipped", {})[name] = (
-                    f"{max(left, 0):.0f} s of the budget left, it needs about {least} s: run "
-                    f"it with --parts {name}")
-                print(name, "skipped:", results["skipped"][name], flush=True)
+            why = ("model.cuda_graph needs CUDA" if name == "demo_graphed" and
+                   device.type != "cuda" else
+                   f"{max(left, 0):.0f} s of the budget left, it needs about {least} s: run it "
+                   f"with --parts {name}" if left <= least else None)
+            if why is not None:
+                results.setdefault("skipped", {})[name] = why
+                print(name, "skipped:", why, flush=True)
                 write_results(results, args.json, device, args.tiny)
                 continue
             start = time.perf_counter()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,13 +46,16 @@ def test_the_gpu_check_keeps_to_its_budget_and_names_the_parts_it_left(tmp_path)
     that no budget is left for is skipped and named, with the --parts that runs it."""
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny",
-                           "--parts", "trainer,demo", "--budget", "0.5", "--json", str(out)],
+                           "--parts", "trainer,demo,demo_graphed", "--budget", "0.5",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert "over the check's budget" in results["trainer"]["error"]
     assert results["seconds"]["trainer"] < 30  # stopped, not run to its end
     assert "--parts demo" in results["skipped"]["demo"] and "demo" not in results
+    if not torch.cuda.is_available():  # the graphed demo is for CUDA alone
+        assert results["skipped"]["demo_graphed"] == "model.cuda_graph needs CUDA"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--parts",
                            "loss,warp"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode != 0 and "unknown parts ['warp']" in done.stderr

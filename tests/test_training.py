@@ -405,3 +405,47 @@ def test_pair_losses_move_the_network_as_far_as_softtriple(data_root, tmp_path, 
     if loss == "multi_similarity":  # the recipe that stalled: the test can fail
         stalled = _backbone_update(tmp_path / "eps", f"loss.name={loss}", "optimizer.eps=0.01")
         assert stalled < 0.6 * softtriple, (stalled, softtriple)
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run(data_root, tmp_path):
+    """model.cuda_graph needs one CUDA process and the eager image network: elsewhere a
+    one-line error naming the fix, before any training."""
+    with pytest.raises(ConfigError, match="model.cuda_graph needs a CUDA device; the run is on "
+                                          "cpu"):
+        Trainer(tiny(tmp_path / "cpu", "model.cuda_graph=true", "run.device=cpu"))
+    with pytest.raises(ConfigError, match="set model.compile=false"):
+        tiny(tmp_path / "compiled", "model.cuda_graph=true", "model.compile=true")
+
+
+CUDA = ["cuda"] if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("device", CUDA)
+@pytest.mark.parametrize("backbone", ["small_cnn", "efficientnet_lite0"])
+def test_a_graphed_network_trains_as_the_eager_one(data_root, tmp_path, device, backbone):
+    """On CUDA, model.cuda_graph: the capture's warm-up leaves the BatchNorm statistics, the
+    random generator and the gradients as it found them; two graphed runs end bit for bit
+    alike; a network with no random layer (small_cnn) trains to the eager run's weights."""
+    from softtriple.experiment.build import build_training_model, configure_kernels, graph_network
+    settings = [f"model.backbone={backbone}", "data.image_size=32", "schedule.epochs=2"]
+    config = tiny(tmp_path / "unused", *settings, "model.cuda_graph=true")
+    configure_kernels(torch.device(device), deterministic=True)
+    model = build_training_model(config, torch.device(device))
+    before = [b.clone() for b in model.buffers()]
+    rng = torch.cuda.get_rng_state()
+    graph_network(model, config, torch.device(device))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True))
+    assert torch.equal(rng, torch.cuda.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()  # eval mode runs the eager forward, at any batch size
+    assert model(torch.randn(3, 3, 32, 32, device=device)).shape == (3, 8)
+    graphed = [Trainer(tiny(tmp_path / f"graphed{i}", *settings, "model.cuda_graph=true")).train()
+               for i in range(2)]
+    assert graphed[0]["metrics"] == graphed[1]["metrics"]
+    a, b = _params(tmp_path / "graphed0"), _params(tmp_path / "graphed1")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if backbone == "small_cnn":
+        Trainer(tiny(tmp_path / "eager", *settings)).train()
+        eager = _params(tmp_path / "eager")
+        for k in a:
+            torch.testing.assert_close(a[k], eager[k], atol=1e-5, rtol=1e-4)

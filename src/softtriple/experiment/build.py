@@ -116,23 +116,58 @@ def build_training_model(config: Config, device: torch.device) -> EmbeddingModel
     return model
 
 
+def graph_network(model: EmbeddingModel, config: Config, device: torch.device) -> None:
+    """``model.cuda_graph``: the network's training forward and backward captured once as CUDA
+    graphs (``torch.cuda.make_graphed_callables``, in place: the module and its parameters stay
+    the same objects), for batches of (data.batch_size, 3, image_size, image_size) under the
+    run's autocast. In eval mode the module runs its eager forward. The capture's warm-up passes
+    (three forward and backward passes on a random batch) leave the BatchNorm statistics and
+    CUDA's random generator as they found them, and no parameter's gradient."""
+    if device.type != "cuda":
+        raise ConfigError(f"model.cuda_graph needs a CUDA device; the run is on {device.type}: "
+                          "set model.cuda_graph=false")
+    if dist.world_size() > 1:
+        raise ConfigError("model.cuda_graph is for one process (DistributedDataParallel's "
+                          "gradient hooks do not replay): set model.cuda_graph=false under "
+                          "torchrun")
+    size = config.data.image_size
+    memory = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    sample = torch.randn(config.data.batch_size, 3, size, size, device=device).contiguous(
+        memory_format=memory)
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    rng = torch.cuda.get_rng_state(device)
+    dtype = PRECISIONS[config.run.precision]
+    model.train()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None, cache_enabled=False):
+        torch.cuda.make_graphed_callables(model, (sample,))
+    torch.cuda.synchronize(device)
+    for buffer, saved in buffers:
+        buffer.copy_(saved)
+    torch.cuda.set_rng_state(rng, device)
+
+
 class Objective(nn.Module):
     """Model and loss as one module, so DistributedDataParallel syncs the loss's centers too.
 
     With ``autocast_dtype`` (bf16 / fp16) the model runs under autocast; the loss always
     computes in float32 against its float32 centers (``softtriple.losses._precision``). With
-    ``gather`` the loss sees the global batch of every rank (``distributed.gather_batch``)."""
+    ``gather`` the loss sees the global batch of every rank (``distributed.gather_batch``).
+    ``graphed``: the model's training pass is a CUDA graph (graph_network), which autocast's
+    cast cache must stay off for (a cast in the graph is replayed, not cached)."""
 
     def __init__(self, model: nn.Module, loss: nn.Module,
-                 autocast_dtype: torch.dtype | None = None, gather: bool = False) -> None:
+                 autocast_dtype: torch.dtype | None = None, gather: bool = False,
+                 graphed: bool = False) -> None:
         super().__init__()
         self.model, self.loss = model, loss
         self.autocast_dtype = autocast_dtype
         self.gather = gather
+        self.graphed = graphed
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         with torch.autocast(images.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
+                            enabled=self.autocast_dtype is not None,
+                            cache_enabled=not self.graphed):
             embeddings = self.model(images)
         if self.gather:
             embeddings, labels = dist.gather_batch(embeddings, labels)
@@ -152,7 +187,7 @@ def build_objective(config: Config, model: nn.Module, loss: nn.Module,
         return Objective(torch.nn.parallel.DistributedDataParallel(model, device_ids), loss,
                          autocast_dtype)
     gather = world > 1 and config.loss.gather and getattr(loss, "needs_global_batch", True)
-    objective = Objective(model, loss, autocast_dtype, gather)
+    objective = Objective(model, loss, autocast_dtype, gather, graphed=config.model.cuda_graph)
     if world > 1:
         return torch.nn.parallel.DistributedDataParallel(objective, device_ids)
     return objective

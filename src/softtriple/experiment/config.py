@@ -35,6 +35,11 @@ class ModelConfig:
     # torch.compile the network (inductor: needs a C++ compiler on CPU); off by default, as it
     # measured no faster on CPUs after a long first compile (docs/PERFORMANCE.md)
     compile: bool = False
+    # CUDA, one process: capture the network's training forward and backward once as CUDA graphs
+    # (torch.cuda.make_graphed_callables), so a step replays the network's few hundred kernels
+    # instead of launching each from Python; for small images and batches, where the host's
+    # launches bound a GPU step. Off by default until measured on a GPU (docs/PERFORMANCE.md)
+    cuda_graph: bool = False
     head_hidden: int = 0  # 0: a Linear embedding layer; else an MLP with this hidden width
     normalize: bool = True  # L2-normalize embeddings; false for N-pairs / lifted (their papers')
     # several processes (CUDA only): BatchNorm statistics over the global batch, so N processes
@@ -278,6 +283,10 @@ def check_config(config: Config) -> Config:
     except ValueError as error:
         raise ConfigError(f"evaluation.kmeans: {error}") from error
     check_loss(config)
+    if config.model.cuda_graph and (config.model.compile or config.data.feature_cache):
+        raise ConfigError("model.cuda_graph captures the eager image network: set "
+                          "model.compile=false and data.feature_cache=false, or "
+                          "model.cuda_graph=false")
     if config.data.feature_cache and (config.data.augment or not config.model.freeze_backbone):
         raise ConfigError("data.feature_cache needs model.freeze_backbone=true and "
                           "data.augment=false (features are computed once, unaugmented)")

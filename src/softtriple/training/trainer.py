@@ -26,6 +26,7 @@ from softtriple.experiment.build import (
     build_optimizer,
     build_training_model,
     configure_kernels,
+    graph_network,
     init_centers_from_data,
     resolve_device,
     seed_everything,
@@ -91,6 +92,8 @@ class Trainer:
         elif config.loss.init_centers == "data":
             init_centers_from_data(config, self.model, self.loss, self.loaders.train.dataset,
                                    self.device)
+        if config.model.cuda_graph:  # after the weights are final: the capture keeps them
+            graph_network(self.model, config, self.device)
         self.last_embeddings = np.zeros((0, config.model.embedding_dim), dtype=np.float32)
 
     def release(self) -> None:

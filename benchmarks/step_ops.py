@@ -1,0 +1,90 @@
+"""How many operators one training step of the demo's recipe dispatches, phase by phase (the
+network's forward with the loss, its backward, the trainer's gradient check, fused Adam), from
+torch.profiler on this machine's CPU. On a GPU each is a host-side dispatch, most of them a
+kernel launch, so the count times the host's cost per operator bounds a step when the kernels
+are small (the demo's 64 px batches of 32): docs/PERFORMANCE.md, "CUDA graphs". A count, not a
+timing: it does not depend on the machine's load or speed, only on the recipe and the library.
+
+    .venv/bin/python benchmarks/step_ops.py [--json FILE]
+
+Writes benchmarks/results/step_ops.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from softtriple.atomic import write_json
+from softtriple.demo import demo_config
+from softtriple.experiment.build import (
+    build_config_loss,
+    build_objective,
+    build_optimizer,
+    build_training_model,
+)
+from softtriple.training.trainer import check_gradients
+
+RESULTS = Path(__file__).parent / "results" / "step_ops.json"
+
+
+def top_level_ops(prof: Any) -> collections.Counter[str]:
+    """The aten operators called from Python (not those called inside another aten operator)."""
+    return collections.Counter(
+        e.name for e in prof.events() if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def count_step(image_size: int) -> dict[str, Any]:
+    """Operators per phase of one warm step of the demo's recipe at ``image_size`` on the CPU."""
+    config = demo_config([f"data.image_size={image_size}", "run.device=cpu"])
+    device = torch.device("cpu")
+    model = build_training_model(config, device)
+    loss = build_config_loss(config, config.data.max_classes)
+    objective = build_objective(config, model, loss, device)
+    optimizer = build_optimizer(config, model, loss, device)[0]
+    batch = config.data.batch_size
+    images = torch.randn(batch, 3, image_size, image_size).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.arange(batch) // config.data.images_per_class
+    objective.train()
+    phases: dict[str, collections.Counter[str]] = {}
+    for warm in (True, False):  # the first step allocates Adam's state; count the second
+        optimizer.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as forward:
+            value = objective(images, labels)
+            bool(torch.isfinite(value))
+        with profile(activities=[ProfilerActivity.CPU]) as backward:
+            value.backward()
+        with profile(activities=[ProfilerActivity.CPU]) as check:
+            check_gradients(objective, 0, 0)
+        with profile(activities=[ProfilerActivity.CPU]) as step:
+            optimizer.step()
+        if not warm:
+            phases = {"forward_and_loss": top_level_ops(forward),
+                      "backward": top_level_ops(backward),
+                      "gradient_check": top_level_ops(check), "adam": top_level_ops(step)}
+    return {"image_size": image_size, "batch": batch, "backbone": config.model.backbone,
+            "operators": {k: sum(v.values()) for k, v in phases.items()},
+            "total": sum(sum(v.values()) for v in phases.values()),
+            "most_called": {k: dict(v.most_common(5)) for k, v in phases.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    result = {"command": "benchmarks/step_ops.py", "torch": torch.__version__,
+              "demo": count_step(demo_config().data.image_size)}
+    print(result)
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
