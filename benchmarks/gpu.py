@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 from loss_speed import make_step
+from steps import RecipeStep
 
 from softtriple.atomic import write_json
 
@@ -451,40 +452,15 @@ def pack_demo(source: Path, target: Path, classes: int) -> dict[str, Any]:
 
 
 def demo_floor(overrides: list[str], tiny: bool) -> dict[str, Any]:
-    """The demo recipe's step on one in-memory batch (its model, loss, optimizer, batch and
-    image size, on the device the recipe trains on, its network graphed where the overrides say
-    model.cuda_graph=true), timed and profiled: what the demo's steady steps would take with no
-    loader, logging or checks around them."""
+    """The demo recipe's step on one in-memory batch (steps.RecipeStep: its model, loss,
+    optimizer, batch and image size, on the device the recipe trains on, its network graphed
+    where the overrides say model.cuda_graph=true), timed and profiled: what the demo's steady
+    steps would take with no loader, logging or checks around them."""
     from softtriple.demo import demo_config
-    from softtriple.experiment.build import (
-        build_config_loss,
-        build_objective,
-        build_optimizer,
-        build_training_model,
-        graph_network,
-        resolve_device,
-    )
-    config = demo_config(overrides)
-    device = resolve_device(config.run.device)
-    model = build_training_model(config, device)
-    if config.model.cuda_graph:
-        graph_network(model, config, device)
-    loss = build_config_loss(config, config.data.max_classes).to(device)
-    objective = build_objective(config, model, loss, device)
-    optimizer = build_optimizer(config, model, loss, device)[0]
-    batch, size = config.data.batch_size, config.data.image_size
-    memory = torch.channels_last if config.model.channels_last else torch.contiguous_format
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory)
-    labels = (torch.arange(batch, device=device) // config.data.images_per_class) \
-        % config.data.max_classes
-    objective.train()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        objective(images, labels).backward()
-        optimizer.step()
-    return {"batch": batch, "image_size": size, **timed(step, device, 3 if tiny else 30),
-            "profile": step_profile(step, device, 2 if tiny else 10)}
+    step = RecipeStep.build(demo_config(overrides))
+    return {"batch": step.config.data.batch_size, "image_size": step.config.data.image_size,
+            **timed(step, step.device, 3 if tiny else 30),
+            "profile": step_profile(step, step.device, 2 if tiny else 10)}
 
 
 def demo_child(overrides: list[str], target: Path, tiny: bool) -> None:
@@ -636,10 +612,12 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
             left = ends - time.perf_counter()
             # toy sizes and the no-autotuning child (its parent checked) need no least
             least = 0 if args.tiny or args.no_autotuning else LEAST_SECONDS[name]
-            why = ("model.cuda_graph needs CUDA" if name == "demo_graphed" and
-                   device.type != "cuda" else
-                   f"{max(left, 0):.0f} s of the budget left, it needs about {least} s: run it "
-                   f"with --parts {name}" if left <= least else None)
+            why = None
+            if name == "demo_graphed" and device.type != "cuda":
+                why = "model.cuda_graph needs CUDA"
+            elif left <= least:
+                why = (f"{max(left, 0):.0f} s of the budget left, it needs about {least} s: run "
+                       f"it with --parts {name}")
             if why is not None:
                 results.setdefault("skipped", {})[name] = why
                 print(name, "skipped:", why, flush=True)

@@ -18,16 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from steps import RecipeStep
 from torch.profiler import ProfilerActivity, profile
 
 from softtriple.atomic import write_json
 from softtriple.demo import demo_config
-from softtriple.experiment.build import (
-    build_config_loss,
-    build_objective,
-    build_optimizer,
-    build_training_model,
-)
 from softtriple.training.trainer import check_gradients
 
 RESULTS = Path(__file__).parent / "results" / "step_ops.json"
@@ -42,34 +37,26 @@ def top_level_ops(prof: Any) -> collections.Counter[str]:
 
 def count_step(image_size: int) -> dict[str, Any]:
     """Operators per phase of one warm step of the demo's recipe at ``image_size`` on the CPU."""
-    config = demo_config([f"data.image_size={image_size}", "run.device=cpu"])
-    device = torch.device("cpu")
-    model = build_training_model(config, device)
-    loss = build_config_loss(config, config.data.max_classes)
-    objective = build_objective(config, model, loss, device)
-    optimizer = build_optimizer(config, model, loss, device)[0]
-    batch = config.data.batch_size
-    images = torch.randn(batch, 3, image_size, image_size).contiguous(
-        memory_format=torch.channels_last)
-    labels = torch.arange(batch) // config.data.images_per_class
-    objective.train()
+    recipe = RecipeStep.build(demo_config([f"data.image_size={image_size}", "run.device=cpu"]))
+    objective, optimizer, config = recipe.objective, recipe.optimizer, recipe.config
     phases: dict[str, collections.Counter[str]] = {}
     for warm in (True, False):  # the first step allocates Adam's state; count the second
         optimizer.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU]) as forward:
-            value = objective(images, labels)
+            value = objective(recipe.images, recipe.labels)
             bool(torch.isfinite(value))
         with profile(activities=[ProfilerActivity.CPU]) as backward:
             value.backward()
         with profile(activities=[ProfilerActivity.CPU]) as check:
             check_gradients(objective, 0, 0)
-        with profile(activities=[ProfilerActivity.CPU]) as step:
+        with profile(activities=[ProfilerActivity.CPU]) as adam:
             optimizer.step()
         if not warm:
             phases = {"forward_and_loss": top_level_ops(forward),
                       "backward": top_level_ops(backward),
-                      "gradient_check": top_level_ops(check), "adam": top_level_ops(step)}
-    return {"image_size": image_size, "batch": batch, "backbone": config.model.backbone,
+                      "gradient_check": top_level_ops(check), "adam": top_level_ops(adam)}
+    return {"image_size": image_size, "batch": config.data.batch_size,
+            "backbone": config.model.backbone,
             "operators": {k: sum(v.values()) for k, v in phases.items()},
             "total": sum(sum(v.values()) for v in phases.values()),
             "most_called": {k: dict(v.most_common(5)) for k, v in phases.items()}}

@@ -4,9 +4,12 @@ training benchmarks (train_speed, backbone_speed) measure."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from softtriple.experiment.config import Config
 
 
 def step_times(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -22,3 +25,50 @@ def step_times(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
         optimizer.step()
         times.append(time.perf_counter() - start)
     return times
+
+
+@dataclass
+class RecipeStep:
+    """A recipe's training step on one in-memory batch: its objective (model and loss), Adam,
+    and a random batch of its size, image size and memory format, with labels of
+    ``data.images_per_class`` images a class, on the device the recipe trains on; its network
+    graphed where the config says model.cuda_graph=true. Calling it runs one step (zero_grad,
+    forward, loss, backward, optimizer step)."""
+
+    config: Config
+    device: torch.device
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def build(cls, config: Config) -> RecipeStep:
+        from softtriple.experiment.build import (
+            build_config_loss,
+            build_objective,
+            build_optimizer,
+            build_training_model,
+            graph_network,
+            resolve_device,
+        )
+        device = resolve_device(config.run.device)
+        model = build_training_model(config, device)
+        if config.model.cuda_graph:
+            graph_network(model, config, device)
+        loss = build_config_loss(config, config.data.max_classes).to(device)
+        objective = build_objective(config, model, loss, device)
+        optimizer = build_optimizer(config, model, loss, device)[0]
+        batch, size = config.data.batch_size, config.data.image_size
+        memory = torch.channels_last if config.model.channels_last else torch.contiguous_format
+        images = torch.randn(batch, 3, size, size, device=device).contiguous(
+            memory_format=memory)
+        labels = (torch.arange(batch, device=device) // config.data.images_per_class) \
+            % config.data.max_classes
+        objective.train()
+        return cls(config, device, objective, optimizer, images, labels)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective(self.images, self.labels).backward()
+        self.optimizer.step()
