@@ -22,13 +22,17 @@ and named, to run in a second call with ``--parts``):
    glyphs into ``.gpu_data/`` (carry it);
 4. **tests**: the device-parametrized tests (CUDA included where a GPU is visible), their pass
    count (in 4 processes where pytest-xdist is there);
-5. **demo_graphed**: part 3 with ``model.cuda_graph=true`` (the network's training pass
+5. **loader**: the training loader alone at 224 px (benchmarks/loader_speed.py: CUB-sized
+   photos, batch 128, the device's default workers, each batch pinned, copied and normalized on
+   the device), uint8 against float32 batches, from the files and decoded once: whether the
+   trainer's loader can feed its step floor;
+6. **demo_graphed**: part 3 with ``model.cuda_graph=true`` (the network's training pass
    replayed as CUDA graphs), its floor graphed too: whether the demo's steps are the host
    launching kernels one by one, and what graphs give the recipe's seconds and Recall@1;
-6. **eval**: ``evaluate`` at SOP's size (60,502 x 512) and the exact kNN of 1,000,000 x 128
+7. **eval**: ``evaluate`` at SOP's size (60,502 x 512) and the exact kNN of 1,000,000 x 128
    (in a child process, capped at a few times the floor), each with the float32 and the bf16
    engine (tensor cores), against the matmul + top-k floor;
-7. **trainer_no_autotuning**: part 2 again, 2 epochs, with ``run.cudnn_benchmark=false``, in a
+8. **trainer_no_autotuning**: part 2 again, 2 epochs, with ``run.cudnn_benchmark=false``, in a
    fresh process: what cuDNN's autotuning costs the first epoch and gains the steady ones.
 
 Results are written after each part, so a call cut short keeps what it measured.
@@ -72,12 +76,13 @@ ROOT = Path(__file__).parents[1]
 DEMO_DATA = ROOT / ".gpu_data"  # $SOFTTRIPLE_DATA of the demo part: the demo's classes of glyphs
 LOSS_SHAPES = [(256, 512, 11318, 10), (512, 512, 100000, 10)]  # (B, d, C, K)
 TINY_LOSS_SHAPES = [(16, 32, 50, 4)]
-PARTS = ("loss", "trainer", "demo", "tests", "demo_graphed", "eval",  # in this order
+PARTS = ("loss", "trainer", "demo", "tests", "loader", "demo_graphed", "eval",  # in this order
          "trainer_no_autotuning")
 GRAPHED_DEMO = ("model.cuda_graph=true",)  # the demo_graphed part's settings
 # the least each part needs on the GPU (guessed, the check not yet timed on one; the figures in
 # gpu.json's "seconds" will tell): a part is skipped when less of the budget is left
-LEAST_SECONDS = {"loss": 20, "trainer": 60, "demo": 45, "tests": 60, "demo_graphed": 30,
+LEAST_SECONDS = {"loss": 20, "trainer": 60, "demo": 45, "tests": 60, "loader": 25,
+                 "demo_graphed": 30,
                  "eval": 30, "trainer_no_autotuning": 40}
 TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
               "tests/test_fused_similarity.py"]
@@ -544,6 +549,16 @@ def tests_section(work: Path) -> dict[str, Any]:
     return out
 
 
+def loader_section(device: torch.device, tiny: bool) -> dict[str, Any]:
+    """The training loader alone (benchmarks/loader_speed.py) with the device's default
+    workers: uint8 against float32 batches, what it feeds against the trainer's floor."""
+    import loader_speed
+    out = (loader_speed.measure(device, batch=8, size=32, steps=2, rounds=1) if tiny else
+           loader_speed.measure(device, steps=8, rounds=1, threads=torch.get_num_threads()))
+    print("loader", json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -603,6 +618,7 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
             "trainer": lambda: trainer_section(device, args.tiny, work, not args.no_autotuning),
             "demo": lambda: demo_section(args.tiny, work, args.demo_data),
             "tests": lambda: tests_section(work),
+            "loader": lambda: loader_section(device, args.tiny),
             "demo_graphed": lambda: demo_section(args.tiny, work, args.demo_data, "demo_graphed",
                                                  GRAPHED_DEMO),
             "eval": lambda: eval_section(device, args.tiny),

@@ -61,8 +61,9 @@ class RecipeStep:
         optimizer = build_optimizer(config, model, loss, device)[0]
         batch, size = config.data.batch_size, config.data.image_size
         memory = torch.channels_last if config.model.channels_last else torch.contiguous_format
-        images = torch.randn(batch, 3, size, size, device=device).contiguous(
-            memory_format=memory)
+        # uint8, as the loader gives them: the model normalizes them in its step
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                               device=device).contiguous(memory_format=memory)
         labels = (torch.arange(batch, device=device) // config.data.images_per_class) \
             % config.data.max_classes
         objective.train()

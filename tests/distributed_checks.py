@@ -116,7 +116,7 @@ def check_pipeline() -> None:
         model = build_model(config)
         batches = []
         for w, r in ((1, 0), (world, me)):
-            loaders = build_loaders(config.data, model.mean, model.std, 64, 0, w, r)
+            loaders = build_loaders(config.data, 64, 0, w, r)
             loaders.train.batch_sampler.set_epoch(1)  # type: ignore[union-attr]
             loaders.train.dataset.set_epoch(1)  # type: ignore[attr-defined]
             batches.append(next(iter(loaders.train))[:2])

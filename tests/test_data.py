@@ -269,3 +269,17 @@ def test_decoding_once_stays_within_its_budget_and_names_a_bad_file(tmp_path):
     assert broken.decoded is None
     with pytest.raises(DataError, match="2.png is corrupt or not an image"):
         broken[2]
+
+
+def test_a_transform_without_a_fixed_head_or_tail_is_split_into_identities(tmp_path):
+    """The test transform is all fixed head (its tail an Identity); a Compose that starts with a
+    random step has no head to decode once, and its items read their files."""
+    from torchvision.transforms import v2
+
+    tail = split_fixed_head(eval_transform(20))[1]
+    assert [type(t) for t in tail.transforms] == [v2.Identity]
+    random_first = v2.Compose([v2.RandomHorizontalFlip(), v2.ToImage()])
+    assert [type(t) for t in split_fixed_head(random_first)[0].transforms] == [v2.Identity]
+    table = _mixed_images(tmp_path)
+    dataset = ImageDataset(table, np.arange(5), random_first, seed=0, decode_once=2**20)
+    assert dataset.decoded is None and dataset[1][0].dtype == torch.uint8

@@ -167,3 +167,36 @@ def test_the_bf16_engine_runs_on_the_inputs_device_and_matches_float32(device):
     assert torch.equal(index, expected_index) and torch.equal(sims, expected_sims)
     _, gallery_index = knn(on_device[:40], 7, on_device, backend="bf16")
     assert torch.equal(gallery_index, knn(on_device[:40], 7, on_device, backend="torch")[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_images_normalized_on_the_device_equal_torchvisions_bit_for_bit(device, memory_format):
+    """The loaders give uint8 images and the model normalizes them on its device: the result
+    equals torchvision's ToDtype(float32, scale=True) + Normalize on each image (the pipeline's
+    former tail, in the workers) bit for bit, keeps the batch's memory format, and the model's
+    features of the uint8 batch equal those of the float batch torchvision would have given."""
+    from torchvision.transforms import v2
+
+    from softtriple.data import normalize_images
+    from softtriple.models import EmbeddingModel
+    from softtriple.models.backbones import build_backbone
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 9, 7), dtype=torch.uint8, generator=g)
+    mean, std = (127 / 255, 0.456, 0.406), (128 / 255, 0.224, 0.225)  # Lite's, ImageNet's
+    former = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean),
+                                                                              list(std))])
+    expected = torch.stack([former(image) for image in images])
+    batch = images.to(device).contiguous(memory_format=memory_format)
+    got = normalize_images(batch, mean, std)
+    assert got.dtype == torch.float32 and got.device.type == device
+    assert got.is_contiguous(memory_format=memory_format)
+    assert torch.equal(got.cpu(), expected)
+    model = EmbeddingModel(build_backbone("small_cnn"), 8).to(device).eval()
+    model.input_mean.copy_(torch.tensor(mean).view(3, 1, 1))
+    model.input_std.copy_(torch.tensor(std).view(3, 1, 1))
+    with torch.no_grad():
+        same = expected.to(device).contiguous(memory_format=memory_format)  # same kernels
+        assert torch.equal(model(batch), model(same))
+    assert "input_mean" not in model.state_dict()  # the backbone's, not a checkpoint's

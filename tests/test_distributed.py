@@ -218,10 +218,10 @@ def test_a_per_process_batch_that_splits_a_class_is_refused(data_root):
     from softtriple.experiment.loaders import build_loaders
     config = load_config(None, ["data.sampler=class_balanced", "data.images_per_class=4",
                                 "data.batch_size=12"])
-    build_loaders(config.data, (0.5,), (0.5,), 8, 0)  # one process: 3 classes of 4
+    build_loaders(config.data, 8, 0)  # one process: 3 classes of 4
     with pytest.raises(DataError, match=r"data.batch_size 12 \(6 per process\) must be a "
                                         r"multiple of data.images_per_class 4"):
-        build_loaders(config.data, (0.5,), (0.5,), 8, 0, world=2, rank=0)
+        build_loaders(config.data, 8, 0, world=2, rank=0)
 
 
 def test_center_blocks_written_by_any_process_count_read_back_for_any_other(tmp_path):
@@ -285,8 +285,8 @@ def test_each_process_decodes_and_embeds_only_its_shard_of_the_test_split(data_r
     from softtriple.experiment import load_config
     from softtriple.experiment.loaders import build_loaders
     config = load_config(None, ["data.image_size=16", "data.workers=0", "data.batch_size=30"])
-    whole = build_loaders(config.data, (0.5,), (0.5,), 64, 0).test.dataset
-    shards = [build_loaders(config.data, (0.5,), (0.5,), 64, 0, world=3, rank=r).test.dataset
+    whole = build_loaders(config.data, 64, 0).test.dataset
+    shards = [build_loaders(config.data, 64, 0, world=3, rank=r).test.dataset
               for r in range(3)]
     assert [len(s) for s in shards] == [len(p) for p in np.array_split(np.arange(len(whole)), 3)]
     assert sum(s.decoded.nbytes for s in shards) == whole.decoded.nbytes  # each its own only

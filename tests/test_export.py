@@ -58,3 +58,29 @@ def test_export_command_and_its_errors(run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "not found" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_exported_file_takes_its_recorded_preprocessing(run, tmp_path):
+    """A user's own preprocessing, as the JSON beside the file records it (the shorter side
+    resized, the centre cropped, pixel / 255, then (x - mean) / std, float32 NCHW), gives the
+    file the run's own embedding of a test image (the model normalizes uint8 images itself;
+    the exported file takes them normalized)."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    out = tmp_path / "model.pt"
+    export(run, "torchscript", out)
+    record = json.loads(preprocessing_file(out).read_text())
+    with np.load(run / "test_embeddings.npz") as saved:
+        path, expected = str(saved["paths"][0]), saved["embeddings"][0]
+    size = record["image_size"]
+    with Image.open(path) as image:  # resized as a uint8 tensor (PIL's resize rounds apart)
+        picture = v2.functional.resize(v2.functional.to_image(image.convert("RGB")),
+                                       round(size * 256 / 224),
+                                       v2.InterpolationMode(record["interpolation"]))
+    pixels = v2.functional.center_crop(picture, size).numpy().astype(np.float32) / 255
+    mean, std = (np.float32(record[k]).reshape(3, 1, 1) for k in ("mean", "std"))
+    x = (pixels - mean) / std  # (3, S, S)
+    got = torch.jit.load(str(out))(torch.from_numpy(x)[None])
+    assert record["layout"] == "NCHW float32, RGB"
+    np.testing.assert_allclose(got[0].detach().numpy(), expected, atol=1e-4)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny",
-                           "--parts", "loss,eval,trainer,trainer_no_autotuning",
+                           "--parts", "loss,eval,trainer,loader,trainer_no_autotuning",
                            "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -36,6 +36,11 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     first = trainer["first_epoch"]
     assert first["to_first_step_seconds"] > 0 and first["median_step_ms"] > 0
     assert len(first["first_steps_ms"]) == min(8, trainer["steps_per_epoch"] - 1)
+    loader = results["loader"]
+    assert set(loader["images_per_second"]) == {"uint8 from files", "float32 from files",
+                                                "uint8 decoded once", "float32 decoded once"}
+    assert all(rate > 0 for rate in loader["images_per_second"].values())
+    assert loader["per_image_one_thread"]["decode_ms"] > 0
     untuned = results["trainer_no_autotuning"]
     assert "run.cudnn_benchmark=false" in untuned["settings"]
     assert len(untuned["epoch_seconds"]) == 2 and untuned["first_epoch"]["median_step_ms"] > 0

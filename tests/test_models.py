@@ -20,10 +20,10 @@ def test_efficientnet_lite0_wheel_weights_see_a_flower():
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from softtriple.data import eval_transform
+    from softtriple.data import eval_transform, normalize_images
     backbone = build_backbone("efficientnet_lite0")
     image = Image.fromarray(load_sample_image("flower.jpg"))
-    x = eval_transform(224, backbone.mean, backbone.std)(image)[None]
+    x = normalize_images(eval_transform(224)(image)[None], backbone.mean, backbone.std)
     backbone.features.eval()
     with torch.no_grad():
         top5 = backbone.classifier(backbone.features(x)).topk(5).indices[0].tolist()

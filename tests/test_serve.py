@@ -119,8 +119,7 @@ def test_the_central_region_embeds_as_the_whole_long_image(run):
     model, config, _ = load_model(run)
     rng = np.random.default_rng(1)
     wide = Image.fromarray(rng.integers(0, 255, (8, 320, 3), np.uint8)).resize((1280, 32))
-    tensor = eval_transform(config.data.image_size, model.mean, model.std,
-                            model.interpolation)(wide)
+    tensor = eval_transform(config.data.image_size, model.interpolation)(wide)
     with torch.no_grad():
         whole = model.eval()(tensor[None]).numpy()[0]
     np.testing.assert_allclose(embed_pil(model, config, wide), whole, atol=2e-2)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from softtriple.atomic import atomic_path, write_json
+from softtriple.data import normalize_images
 from softtriple.experiment.config import Config
 from softtriple.experiment.run_folder import check_output
 from softtriple.inference import load_model, split_dataset
@@ -35,10 +36,13 @@ def preprocessing_file(model_file: Path) -> Path:
 
 
 def _check_images(model: EmbeddingModel, config: Config) -> torch.Tensor:
-    """Up to CHECK_IMAGES test images (n, 3, S, S), preprocessed as the run's evaluation is."""
+    """Up to CHECK_IMAGES test images (n, 3, S, S) float32, preprocessed as the run's evaluation
+    is and normalized as the exported file's input is (the model normalizes uint8 images itself;
+    the file takes them normalized, as its preprocessing JSON says)."""
     dataset, _ = split_dataset(model, config, "test")
     subset = Subset(dataset, range(min(CHECK_IMAGES, len(dataset))))
-    return torch.cat([images for images, _, _ in DataLoader(subset, batch_size=CHECK_IMAGES)])
+    images = torch.cat([images for images, _, _ in DataLoader(subset, batch_size=CHECK_IMAGES)])
+    return normalize_images(images, model.mean, model.std)
 
 
 def _torchscript(model: EmbeddingModel, example: torch.Tensor, out: Path) -> Any:

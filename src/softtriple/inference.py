@@ -41,8 +41,7 @@ def split_dataset(model: EmbeddingModel, config: Config,
     transform), yielding (image, encoded label, index); and its table."""
     table = load_table(config.data).split(split)
     return ImageDataset(table, table.encoded_labels()[0],
-                        eval_transform(config.data.image_size, model.mean, model.std,
-                                       model.interpolation)), table
+                        eval_transform(config.data.image_size, model.interpolation)), table
 
 
 def embed_split(model: EmbeddingModel, config: Config,
@@ -71,6 +70,6 @@ def embed_pil(model: EmbeddingModel, config: Config, picture: Any) -> np.ndarray
     """The embedding (d,) of one PIL image (any mode), with the run's test transform; an image
     longer than MAX_ASPECT : 1 is cropped to its central region first (``data.to_rgb``), so no
     shape of image makes the resize ask for more than a few MB."""
-    tensor = eval_transform(config.data.image_size, model.mean, model.std,
-                            model.interpolation)(to_rgb(picture, MAX_ASPECT))
+    tensor = eval_transform(config.data.image_size, model.interpolation)(
+        to_rgb(picture, MAX_ASPECT))
     return model.eval().cpu()(tensor[None]).float().numpy()[0]  # type: ignore[no-any-return]

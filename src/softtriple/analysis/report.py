@@ -52,8 +52,8 @@ def _center_assignments(run: Path, classes: int = 3,
     centers = torch.nn.functional.normalize(loss.centers.detach(), dim=2)  # (C, K, d)
     table = load_table(config.data).split("train")
     labels, original = table.encoded_labels()
-    dataset = ImageDataset(table, labels, eval_transform(config.data.image_size, model.mean,
-                                                         model.std, model.interpolation))
+    dataset = ImageDataset(table, labels,
+                           eval_transform(config.data.image_size, model.interpolation))
     rng = np.random.default_rng(config.run.seed)
     sampled = rng.choice(len(original), min(candidates, len(original)), replace=False)
     found = []

@@ -19,12 +19,13 @@ FIXED = (v2.ToImage, v2.Resize, v2.CenterCrop)  # no random draw, output still u
 
 def split_fixed_head(transform: v2.Compose) -> tuple[v2.Compose, v2.Compose]:
     """(head, tail) of a Compose: the head is its leading run of FIXED steps, so that
-    ``tail(head(image))`` equals ``transform(image)`` and ``head`` can be applied once."""
+    ``tail(head(image))`` equals ``transform(image)`` and ``head`` can be applied once. An empty
+    part is an Identity (the test transform is all head)."""
     steps = list(transform.transforms)
     cut = 0
     while cut < len(steps) and type(steps[cut]) in FIXED:
         cut += 1
-    return v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
+    return v2.Compose(steps[:cut] or [v2.Identity()]), v2.Compose(steps[cut:] or [v2.Identity()])
 
 
 def decoded_bytes(paths: Sequence[Path], head: v2.Compose) -> int:

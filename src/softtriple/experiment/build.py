@@ -119,10 +119,11 @@ def build_training_model(config: Config, device: torch.device) -> EmbeddingModel
 def graph_network(model: EmbeddingModel, config: Config, device: torch.device) -> None:
     """``model.cuda_graph``: the network's training forward and backward captured once as CUDA
     graphs (``torch.cuda.make_graphed_callables``, in place: the module and its parameters stay
-    the same objects), for batches of (data.batch_size, 3, image_size, image_size) under the
-    run's autocast. In eval mode the module runs its eager forward. The capture's warm-up passes
-    (three forward and backward passes on a random batch) leave the BatchNorm statistics and
-    CUDA's random generator as they found them, and no parameter's gradient."""
+    the same objects), for uint8 batches of (data.batch_size, 3, image_size, image_size) (the
+    loader's; their normalization is in the graph) under the run's autocast. In eval mode the
+    module runs its eager forward. The capture's warm-up passes (three forward and backward
+    passes on a random batch) leave the BatchNorm statistics and CUDA's random generator as they
+    found them, and no parameter's gradient."""
     if device.type != "cuda":
         raise ConfigError(f"model.cuda_graph needs a CUDA device; the run is on {device.type}: "
                           "set model.cuda_graph=false")
@@ -132,8 +133,8 @@ def graph_network(model: EmbeddingModel, config: Config, device: torch.device) -
                           "torchrun")
     size = config.data.image_size
     memory = torch.channels_last if config.model.channels_last else torch.contiguous_format
-    sample = torch.randn(config.data.batch_size, 3, size, size, device=device).contiguous(
-        memory_format=memory)
+    sample = torch.randint(0, 256, (config.data.batch_size, 3, size, size), dtype=torch.uint8,
+                           device=device).contiguous(memory_format=memory)  # the loader's
     buffers = [(b, b.clone()) for b in model.buffers()]
     rng = torch.cuda.get_rng_state(device)
     dtype = PRECISIONS[config.run.precision]

@@ -113,9 +113,8 @@ def loader_workers(requested: int, accelerator: bool) -> int:
     return min(MAX_WORKERS, max(CPU_WORKERS, per_gpu - 1))
 
 
-def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float, ...],
-                  eval_batch_size: int, seed: int, world: int = 1, rank: int = 0,
-                  features: FeatureFn | None = None, pin_memory: bool = False,
+def build_loaders(config: DataConfig, eval_batch_size: int, seed: int, world: int = 1,
+                  rank: int = 0, features: FeatureFn | None = None, pin_memory: bool = False,
                   interpolation: str = "bilinear") -> Loaders:
     """Training loader (this rank's share of each global batch) and test loader (this rank's
     contiguous shard of the test set). With ``features`` (the head protocol) the loaders yield
@@ -156,15 +155,15 @@ def build_loaders(config: DataConfig, mean: tuple[float, ...], std: tuple[float,
         test_set = FeatureDataset(features(test_table)[shard], test_labels[shard])
         workers = 0  # rows of a tensor in memory: worker processes only add start-up time
     else:
-        transform = (train_transform(config.image_size, config.flip, mean, std, interpolation)
+        transform = (train_transform(config.image_size, config.flip, interpolation)
                      if config.augment else
-                     eval_transform(config.image_size, mean, std, interpolation))
+                     eval_transform(config.image_size, interpolation))
         budget = config.decode_once_mib * 2**20
         train_set = ImageDataset(train_table, train_labels, transform, seed=seed,
                                  decode_once=budget)
         # this rank's shard only: it decodes (data.decode_once_mib) and embeds no other's images
         test_set = ImageDataset(test_table.rows(shard), test_labels[shard],
-                                eval_transform(config.image_size, mean, std, interpolation),
+                                eval_transform(config.image_size, interpolation),
                                 decode_once=budget)
     generator = torch.Generator().manual_seed(seed)
     # persistent workers: augmentation draws depend on (seed, epoch, index) only, and the

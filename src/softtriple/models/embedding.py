@@ -12,11 +12,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from softtriple.data.transforms import normalize_images
 from softtriple.models.backbones import Backbone
 
 
 class EmbeddingModel(nn.Module):
     """x (B, 3, H, W) -> unit embeddings (B, embedding_dim) (raw ones with normalize=False).
+
+    Images come as the transforms give them, uint8 (B, 3, H, W), and are scaled and normalized
+    here with the backbone's mean and std (``normalize_images``), on the model's device; float
+    images are taken as normalized already (an exported model's input, a caller's own
+    preprocessing).
 
     Args:
         backbone: a Backbone (features and their width).
@@ -31,6 +37,9 @@ class EmbeddingModel(nn.Module):
             by cosine similarity either way.
     """
 
+    input_mean: Tensor  # (3, 1, 1) float32 buffers
+    input_std: Tensor
+
     def __init__(self, backbone: Backbone, embedding_dim: int, freeze_bn: bool = False,
                  freeze_backbone: bool = False, head_hidden: int = 0,
                  normalize: bool = True) -> None:
@@ -42,6 +51,11 @@ class EmbeddingModel(nn.Module):
             nn.Sequential(nn.Linear(backbone.out_channels, head_hidden), nn.ReLU(inplace=True),
                           nn.Linear(head_hidden, embedding_dim)))
         self.mean, self.std = backbone.mean, backbone.std
+        # (3, 1, 1) on the model's device, out of the state dict (the backbone defines them)
+        self.register_buffer("input_mean", torch.tensor(self.mean).view(3, 1, 1),
+                             persistent=False)
+        self.register_buffer("input_std", torch.tensor(self.std).view(3, 1, 1),
+                             persistent=False)
         self.interpolation = backbone.interpolation
         self.embedding_dim = embedding_dim
         self.normalize = normalize
@@ -57,9 +71,12 @@ class EmbeddingModel(nn.Module):
         return self
 
     def features(self, x: Tensor) -> Tensor:
-        """Pooled backbone features (B, C) of images x (B, 3, H, W): the global average as a
-        mean over (H, W), bitwise nn.AdaptiveAvgPool2d(1)'s on the CPU, whose CUDA backward has
-        no deterministic kernel (it would refuse to run under ``run.deterministic``)."""
+        """Pooled backbone features (B, C) of images x (B, 3, H, W), uint8 or normalized float:
+        the global average as a mean over (H, W), bitwise nn.AdaptiveAvgPool2d(1)'s on the CPU,
+        whose CUDA backward has no deterministic kernel (it would refuse to run under
+        ``run.deterministic``)."""
+        if x.dtype == torch.uint8:
+            x = normalize_images(x, self.input_mean, self.input_std)
         return self.backbone(x).mean(dim=(2, 3))  # type: ignore[no-any-return]
 
     def forward(self, x: Tensor) -> Tensor:

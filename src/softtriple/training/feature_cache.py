@@ -70,8 +70,7 @@ def compute_features(model: EmbeddingModel, table: ImageTable, image_size: int, 
                      device: torch.device, workers: int = 0, progress: bool = True) -> np.ndarray:
     """Pooled backbone features (N, C) float32 of every image of ``table``, test transform."""
     dataset = ImageDataset(table, np.zeros(len(table), dtype=np.int64),
-                           eval_transform(image_size, model.mean, model.std,
-                                          model.interpolation))
+                           eval_transform(image_size, model.interpolation))
     # an own generator: iterating a loader draws a seed, which must not move the global RNG
     # (a run that builds the cache would otherwise initialize its centers differently)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,

@@ -73,7 +73,7 @@ class Trainer:
         seed_everything(config.run.seed)
         self.model = build_training_model(config, self.device)
         self.loaders: Loaders = build_loaders(
-            config.data, self.model.mean, self.model.std, config.evaluation.batch_size,
+            config.data, config.evaluation.batch_size,
             config.run.seed, dist.world_size(), dist.rank(),
             feature_source(config, self.model, self.device),
             pin_memory=self.device.type == "cuda", interpolation=self.model.interpolation)
