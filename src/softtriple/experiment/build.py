@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from softtriple import distributed as dist
 from softtriple.experiment.config import Config, ConfigError, resolved_eps
 from softtriple.losses import SoftTripleLoss, build_loss, loss_arguments
-from softtriple.models import EmbeddingModel, build_backbone
+from softtriple.models import EmbeddingModel, build_backbone, embed
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
                                              "fp16": torch.float16}
@@ -230,10 +230,7 @@ def init_centers_from_data(config: Config, model: nn.Module, loss: nn.Module,
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.evaluation.batch_size, shuffle=False,
         generator=torch.Generator().manual_seed(config.run.seed))
-    model.eval()
-    parts, labels = [], []
-    for inputs, y, _ in loader:
-        parts.append(model(inputs.to(device)).float().cpu())
-        labels.append(y)
+    embeddings = embed(model, loader, device)  # float32, the test embeddings' loop
+    labels = torch.as_tensor(np.asarray(dataset.labels))  # type: ignore[attr-defined]
     model.train()
-    loss.init_centers_from(torch.cat(parts), torch.cat(labels), config.run.seed)
+    loss.init_centers_from(torch.from_numpy(embeddings), labels, config.run.seed)
