@@ -1,6 +1,7 @@
 """How many operators one training step of the demo's recipe dispatches, phase by phase (the
-network's forward with the loss, its backward, the trainer's gradient check, fused Adam), from
-torch.profiler on this machine's CPU. On a GPU each is a host-side dispatch, most of them a
+network's forward with the loss, its backward, the trainer's one read of the loss and of the
+gradients' finiteness (`trainer.read_step`), fused Adam), from torch.profiler on this machine's
+CPU. On a GPU each is a host-side dispatch, most of them a
 kernel launch, so the count times the host's cost per operator bounds a step when the kernels
 are small (the demo's 64 px batches of 32): docs/PERFORMANCE.md, "CUDA graphs". A count, not a
 timing: it does not depend on the machine's load or speed, only on the recipe and the library.
@@ -23,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from softtriple.atomic import write_json
 from softtriple.demo import demo_config
-from softtriple.training.trainer import check_gradients
+from softtriple.training.trainer import read_step
 
 RESULTS = Path(__file__).parent / "results" / "step_ops.json"
 
@@ -44,17 +45,16 @@ def count_step(image_size: int) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU]) as forward:
             value = objective(recipe.images, recipe.labels)
-            bool(torch.isfinite(value))
         with profile(activities=[ProfilerActivity.CPU]) as backward:
             value.backward()
         with profile(activities=[ProfilerActivity.CPU]) as check:
-            check_gradients(objective, 0, 0)
+            read_step(value, objective)  # the trainer's one read: the loss, the gradients' check
         with profile(activities=[ProfilerActivity.CPU]) as adam:
             optimizer.step()
         if not warm:
             phases = {"forward_and_loss": top_level_ops(forward),
                       "backward": top_level_ops(backward),
-                      "gradient_check": top_level_ops(check), "adam": top_level_ops(adam)}
+                      "loss_and_gradient_check": top_level_ops(check), "adam": top_level_ops(adam)}
     return {"image_size": image_size, "batch": config.data.batch_size,
             "backbone": config.model.backbone,
             "operators": {k: sum(v.values()) for k, v in phases.items()},

@@ -15,13 +15,16 @@ import torch
 from softtriple.experiment import CheckpointError, ConfigError, load_config
 from softtriple.experiment.checkpoint import load_checkpoint
 from softtriple.training import Trainer
-from softtriple.training.trainer import check_gradients
+from softtriple.training.trainer import check_gradients, read_step
 
 TINY = ["model.backbone=small_cnn", "model.embedding_dim=8", "data.image_size=16",
         "data.workers=0", "data.batch_size=16", "schedule.max_steps_per_epoch=4",
         "schedule.milestones=[2]", "evaluation.metrics=[recall, map_at_r]",
         "run.progress=false", "run.report=false", "loss.args={centers_per_class: 2}",
         "run.deterministic=true"]  # bit-exact kernels on a GPU too (the CPU's are either way)
+
+CUDA = ["cuda"] if torch.cuda.is_available() else []
+DEVICES = ["cpu", *CUDA]
 
 
 def tiny(out: Path, *extra: str):
@@ -329,6 +332,43 @@ def test_the_gradient_check_tells_huge_finite_gradients_from_nan(data_root, tmp_
         trainer.release()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_read_a_step_gives_the_loss_and_the_gradients_finiteness(device):
+    """read_step: the loss as a float and whether every gradient is finite, in one copy from
+    the device; a NaN or inf gradient, or a huge finite one (its 2-norm overflows, which
+    check_gradients then lets pass), reads as not finite; parameters without a gradient are
+    left out; no module: only the loss."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).to(device)
+    model[1].requires_grad_(False)
+    loss = model(torch.ones(5, 3, device=device)).square().mean()
+    loss.backward()
+    value, finite = read_step(loss, model)
+    assert value == loss.item() and finite
+    assert read_step(torch.tensor(float("nan"), device=device), None)[1]
+    weight = model[0].weight.grad
+    for bad in (float("nan"), float("inf"), 1e30):
+        weight.view(-1)[1] = bad
+        assert not read_step(loss, model)[1]
+        weight.view(-1)[1] = 0.0
+    assert read_step(loss, model)[1]
+
+
+def test_a_nan_loss_stops_training_before_any_weight_moves(data_root, tmp_path):
+    """The step's one read finds the loss NaN after the backward: the run stops with the
+    one-line error naming epoch and step, the optimizer never stepped."""
+    trainer = Trainer(tiny(tmp_path / "run", "schedule.epochs=1",
+                           "evaluation.before_training=false"))
+    try:
+        before = [p.detach().clone() for p in trainer.objective.parameters()]
+        trainer.loss.forward = lambda embeddings, labels: embeddings.sum() * float("nan")
+        with pytest.raises(FloatingPointError, match=r"loss became nan at epoch 1 step 0; lower"):
+            trainer.train()
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.objective.parameters(),
+                                                     strict=True))
+    finally:
+        trainer.release()
+
+
 def test_deterministic_kernels_are_a_setting_that_changes_nothing_on_the_cpu(data_root, tmp_path,
                                                                                monkeypatch):
     """run.deterministic turns on torch's deterministic algorithms (and on CUDA cuDNN's, with no
@@ -415,9 +455,6 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(data_root, tmp_path):
         Trainer(tiny(tmp_path / "cpu", "model.cuda_graph=true", "run.device=cpu"))
     with pytest.raises(ConfigError, match="set model.compile=false"):
         tiny(tmp_path / "compiled", "model.cuda_graph=true", "model.compile=true")
-
-
-CUDA = ["cuda"] if torch.cuda.is_available() else []
 
 
 @pytest.mark.parametrize("device", CUDA)

@@ -6,6 +6,7 @@ metrics.jsonl, tensorboard/, checkpoints/last.pt every epoch, test_embeddings.np
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from softtriple import distributed as dist
@@ -161,17 +162,21 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.objective(images, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {self.epoch + 1} "
-                                         f"step {i}; lower optimizer.lr or optimizer.loss_lr")
             self.scaler.scale(loss).backward()
-            if not self.scaler.is_enabled():  # fp16's scaler skips overflowing steps itself
+            # the step's one wait for the device: the loss (logged, checked finite) and whether
+            # every gradient is finite (fp16's scaler skips overflowing steps itself), before
+            # the optimizer moves any weight
+            value, finite = read_step(loss, None if self.scaler.is_enabled() else self.objective)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at epoch {self.epoch + 1} "
+                                         f"step {i}; lower optimizer.lr or optimizer.loss_lr")
+            if not finite:  # a NaN or inf names its parameter; huge finite gradients pass
                 check_gradients(self.objective, self.epoch, i)
             self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
             self.scaler.update()
             faults.point("step")
             self.step += 1
-            total, count = total + loss.item(), count + 1
+            total, count = total + value, count + 1
             bar.set_postfix(loss=f"{total / count:.4f}")
             bar.update()
         bar.close()
@@ -232,6 +237,24 @@ class Trainer:
             self.run_dir.write_results(results)
         self.log.close()
         return results
+
+
+def read_step(loss: Tensor, module: nn.Module | None) -> tuple[float, bool]:
+    """A training step's loss (0-d) as a float and whether every gradient of ``module`` is
+    finite (True for None), read from the device in one synchronization: each parameter's
+    gradient 2-norm (one foreach kernel per device and dtype, as clip_grad_norm_ computes them),
+    their finiteness reduced on the device, copied to the host with the loss. A NaN or inf
+    element makes its norm NaN or inf; so does a huge finite gradient (its squares overflow),
+    which ``check_gradients`` then tells apart. Three operators where a loop over the
+    parameters dispatched one or more each: a CUDA step's host time is its operators."""
+    parts = [loss.detach().float().reshape(1)]
+    grads = ([p.grad for p in module.parameters() if p.grad is not None]
+             if module is not None else [])
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads))  # (P,) one per parameter
+        parts.append(torch.isfinite(norms).all().float().reshape(1))
+    value, *flag = torch.cat(parts).tolist()
+    return float(value), not flag or flag[0] == 1.0
 
 
 def check_gradients(module: nn.Module, epoch: int, step: int) -> None:
