@@ -92,7 +92,8 @@ def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cp
           pad_last: bool | None = None) -> np.ndarray:
     """Embeddings (N, d) float32 of every (image, label, index) batch of ``loader``, in order,
     with ``model`` (already on ``device``) in eval mode, under autocast to ``autocast_dtype``
-    (bf16 / fp16) when given.
+    (bf16 / fp16) when given. On CUDA the host waits for the device once, at the end, not per
+    batch (each batch's embeddings copied to pinned memory asynchronously).
 
     ``pad_last``: run a last, shorter batch padded to the loader's batch size (its last image
     repeated; the padding's rows dropped), so that every forward has one shape. Under cuDNN's
@@ -115,6 +116,13 @@ def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cp
         if channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            parts.append(model(images)[:rows].float().cpu().numpy())
+            out = model(images)[:rows].float()
+        if device.type == "cuda":  # into pinned memory without waiting: the host goes on to
+            # launch the next batch while the device computes this one
+            parts.append(torch.empty(out.shape, pin_memory=True).copy_(out, non_blocking=True))
+        else:
+            parts.append(out.cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # every copy has landed
     width = getattr(model, "embedding_dim", 0)
-    return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
+    return torch.cat(parts).numpy() if parts else np.zeros((0, width), dtype=np.float32)
