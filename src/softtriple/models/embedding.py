@@ -6,11 +6,14 @@ takes pooled backbone features (B, C) in place of images, which is how a run wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from softtriple.data.transforms import normalize_images
 from softtriple.models.backbones import Backbone
@@ -89,11 +92,17 @@ class EmbeddingModel(nn.Module):
 @torch.no_grad()
 def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
           autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-          pad_last: bool | None = None) -> np.ndarray:
+          pad_last: bool | None = None,
+          forward: Callable[[Tensor], Tensor] | None = None,
+          progress: str | None = None) -> np.ndarray:
     """Embeddings (N, d) float32 of every (image, label, index) batch of ``loader``, in order,
     with ``model`` (already on ``device``) in eval mode, under autocast to ``autocast_dtype``
     (bf16 / fp16) when given. On CUDA the host waits for the device once, at the end, not per
     batch (each batch's embeddings copied to pinned memory asynchronously).
+
+    ``forward``: what to compute of each batch in place of ``model(images)`` (the feature
+    cache's ``model.features``: pooled backbone features (N, C)). ``progress``: a progress
+    bar's label (tqdm), or None for none.
 
     ``pad_last``: run a last, shorter batch padded to the loader's batch size (its last image
     repeated; the padding's rows dropped), so that every forward has one shape. Under cuDNN's
@@ -108,7 +117,7 @@ def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cp
         pad_last = device.type == "cuda" and torch.backends.cudnn.benchmark
     full = loader.batch_size if pad_last else None
     parts = []
-    for images, _, _ in loader:
+    for images, _, _ in tqdm(loader, desc=progress, leave=False, disable=progress is None):
         rows = images.shape[0]
         images = images.to(device, non_blocking=True)
         if full is not None and rows < full:
@@ -116,7 +125,7 @@ def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cp
         if channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(images)[:rows].float()
+            out = (forward or model)(images)[:rows].float()
         if device.type == "cuda":  # into pinned memory without waiting: the host goes on to
             # launch the next batch while the device computes this one
             parts.append(torch.empty(out.shape, pin_memory=True).copy_(out, non_blocking=True))
@@ -124,5 +133,5 @@ def embed(model: nn.Module, loader: DataLoader, device: torch.device | str = "cp
             parts.append(out.cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # every copy has landed
-    width = getattr(model, "embedding_dim", 0)
+    width = getattr(model, "feature_dim" if forward is not None else "embedding_dim", 0)
     return torch.cat(parts).numpy() if parts else np.zeros((0, width), dtype=np.float32)

@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from softtriple import distributed as dist
 from softtriple.data import ImageDataset, ImageTable, eval_transform
 from softtriple.data.checks import file_version
 from softtriple.experiment.config import Config, ConfigError
 from softtriple.experiment.loaders import loader_workers
-from softtriple.models import EmbeddingModel
+from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
 
 CACHE_DIR = ".softtriple-cache"
@@ -74,12 +73,9 @@ def compute_features(model: EmbeddingModel, table: ImageTable, image_size: int, 
     # an own generator: iterating a loader draws a seed, which must not move the global RNG
     # (a run that builds the cache would otherwise initialize its centers differently)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        generator=torch.Generator())
-    model.eval()
-    parts = [model.features(images.to(device)).float().cpu().numpy()
-             for images, _, _ in tqdm(loader, desc="backbone features", leave=False,
-                                      disable=not progress)]
-    return np.concatenate(parts) if parts else np.zeros((0, model.feature_dim), np.float32)
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    return embed(model, loader, device, forward=model.features,
+                 progress="backbone features" if progress else None)
 
 
 def cached_features(model: EmbeddingModel, table: ImageTable, backbone: str,
