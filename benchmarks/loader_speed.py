@@ -24,7 +24,10 @@ Writes benchmarks/results/loader_speed.json (and the path given); docs/PERFORMAN
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -50,22 +53,35 @@ RESULTS = Path(__file__).parent / "results" / "loader_speed.json"
 WIDTH, HEIGHT = 500, 375  # a CUB image's usual size
 
 
-def write_photos(root: Path, count: int) -> list[Path]:
-    """``count`` JPEGs of WIDTH x HEIGHT, random crops of scikit-learn's two sample photos."""
+@functools.cache
+def sample_photos() -> tuple[Image.Image, ...]:
     from sklearn.datasets import load_sample_image
-    sources = [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        source = sources[i % 2]
-        w = int(rng.integers(300, source.width + 1))
-        h = min(source.height, round(w * HEIGHT / WIDTH))
-        left = int(rng.integers(0, source.width - w + 1))
-        top = int(rng.integers(0, source.height - h + 1))
-        path = root / f"{i:05d}.jpg"
-        source.crop((left, top, left + w, top + h)).resize((WIDTH, HEIGHT)).save(path, quality=90)
-        paths.append(path)
-    return paths
+    return tuple(Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg"))
+
+
+def write_photo(path: Path, index: int, size: tuple[int, int] = (WIDTH, HEIGHT)) -> None:
+    """Photo ``index``: a random crop (seeded by the index) of one of scikit-learn's two sample
+    photographs, of the aspect of ``size`` (width, height), scaled to it, JPEG quality 90."""
+    source = sample_photos()[index % 2]
+    rng = np.random.default_rng(index)
+    w = int(rng.integers(300, source.width + 1))
+    h = min(source.height, round(w * size[1] / size[0]))
+    left = int(rng.integers(0, source.width - w + 1))
+    top = int(rng.integers(0, source.height - h + 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source.crop((left, top, left + w, top + h)).resize(size).save(path, quality=90)
+
+
+def write_photos(paths: list[Path], size: tuple[int, int] = (WIDTH, HEIGHT),
+                 processes: int = 1) -> None:
+    """Photo i at ``paths[i]``, in ``processes`` processes."""
+    jobs = [(path, i, size) for i, path in enumerate(paths)]
+    if processes > 1:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            pool.starmap(write_photo, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            write_photo(*job)
 
 
 def float_pipeline(size: int) -> v2.Compose:
@@ -177,7 +193,8 @@ def measure(device: torch.device, workers: int = -1, batch: int = 128, size: int
     workers = loader_workers(workers, device.type == "cuda")
     with tempfile.TemporaryDirectory() as tmp:
         count = batch * (steps + 1)
-        paths = write_photos(Path(tmp), count)
+        paths = [Path(tmp) / f"{i:05d}.jpg" for i in range(count)]
+        write_photos(paths, processes=len(os.sched_getaffinity(0)))
         table = ImageTable(paths, np.zeros(count, dtype=np.int64), np.array(["train"] * count),
                            Path(tmp))
         torch.set_num_threads(1)
