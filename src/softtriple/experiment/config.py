@@ -62,8 +62,8 @@ class DataConfig:
     # the main process, 2 to 16 (softtriple.experiment.loaders.loader_workers)
     workers: int = -1
     # each split's images decoded (and test images resized) once per run and kept in memory as
-    # uint8 when they fit in this many MiB; workers then only crop, flip and normalize, with the
-    # same output bit for bit. 0: every item decodes its file
+    # uint8 when they fit in this many MiB; workers then only crop and flip (the model
+    # normalizes on its device), with the same output bit for bit. 0: every item decodes its file
     decode_once_mib: int = 1024
     train_fraction: float = 0.5  # class split of folder and csv data without a split column
     max_classes: int = 0  # 0: all; else the first N classes (sorted) of each split, for CPU runs
