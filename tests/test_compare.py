@@ -142,7 +142,7 @@ def test_feature_cache_is_reused_and_rebuilt_when_an_image_changes(tmp_path, mon
     assert np.array_equal(np.delete(third, 3, 0), np.delete(first, 3, 0))
     # a damaged cache (truncated, rows short of its keys, NaN features) is rebuilt, with a word
     from softtriple.training.feature_cache import cache_file, model_key
-    cache = cache_file(table.root, model_key("efficientnet_lite0", None, 32))
+    cache = cache_file(table.root, f"features-{model_key('efficientnet_lite0', None, 32)}.npz")
     good = cache.read_bytes()
     with np.load(cache) as data:
         keys, features = data["keys"], data["features"]

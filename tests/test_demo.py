@@ -43,3 +43,29 @@ def test_demo_runs_and_reports_three_columns(tmp_path, monkeypatch, capsys):
     for column in ("raw pixels", "pretrained", "trained"):
         assert set(summary[column]) == set(demo.SHOWN)
         assert f"{summary[column]['recall@1']:.3f}" in out
+
+
+def test_the_raw_pixel_baseline_is_cached_per_image_version(tmp_path, monkeypatch):
+    """The baseline needs no model: computed once, read back equal; an image that changes on
+    disk computes it again."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from softtriple.data import ImageTable
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)).save(paths[-1])
+    table = ImageTable(paths, np.arange(12) // 3, np.array(["test"] * 12), tmp_path)
+    first = demo.raw_pixel_metrics(table)
+    assert list((tmp_path / ".softtriple-cache").glob("raw-pixels-*.json"))
+    calls = []
+    evaluate = demo.evaluate
+    monkeypatch.setattr(demo, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    assert demo.raw_pixel_metrics(table) == first and not calls
+    os.utime(paths[0], ns=(1, 1))  # another version of one image
+    assert demo.raw_pixel_metrics(table) == first and calls == [1]

@@ -6,9 +6,11 @@ so a second run over the same files pays nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,8 @@ from tqdm import tqdm
 
 from softtriple.data.table import DataError, ImageTable
 
-CACHE = Path(".softtriple-cache") / "image-checks.json"
+CACHE_DIR = ".softtriple-cache"  # next to the data: the image checks, features, baselines
+CACHE = Path(CACHE_DIR) / "image-checks.json"
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
@@ -44,6 +47,29 @@ def file_version(path: Path, root: Path) -> tuple[str, str]:
     except ValueError:
         name = str(path)
     return name, f"{stat.st_size}|{stat.st_mtime_ns}" if stat else "missing"
+
+
+def image_keys(table: ImageTable) -> np.ndarray:
+    """(N,) str: 'relative path|size|mtime_ns' of each image, its identity in the caches."""
+    return np.array(["|".join(file_version(p, table.root)) for p in table.paths], dtype=str)
+
+
+def cache_file(root: Path, name: str) -> Path:
+    """Where the cache file ``name`` of the data under ``root`` lives: ``<root>/.softtriple-cache/
+    <name>``, or, when the data's folder is not writable, under ``$XDG_CACHE_HOME/softtriple``
+    (or ~/.cache/softtriple), the name prefixed by a hash of ``root``, with a warning."""
+    folder = root / CACHE_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder / name
+    except OSError:
+        pass
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softtriple"
+    home.mkdir(parents=True, exist_ok=True)
+    warnings.warn(f"{root} is not writable; caching in {home}", stacklevel=3)
+    prefix = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    return home / f"{prefix}-{name}"
 
 
 def bad_images(table: ImageTable, progress: bool = True) -> list[tuple[Path, str]]:

@@ -24,18 +24,11 @@ from torch.utils.data import DataLoader
 
 from softtriple import distributed as dist
 from softtriple.data import ImageDataset, ImageTable, eval_transform
-from softtriple.data.checks import file_version
+from softtriple.data.checks import cache_file, image_keys
 from softtriple.experiment.config import Config, ConfigError
 from softtriple.experiment.loaders import loader_workers
 from softtriple.models import EmbeddingModel, embed
 from softtriple.models.backbones import WHEEL_WEIGHTS
-
-CACHE_DIR = ".softtriple-cache"
-
-
-def image_keys(table: ImageTable) -> np.ndarray:
-    """(N,) str: 'relative path|size|mtime_ns' of each image, its identity in the cache."""
-    return np.array(["|".join(file_version(p, table.root)) for p in table.paths], dtype=str)
 
 
 def model_key(backbone: str, weights: str | None, image_size: int) -> str:
@@ -47,21 +40,6 @@ def model_key(backbone: str, weights: str | None, image_size: int) -> str:
         parts += [str(Path(weights).expanduser().resolve()), str(stat.st_size),
                   str(stat.st_mtime_ns)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def cache_file(root: Path, key: str) -> Path:
-    folder = root / CACHE_DIR
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if os.access(folder, os.W_OK):
-            return folder / f"features-{key}.npz"
-    except OSError:
-        pass
-    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softtriple"
-    home.mkdir(parents=True, exist_ok=True)
-    warnings.warn(f"{root} is not writable; caching features in {home}", stacklevel=3)
-    name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
-    return home / f"features-{name}-{key}.npz"
 
 
 @torch.no_grad()
@@ -84,7 +62,7 @@ def cached_features(model: EmbeddingModel, table: ImageTable, backbone: str,
                     progress: bool = True) -> tuple[np.ndarray, int]:
     """Features (N, C) of ``table``'s images, from the cache where present; the images not yet
     cached are embedded and added. Returns the features and how many images were embedded."""
-    path = cache_file(table.root, model_key(backbone, weights, image_size))
+    path = cache_file(table.root, f"features-{model_key(backbone, weights, image_size)}.npz")
     keys = image_keys(table)
     cached_keys, cached = np.zeros(0, dtype=str), np.zeros((0, model.feature_dim), np.float32)
     if path.is_file():
