@@ -182,6 +182,12 @@ def test_digits_builtin_is_idempotent(tmp_path):
         assert prepare("digits", tmp_path) == folder
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp
     assert manifest["checksum"] == folder_checksum(folder)
+    # a run's caches next to the data (image checks, features, baselines) change no checksum:
+    # the set is not rebuilt because of them
+    (folder / ".softtriple-cache").mkdir(exist_ok=True)
+    (folder / ".softtriple-cache" / "image-checks.json").write_text("{}")
+    assert prepare("digits", tmp_path) == folder
+    assert (folder / "manifest.json").stat().st_mtime_ns == stamp
     table = read_table("folder", folder)
     assert sorted(set(table.split("train").labels)) == [0, 1, 2, 3, 4]
 

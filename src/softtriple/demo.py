@@ -83,8 +83,10 @@ def train_demo(overrides: list[str] = ()) -> dict[str, dict[str, float]]:  # typ
         write_report(results["run"])
     before = {k.removeprefix("test/"): v for k, v in trainer.history[0].items()
               if k.startswith("test/")}
-    return {"raw pixels": raw_pixel_metrics(trainer.loaders.test_table), "pretrained": before,
-            "trained": results["metrics"], "run": {"folder": results["run"]}}
+    start = time.perf_counter()
+    raw = raw_pixel_metrics(trainer.loaders.test_table)
+    return {"raw pixels": raw, "pretrained": before, "trained": results["metrics"],
+            "run": {"folder": results["run"], "baseline_seconds": time.perf_counter() - start}}
 
 
 def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
@@ -111,6 +113,8 @@ def main(overrides: list[str] = ()) -> int:  # type: ignore[assignment]
     summary = RunDir(str(results["run"]["folder"])).demo_summary
     write_json(summary, {
         "command": "make demo", "seed": config.run.seed, "seconds": round(seconds, 1),
+        # the raw-pixel column's (no model; read from the cache next to the data after a first)
+        "baseline_seconds": round(results["run"]["baseline_seconds"], 1),
         "cpu": cpu_model(), **({"gpu": gpu} if gpu else {}), "torch": torch.__version__,
         **{column: {key: results[column][key] for key in SHOWN} for column in columns}})
     print(f"\nrun folder: {results['run']['folder']} ({seconds:.0f} s; the table in {summary})")
