@@ -24,13 +24,13 @@ and named, to run in a second call with ``--parts``):
    glyphs into ``.gpu_data/`` (carry it);
 4. **tests**: the device-parametrized tests (CUDA included where a GPU is visible), their pass
    count (in 4 processes where pytest-xdist is there);
-5. **loader**: the training loader alone at 224 px (benchmarks/loader_speed.py: CUB-sized
+5. **demo_graphed**: part 3 with ``model.cuda_graph=true`` (the network's training pass
+   replayed as CUDA graphs), its floor graphed too: whether the demo's steps are the host
+   launching kernels one by one, and what graphs give the recipe's seconds and Recall@1;
+6. **loader**: the training loader alone at 224 px (benchmarks/loader_speed.py: CUB-sized
    photos, batch 128, the device's default workers, each batch pinned, copied and normalized on
    the device), uint8 against float32 batches, from the files and decoded once: whether the
    trainer's loader can feed its step floor;
-6. **demo_graphed**: part 3 with ``model.cuda_graph=true`` (the network's training pass
-   replayed as CUDA graphs), its floor graphed too: whether the demo's steps are the host
-   launching kernels one by one, and what graphs give the recipe's seconds and Recall@1;
 7. **eval**: ``evaluate`` at SOP's size (60,502 x 512) and the exact kNN of 1,000,000 x 128
    (in a child process, capped at a few times the floor), each with the float32 and the bf16
    engine (tensor cores), against the matmul + top-k floor;
@@ -77,7 +77,7 @@ ROOT = Path(__file__).parents[1]
 DEMO_DATA = ROOT / ".gpu_data"  # $SOFTTRIPLE_DATA of the demo part: the demo's classes of glyphs
 LOSS_SHAPES = [(256, 512, 11318, 10), (512, 512, 100000, 10)]  # (B, d, C, K)
 TINY_LOSS_SHAPES = [(16, 32, 50, 4)]
-PARTS = ("loss", "trainer", "demo", "tests", "loader", "demo_graphed", "eval",  # in this order
+PARTS = ("loss", "trainer", "demo", "tests", "demo_graphed", "loader", "eval",  # in this order
          "trainer_no_autotuning")
 GRAPHED_DEMO = ("model.cuda_graph=true",)  # the demo_graphed part's settings
 # the least each part needs on the GPU (guessed, the check not yet timed on one; the figures in
