@@ -53,9 +53,8 @@ def raw_pixel_metrics(table: ImageTable, seed: int = 0) -> dict[str, float]:
     """The raw-pixel baseline (32 x 32 grey) on the held-out images of ``table``, cached next to
     the data (``<root>/.softtriple-cache/raw-pixels-<key>.json``), keyed by every image's
     version (path, size, modification time), the metrics, the seed, the k-means protocol and
-    this package's version:
-    it needs no model, and its NMI's k-means (the paper's protocol, 300 clusters of 1,024-wide
-    rows) took 26 s of the demo's 151 s on 2 cores."""
+    this package's version: it needs no model, and its NMI's k-means (the paper's protocol, 300
+    clusters of 1,024-wide rows) took 13.5-14.9 s of each demo on 2 cores."""
     settings = KMeansSettings()
     parts = [*image_keys(table).tolist(), *RAW_PIXEL_METRICS, str(RAW_PIXEL_KS), str(seed),
              settings.describe(), softtriple.__version__]
