@@ -3,6 +3,9 @@ here, and on CUDA too where a GPU is present, so a GPU run exercises code that r
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +170,84 @@ def test_the_bf16_engine_runs_on_the_inputs_device_and_matches_float32(device):
     assert torch.equal(index, expected_index) and torch.equal(sims, expected_sims)
     _, gallery_index = knn(on_device[:40], 7, on_device, backend="bf16")
     assert torch.equal(gallery_index, knn(on_device[:40], 7, on_device, backend="torch")[1])
+
+
+@contextlib.contextmanager
+def callers_reduced_precision(device: str) -> Iterator[None]:
+    """What a training script sets for speed: autocast to bf16 on the device; on CUDA, TF32 for
+    float32 products (``torch.set_float32_matmul_precision("high")``) and bf16 products reduced
+    in bf16 (torch's default); on a CPU, oneDNN's bf16 for float32 products."""
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = (cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction,
+             mkldnn.fp32_precision)
+    cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction = "tf32", True
+    mkldnn.fp32_precision = "bf16"
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            yield
+    finally:
+        (cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction,
+         mkldnn.fp32_precision) = saved
+
+
+def _precision_flags() -> tuple[object, ...]:
+    cuda = torch.backends.cuda.matmul
+    return (cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction,
+            torch.backends.mkldnn.matmul.fp32_precision, torch.is_autocast_enabled("cpu"),
+            torch.is_autocast_enabled("cuda"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "bf16", "numpy"])
+def test_exact_search_ignores_the_callers_reduced_precision(device, backend):
+    """Called from a training loop that runs in reduced precision, the search still multiplies
+    in float32 (the bf16 engine's candidate pass accumulating in float32, its bound's premise):
+    the same neighbours and similarities, bit for bit, and the caller's settings as they were
+    after it. Under CPU autocast the bf16 engine re-ranked in bf16: 1,591 of 3,000 rows' lists
+    differed."""
+    if backend == "numpy" and device != "cpu":
+        pytest.skip("the numpy engine takes host rows")
+    x, y = _data(n=600, d=64)
+    rows = torch.from_numpy(x).to(device)
+    expected = [knn(rows, 10, backend=backend), knn(rows[:40], 7, rows, backend=backend)]
+    labels, metrics = torch.from_numpy(y).to(device), ["recall", "map_at_r"]
+    expected_metrics = evaluate(rows, labels, metrics=metrics, backend=backend)
+    with callers_reduced_precision(device):
+        flags = _precision_flags()
+        got = [knn(rows, 10, backend=backend), knn(rows[:40], 7, rows, backend=backend)]
+        got_metrics = evaluate(rows, labels, metrics=metrics, backend=backend)
+        assert _precision_flags() == flags  # the caller's, restored
+    for (sims, index), (expected_sims, expected_index) in zip(got, expected, strict=True):
+        assert sims.dtype == torch.float32
+        assert torch.equal(index, expected_index) and torch.equal(sims, expected_sims)
+    assert got_metrics == expected_metrics
+
+
+@pytest.mark.parametrize("setting", ["set_float32_matmul_precision", "allow_tf32", "none"])
+def test_the_search_gives_back_the_callers_tf32_setting_in_the_callers_api(setting):
+    """torch refuses to read a mix of its legacy and per-backend precision settings; around the
+    search the caller's reads answer as before, whichever kind it wrote (no GPU needed: these
+    are process-wide settings)."""
+    from softtriple.evaluation.float32 import float32_products
+
+    matmul = torch.backends.cuda.matmul
+    try:
+        if setting == "set_float32_matmul_precision":
+            torch.set_float32_matmul_precision("high")
+        elif setting == "allow_tf32":
+            matmul.allow_tf32 = True
+        before = (torch.get_float32_matmul_precision(), matmul.allow_tf32, matmul.fp32_precision)
+        with float32_products(torch.device("cuda")):
+            assert matmul.fp32_precision == "ieee"
+            assert not matmul.allow_bf16_reduced_precision_reduction
+        assert (torch.get_float32_matmul_precision(), matmul.allow_tf32,
+                matmul.fp32_precision) == before
+        assert matmul.allow_bf16_reduced_precision_reduction
+    finally:  # torch's defaults again, through the API the test wrote
+        if setting == "set_float32_matmul_precision":
+            torch.set_float32_matmul_precision("highest")
+        elif setting == "allow_tf32":
+            matmul.allow_tf32 = False
 
 
 @pytest.mark.parametrize("device", DEVICES)

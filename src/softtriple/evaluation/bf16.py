@@ -17,8 +17,9 @@ This module keeps the float32 answer exact:
    with |.| the rows' 2-norms, measured here (so the bound holds for these rows, not for unit
    rows in general), and gamma_d = d u / (1 - d u), u = 2^-24, the classic bound on a sum of d
    products in float32 (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1). The
-   bf16 product accumulates in float32 (oneDNN and cuBLAS do) and rounds its result to bf16
-   (2^-8 relative: bf16 keeps 8 significant bits). For d = 512 unit rows beta is about 0.008;
+   bf16 product accumulates in float32 (oneDNN does; cuBLAS does once its reduced-precision
+   reductions are off, which ``knn`` sees to: evaluation/float32.py) and rounds its result to
+   bf16 (2^-8 relative: bf16 keeps 8 significant bits). For d = 512 unit rows beta is about 0.008;
    on eval_speed's clustered rows the largest error was 0.00096
    (benchmarks/results/eval_speed_bf16.json), and tests/test_knn_bf16.py builds rows whose
    error passes 1e-3 and checks it stays below beta.

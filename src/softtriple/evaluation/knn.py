@@ -7,7 +7,9 @@ and the ordering of the k neighbours, by every backend: torch's or numpy's BLAS 
 below, or faiss's exact search, whose rows with a tie at the k-th place are redone here.
 ``backend="auto"`` (the default) takes the fastest on this machine (``evaluation.engines``).
 
-The search runs on the inputs' device (CPU or CUDA) and copies nothing to the host until the end.
+The search runs on the inputs' device (CPU or CUDA) and copies nothing to the host until the end,
+its products in float32 whatever reduced precision its caller runs in (autocast, TF32:
+``evaluation.float32``).
 Each (block x block) tile of similarities yields the exact top-k set of each of its rows in two
 stages: the maximum of each chunk of ``s`` columns, the k chunks with the largest maxima (every
 top-k value lies in one of them), and a top-k among those k x s candidates; rows where a tie at
@@ -39,6 +41,7 @@ from softtriple.evaluation.engines import (
     measured_ranking,
     tile_product,
 )
+from softtriple.evaluation.float32 import float32_products
 from softtriple.evaluation.topk import select_topk
 
 ArrayLike = Tensor | np.ndarray
@@ -229,6 +232,15 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
     if backend not in ("auto", *ENGINES):
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(ENGINES)}")
     engine: Engine = choose(q, available + 1, k) if backend == "auto" else backend
+    if engine == "bf16" and q.dtype != torch.float32:
+        raise ValueError(f"backend='bf16' re-ranks in float32; got {q.dtype} rows")
+    with float32_products(q.device):  # not the caller's autocast or TF32
+        return _search(q, g, k, block, engine)
+
+
+def _search(q: Tensor, g: Tensor | None, k: int, block: int,
+            engine: Engine) -> tuple[Tensor, Tensor]:
+    """``knn`` of its checked, unit rows with ``engine``."""
     if engine == "faiss":
         return _knn_faiss(q, k, g)
 
@@ -237,8 +249,6 @@ def knn(queries: ArrayLike, k: int, gallery: ArrayLike | None = None, *,
             _knn_gallery(q, g, k, block, product)
 
     if engine == "bf16":
-        if q.dtype != torch.float32:
-            raise ValueError(f"backend='bf16' re-ranks in float32; got {q.dtype} rows")
         return knn_bf16(q, k, g, functools.partial(_exact_block, block=block),
                         lambda: tiles(tile_product("torch")))
     return tiles(tile_product(engine))
