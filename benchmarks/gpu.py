@@ -6,7 +6,9 @@ and named, to run in a second call with ``--parts``):
 1. **loss**: SoftTriple forward + backward (tau = 0, the regularizer apart as in loss_speed.py)
    against pytorch-metric-learning's SoftTripleLoss and the three (B, d) x (d, CK) products the
    step cannot avoid (the floor), at SOP's shape (B 256, d 512, C 11,318, K 10) and at C 100,000
-   (B 512): median ms over warm calls (CUDA events) and the step's peak memory;
+   (B 512): median ms over warm calls (CUDA events) and the step's peak memory; then the three
+   again with TF32 products (what ``torch.set_float32_matmul_precision("high")`` gives a loss
+   that computes in float32);
 2. **trainer**: EfficientNet-Lite0 at 224 px, batch 128, bf16, channels_last on a folder of
    JPEGs written here (3,000 photographs of CUB's usual 500 x 375, 100 classes, as a user's
    folder data set; 1.6 GiB decoded, over ``data.decode_once_mib``, so the workers decode each
@@ -82,7 +84,7 @@ PARTS = ("loss", "trainer", "demo", "tests", "demo_graphed", "loader", "eval",  
 GRAPHED_DEMO = ("model.cuda_graph=true",)  # the demo_graphed part's settings
 # the least each part needs on the GPU (guessed, the check not yet timed on one; the figures in
 # gpu.json's "seconds" will tell): a part is skipped when less of the budget is left
-LEAST_SECONDS = {"loss": 20, "trainer": 60, "demo": 45, "tests": 60, "demo_graphed": 30,
+LEAST_SECONDS = {"loss": 30, "trainer": 60, "demo": 45, "tests": 60, "demo_graphed": 30,
                  "loader": 25, "eval": 30, "trainer_no_autotuning": 40}
 TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
               "tests/test_fused_similarity.py"]
@@ -182,25 +184,53 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def loss_times(b: int, d: int, c: int, k: int, device: torch.device,
+               reps: int) -> dict[str, Any]:
+    """floor, ours and pml of one shape, each measured alone, its memory freed after, with the
+    ratios of ours to the others."""
+    row: dict[str, Any] = {}
+    for method in ("floor", "ours", "pml"):
+        try:
+            # loss_speed's steps: "ours" is SoftTriple at tau = 0, "pml" PML's without its
+            # regularizer (its CK x CK masks do not fit at SOP scale)
+            row[method] = timed(make_step(method, b, d, c, k, device), device, reps)
+        except ImportError as error:
+            row[method] = {"error": str(error)}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "ms" in row["pml"]:
+        row["ours_over_pml"] = row["ours"]["ms"] / row["pml"]["ms"]
+        if "peak_mib" in row["ours"]:
+            row["memory_over_pml"] = row["ours"]["peak_mib"] / row["pml"]["peak_mib"]
+    row["ours_over_floor"] = row["ours"]["ms"] / row["floor"]["ms"]
+    return row
+
+
+@contextmanager
+def tf32_products() -> Iterator[None]:
+    """float32 products on TF32 tensor cores (``torch.set_float32_matmul_precision("high")``),
+    the caller's setting back after."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
+
+
 def loss_section(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
+    """Each shape in float32 as torch multiplies it by default (IEEE) and again with TF32
+    products (under ``"tf32"``): the losses compute in float32 even under bf16 autocast, so TF32
+    is what would put their three products on the tensor cores."""
     rows = []
+    reps = 5 if tiny else 20
     for b, d, c, k in TINY_LOSS_SHAPES if tiny else LOSS_SHAPES:
-        row: dict[str, Any] = {"B": b, "d": d, "C": c, "K": k}
-        for method in ("floor", "ours", "pml"):  # each measured alone, its memory freed after
-            try:
-                # loss_speed's steps: "ours" is SoftTriple at tau = 0, "pml" PML's without
-                # its regularizer (its CK x CK masks do not fit at SOP scale)
-                row[method] = timed(make_step(method, b, d, c, k, device), device, 5 if tiny
-                                    else 20)
-            except ImportError as error:
-                row[method] = {"error": str(error)}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        if "ms" in row["pml"]:
-            row["ours_over_pml"] = row["ours"]["ms"] / row["pml"]["ms"]
-            if "peak_mib" in row["ours"]:
-                row["memory_over_pml"] = row["ours"]["peak_mib"] / row["pml"]["peak_mib"]
-        row["ours_over_floor"] = row["ours"]["ms"] / row["floor"]["ms"]
+        row: dict[str, Any] = {"B": b, "d": d, "C": c, "K": k,
+                               **loss_times(b, d, c, k, device, reps)}
+        with tf32_products():
+            row["tf32"] = loss_times(b, d, c, k, device, reps)
+        row["tf32"]["ours_over_ieee_ours"] = row["tf32"]["ours"]["ms"] / row["ours"]["ms"]
         rows.append(row)
         print("loss", json.dumps(row), flush=True)
     return rows

@@ -24,6 +24,7 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     assert {"torch", "device", "triton"} <= set(results["conditions"])
     (loss,) = results["loss"]
     assert loss["ours"]["ms"] > 0 and loss["floor"]["ms"] > 0 and loss["ours_over_pml"] > 0
+    assert loss["tf32"]["ours_over_floor"] > 0 and loss["tf32"]["ours_over_ieee_ours"] > 0
     sop, million = results["eval"]["sop"], results["eval"]["million"]
     assert sop["evaluate_over_floor"] > 0 and sop["evaluate_bf16_over_floor"] > 0
     assert million["knn_torch"]["ms"] > 0 and million["knn_bf16"]["ms"] > 0
