@@ -1,5 +1,6 @@
 """Every shipped config loads, and the paper's configs say what the paper does."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,18 @@ def test_every_comparison_suite_resolves():
     for path in suites:
         suite = load_suite(path)
         assert len(runs(suite)) == len(suite.variants) * len(suite.seeds)
+
+
+def test_a_faiss_kmeans_without_faiss_is_refused_when_the_config_is_read(monkeypatch):
+    """configs/sop.yaml clusters with faiss: on a machine without it, the run stops when its
+    config is read, not at its first evaluation (after the test split is embedded, or, with
+    evaluation.before_training=false, after whole epochs)."""
+    from softtriple.experiment import ConfigError
+
+    sop = Path(__file__).parent.parent / "configs" / "sop.yaml"
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    with pytest.raises(ConfigError, match=r"faiss is not installed: pip install 'softtriple"
+                                          r"\[faiss\]', or set evaluation.kmeans.backend=sklearn"):
+        load_config(sop)
+    load_config(sop, ["evaluation.kmeans.backend=sklearn"])
+    load_config(sop, ["evaluation.metrics=[recall, map_at_r]"])  # no clustering, no faiss

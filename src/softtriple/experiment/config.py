@@ -282,6 +282,13 @@ def check_config(config: Config) -> Config:
         ev.kmeans.check()
     except ValueError as error:
         raise ConfigError(f"evaluation.kmeans: {error}") from error
+    from softtriple.evaluation.engines import available
+
+    if ev.kmeans.backend == "faiss" and {"nmi", "ami"} & set(ev.metrics) and \
+            "faiss" not in available():  # said now, not at the first evaluation
+        raise ConfigError("evaluation.kmeans.backend is faiss but faiss is not installed: pip "
+                          "install 'softtriple[faiss]', or set evaluation.kmeans.backend=sklearn "
+                          "(slow at SOP size), or leave nmi and ami out of evaluation.metrics")
     check_loss(config)
     if config.model.cuda_graph and (config.model.compile or config.data.feature_cache):
         raise ConfigError("model.cuda_graph captures the eager image network: set "
