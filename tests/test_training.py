@@ -486,3 +486,26 @@ def test_a_graphed_network_trains_as_the_eager_one(data_root, tmp_path, device, 
         eager = _params(tmp_path / "eager")
         for k in a:
             torch.testing.assert_close(a[k], eager[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("capability", "warned"), [((7, 5), True), ((8, 0), False),
+                                                    ((9, 0), False)])
+def test_bf16_on_a_gpu_without_bfloat16_units_is_said_to_be_slow(monkeypatch, capability,
+                                                                  warned):
+    """torch runs bf16 autocast on a pre-Ampere GPU (a T4, a V100) by emulation, slower than
+    fp32, without a word; the trainer says so and names fp16 (the GPU's properties mocked: no
+    GPU here; fp16 and fp32 there, and bf16 on the CPU, get no warning)."""
+    from softtriple.experiment.build import precision_advice
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cuda = torch.device("cuda", 0)
+    advice = precision_advice(cuda, "bf16")
+    assert (advice is not None) == warned
+    if warned:
+        assert advice == ("run.precision=bf16 on Tesla T4 (compute capability 7.5): it has no "
+                          "bfloat16 units, so bf16 runs emulated, slower than fp32; use fp16 "
+                          "(loss-scaled) on this GPU")
+    assert precision_advice(cuda, "fp16") is None and precision_advice(cuda, "fp32") is None
+    assert precision_advice(torch.device("cpu"), "bf16") is None
+    assert "fp16 on a CPU" in precision_advice(torch.device("cpu"), "fp16")

@@ -20,6 +20,22 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
                                              "fp16": torch.float16}
 
 
+def precision_advice(device: torch.device, precision: str) -> str | None:
+    """One line to warn with when ``run.precision`` has no fast kernels on ``device``: fp16 on a
+    CPU; bf16 on a GPU older than Ampere (compute capability < 8: no bfloat16 units, so torch
+    emulates it). None where the precision suits the device."""
+    if device.type == "cpu" and precision == "fp16":
+        return ("run.precision=fp16 on a CPU: float16 products have no fast CPU kernels and "
+                "train slower than fp32; use fp32, or bf16 on a CPU with AVX512-BF16 or AMX")
+    if device.type == "cuda" and precision == "bf16":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return (f"run.precision=bf16 on {torch.cuda.get_device_name(device)} (compute "
+                    f"capability {major}.{minor}): it has no bfloat16 units, so bf16 runs "
+                    f"emulated, slower than fp32; use fp16 (loss-scaled) on this GPU")
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     """The device ``run.device`` names (auto: CUDA when visible); under torchrun, GPU number
     LOCAL_RANK."""

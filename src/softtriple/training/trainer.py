@@ -29,6 +29,7 @@ from softtriple.experiment.build import (
     configure_kernels,
     graph_network,
     init_centers_from_data,
+    precision_advice,
     resolve_device,
     seed_everything,
 )
@@ -52,10 +53,9 @@ class Trainer:
         self.autocast_dtype = PRECISIONS[config.run.precision]
         configure_kernels(self.device, config.run.deterministic, config.run.cudnn_benchmark)
         dist.setup(self.device)
-        if self.device.type == "cpu" and config.run.precision == "fp16" and dist.is_main():
-            print("run.precision=fp16 on a CPU: float16 products have no fast CPU kernels and "
-                  "train slower than fp32; use fp32, or bf16 on a CPU with AVX512-BF16 or AMX",
-                  file=sys.stderr)
+        advice = precision_advice(self.device, config.run.precision)
+        if advice is not None and dist.is_main():
+            print(advice, file=sys.stderr)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         self.folder = TrainingFolder(config.run.out, resume, overwrite)
