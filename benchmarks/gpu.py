@@ -87,7 +87,7 @@ GRAPHED_DEMO = ("model.cuda_graph=true",)  # the demo_graphed part's settings
 LEAST_SECONDS = {"loss": 30, "trainer": 60, "demo": 45, "tests": 60, "demo_graphed": 30,
                  "loader": 25, "eval": 30, "trainer_no_autotuning": 40}
 TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
-              "tests/test_fused_similarity.py"]
+              "tests/test_fused_similarity.py", "tests/test_knn_bf16.py"]
 
 
 def conditions(device: torch.device) -> dict[str, Any]:

@@ -14,6 +14,9 @@ import torch
 from softtriple.evaluation import bf16 as bf16_module
 from softtriple.evaluation import knn
 from softtriple.evaluation.bf16 import similarity_bound
+from softtriple.evaluation.float32 import float32_products
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _unit(x: np.ndarray) -> torch.Tensor:
@@ -51,7 +54,8 @@ def _rows64(kind: str, n: int, d: int, seed: int) -> np.ndarray:
     raise AssertionError(kind)
 
 
-def test_the_bound_holds_on_adversarial_rows():
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_bound_holds_on_adversarial_rows(device):
     """Rows whose every component lies just below a bf16 rounding midpoint (all conversion
     errors of one sign and nearly 2^-9 relative) and their pairs: |s~ - s32| <= beta."""
     rng = np.random.default_rng(1)
@@ -63,19 +67,21 @@ def test_the_bound_holds_on_adversarial_rows():
         mantissa = 1 + rng.integers(0, 128, (64, d)) / 128
         sign = np.where(rng.random((64, d)) < 0.5, -1.0, 1.0) if trial % 2 else 1.0
         value = sign * mantissa * 2.0 ** exponent * (1 + 0.499 / 128)
-        q = _unit(value)
+        q = _unit(value).to(device)
         q16 = q.to(torch.bfloat16)
         beta = similarity_bound(q, q16, q, q16)
-        error = float(((q16 @ q16.T).float() - q @ q.T).abs().max())
+        with float32_products(q.device):  # the products as the engine runs them
+            error = float(((q16 @ q16.T).float() - q @ q.T).abs().max())
         worst = max(worst, error)
         assert error <= beta, (error, beta)
     assert worst > 1e-3  # the rows are adversarial indeed: bf16 is far from float32 on them
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["random", "clustered", "duplicated", "near_tied"])
 @pytest.mark.parametrize("k", [1, 5, 20])
-def test_bf16_neighbours_are_the_float32_paths(kind, k):
-    x = _rows(kind)
+def test_bf16_neighbours_are_the_float32_paths(kind, k, device):
+    x = torch.from_numpy(_rows(kind)).to(device)
     fp32 = knn(x, k, backend="torch")
     ours = knn(x, k, backend="bf16")
     assert torch.equal(ours[1], fp32[1])
