@@ -281,3 +281,32 @@ def test_images_normalized_on_the_device_equal_torchvisions_bit_for_bit(device, 
         same = expected.to(device).contiguous(memory_format=memory_format)  # same kernels
         assert torch.equal(model(batch), model(same))
     assert "input_mean" not in model.state_dict()  # the backbone's, not a checkpoint's
+
+
+def test_searches_in_two_threads_leave_the_callers_settings_as_they_were():
+    """The settings are process-wide: held from the first search in to the last one out, so
+    that a thread leaving first neither restores them under the other nor leaks forced ones."""
+    import threading
+
+    from softtriple.evaluation.float32 import float32_products
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    entered, leave_first, first_left = threading.Event(), threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def first() -> None:
+        with float32_products(torch.device("cpu")):
+            entered.set()
+            leave_first.wait(10)
+        first_left.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert entered.wait(10)
+    with float32_products(torch.device("cpu")):
+        leave_first.set()
+        assert first_left.wait(10)
+        seen.append(matmul.fp32_precision)  # the first thread has left; this one holds them
+    thread.join(10)
+    assert seen == ["ieee"] and matmul.fp32_precision == before

@@ -15,42 +15,55 @@ back as they were.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+_lock = threading.Lock()
+_depth = 0  # searches inside float32_products now, in every thread
+_saved: list[tuple[Any, str, object]] = []  # the settings the first of them found
 
-def _set(owner: Any, name: str, value: object, saved: list[tuple[Any, str, object]]) -> None:
-    """owner.name = value where torch has the setting (fp32_precision came with torch 2.9),
-    remembering the old value first."""
-    if owner is None or not hasattr(owner, name):
-        return
-    saved.append((owner, name, getattr(owner, name)))
-    setattr(owner, name, value)
+
+def _settings() -> list[tuple[Any, str, object]]:
+    """(owner, name, value to hold) of every process-wide setting written, where this torch has
+    it (the per-backend fp32_precision came with torch 2.9; before it, allow_tf32 is the only
+    switch). Only per-backend settings are written where they exist: torch refuses to read a mix
+    of its legacy and per-backend settings."""
+    matmul = torch.backends.cuda.matmul
+    out: list[tuple[Any, str, object]] = [
+        (matmul, "fp32_precision", "ieee") if hasattr(matmul, "fp32_precision")
+        else (matmul, "allow_tf32", False),
+        (matmul, "allow_bf16_reduced_precision_reduction", False)]
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    if mkldnn is not None and hasattr(mkldnn, "fp32_precision"):
+        out.append((mkldnn, "fp32_precision", "ieee"))
+    return out
 
 
 @contextlib.contextmanager
 def float32_products(device: torch.device) -> Iterator[None]:
-    """Within: products as written on ``device`` (see the module docstring); after: the
-    caller's settings again. Only torch's per-backend settings are written (the legacy
-    ``allow_tf32`` is not: torch refuses to read a mix of the two kinds of setting)."""
-    saved: list[tuple[Any, str, object]] = []
+    """Within: products as written (see the module docstring), autocast off on ``device``;
+    after: the caller's settings again. The process-wide settings are held from the first
+    search that enters to the last that leaves, whatever the threads (torch's own ``tf32_off``
+    counts the same way), so that one thread's exit cannot restore another's forced values."""
+    global _depth
+    with _lock:
+        if _depth == 0:
+            _saved[:] = [(owner, name, getattr(owner, name)) for owner, name, _ in _settings()]
+            for owner, name, value in _settings():
+                setattr(owner, name, value)
+        _depth += 1
     try:
-        if device.type == "cuda":
-            matmul = torch.backends.cuda.matmul
-            if hasattr(matmul, "fp32_precision"):
-                _set(matmul, "fp32_precision", "ieee", saved)
-            else:  # torch < 2.9: the legacy switch is the only one
-                _set(matmul, "allow_tf32", False, saved)
-            _set(matmul, "allow_bf16_reduced_precision_reduction", False, saved)
-        elif device.type == "cpu":
-            _set(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "ieee", saved)
         if torch.amp.is_autocast_available(device.type):
-            with torch.autocast(device.type, enabled=False):
+            with torch.autocast(device.type, enabled=False):  # autocast is per thread
                 yield
         else:
             yield
     finally:
-        for owner, name, value in reversed(saved):
-            setattr(owner, name, value)
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for owner, name, value in reversed(_saved):
+                    setattr(owner, name, value)
