@@ -48,7 +48,8 @@ def test_a_faiss_kmeans_without_faiss_is_refused_when_the_config_is_read(monkeyp
     sop = Path(__file__).parent.parent / "configs" / "sop.yaml"
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     with pytest.raises(ConfigError, match=r"faiss is not installed: pip install 'softtriple"
-                                          r"\[faiss\]', or set evaluation.kmeans.backend=sklearn"):
+                                          r"\[faiss\]', or set evaluation.kmeans.backend=torch"):
         load_config(sop)
+    load_config(sop, ["evaluation.kmeans.backend=torch"])
     load_config(sop, ["evaluation.kmeans.backend=sklearn"])
     load_config(sop, ["evaluation.metrics=[recall, map_at_r]"])  # no clustering, no faiss

@@ -69,6 +69,31 @@ def test_evaluate_and_kmeans_take_device_tensors(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_torch_kmeans_clusters_on_the_embeddings_device(device, monkeypatch):
+    """evaluation.kmeans.backend=torch: k-means++ and Lloyd on the rows' device (no copy of the
+    rows to the host before the labels), repeatable there, and within float rounding of the
+    CPU's clustering (its NMI within 0.02)."""
+    from softtriple.evaluation import KMeansSettings, clustering
+    from softtriple.evaluation.metrics import normalized_mutual_info
+
+    x, y = _data(n=600, d=32, classes=30)
+    on_device = torch.from_numpy(x).to(device)
+    devices = []
+    assign = clustering._assign
+    monkeypatch.setattr(clustering, "_assign", lambda rows, *rest: (
+        devices.append(rows.device.type), assign(rows, *rest))[1])
+    settings = KMeansSettings(backend="torch")
+    labels = kmeans(on_device, 30, 0, settings)
+    assert set(devices) == {device}
+    assert np.array_equal(labels, kmeans(on_device, 30, 0, settings))
+    cpu = kmeans(x, 30, 0, settings)
+    assert abs(normalized_mutual_info(y, labels) - normalized_mutual_info(y, cpu)) < 0.02
+    result = evaluate(on_device, torch.from_numpy(y).to(device), metrics=("nmi", "ami"),
+                      kmeans_settings=settings)
+    assert result["kmeans"].startswith("torch k-means++") and 0 < result["nmi"] <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 def test_embed_moves_batches_to_the_device_and_returns_float32_on_the_host(device,
                                                                            autocast_dtype):

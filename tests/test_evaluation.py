@@ -248,24 +248,58 @@ def _cub_shaped(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
 
 
-def test_default_nmi_is_the_official_protocol_and_faiss_agrees_within_001():
+def test_default_nmi_is_the_official_protocol_and_faiss_and_torch_agree_within_001():
     """The paper's NMI: sklearn KMeans(n_clusters, init='k-means++', n_init=10), arithmetic NMI.
-    Our default is that protocol exactly; the faiss backend implements it too."""
+    Our default is that protocol exactly; the faiss and torch backends implement it too."""
     pytest.importorskip("faiss")
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
     from softtriple.evaluation import KMeansSettings
 
-    official, default, fast = [], [], []
+    official, default, fast, on_device = [], [], [], []
     for seed in range(2):
         x, y = _cub_shaped(seed)
         clusters = KMeans(100, init="k-means++", n_init=10, random_state=seed).fit_predict(x)
         official.append(normalized_mutual_info_score(y, clusters))
         default.append(nmi(x, y, seed=seed))
         fast.append(nmi(x, y, seed=seed, settings=KMeansSettings(backend="faiss")))
+        on_device.append(nmi(x, y, seed=seed, settings=KMeansSettings(backend="torch")))
     assert default == pytest.approx(official, abs=1e-12)
     assert abs(np.mean(fast) - np.mean(official)) < 0.01
+    assert abs(np.mean(on_device) - np.mean(official)) < 0.01
+
+
+def test_torch_kmeans_moves_an_empty_cluster_to_the_farthest_row():
+    """Lloyd iterations as scikit-learn's: a center that wins no row (here one placed far from
+    every row) moves to the row farthest from its center, and the ten groups are found."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from softtriple.evaluation.clustering import _lloyd
+
+    g = torch.Generator().manual_seed(0)
+    groups = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=1)
+    y = torch.arange(10).repeat_interleave(30)
+    x = groups[y] + 0.01 * torch.randn(300, 16, generator=g)
+    centers = torch.cat([x[:270:30], torch.full((1, 16), 100.0)])  # groups 0-8 and a far one
+    labels, inertia = _lloyd(x, centers, 300, 1e-12)
+    assert normalized_mutual_info_score(y.numpy(), labels.numpy()) == pytest.approx(1.0)
+    expected = float(((x - groups[y]) ** 2).sum())  # about each group's true center
+    assert inertia == pytest.approx(expected, rel=0.05)
+
+
+def test_torch_kmeans_is_repeatable_and_takes_every_row_as_its_own_cluster():
+    from softtriple.evaluation import KMeansSettings
+
+    x, _ = _cub_shaped(0)
+    settings = KMeansSettings(backend="torch", starts=2)
+    first = kmeans(x[:600], 40, 3, settings)
+    assert first.dtype == np.int64 and first.shape == (600,)
+    assert np.array_equal(first, kmeans(x[:600], 40, 3, settings))
+    assert len(set(kmeans(x[:50], 50, 0, settings).tolist())) == 50
+    random = KMeansSettings(backend="torch", init="random")
+    assert "torch random, best of 10 starts" in random.describe()
+    assert len(set(kmeans(x[:600], 40, 0, random).tolist())) == 40
 
 
 def test_default_nmi_is_the_same_without_faiss(monkeypatch):

@@ -7,7 +7,12 @@ and the same embeddings and seed give the same clusters everywhere, faiss instal
 
 ``backend="faiss"`` is an explicit, faster option for large data (Stanford Online Products):
 the same protocol (k-means++ seeding written here, ``starts`` starts, the best by inertia), with
-faiss running the Lloyd iterations. Its numbers are close to, not bitwise equal to, the default's.
+faiss running the Lloyd iterations. ``backend="torch"`` runs the same protocol in torch on the
+embeddings' own device (a GPU's, where they are on one; no faiss needed): greedy k-means++ as
+here, then Lloyd iterations as scikit-learn's (its tolerance, 1e-4 of the rows' mean variance, an
+empty cluster moved to the row farthest from its center), each center the mean of its rows summed
+in a fixed order, so the same rows and seed give the same clusters on a device, run after run.
+Both are close to, not bitwise equal to, the default's numbers.
 Fewer ``starts`` or ``iterations`` are cheaper and are *not* the paper's protocol; every result
 records the settings that produced it (``describe``).
 """
@@ -22,14 +27,15 @@ from torch import Tensor
 
 from softtriple.evaluation.knn import check_k
 
-KMEANS_BACKENDS = ("sklearn", "faiss")
+KMEANS_BACKENDS = ("sklearn", "faiss", "torch")
 
 
 @dataclass
 class KMeansSettings:
     """How NMI/AMI cluster the embeddings. The defaults are the official protocol."""
 
-    backend: str = "sklearn"  # sklearn (default, every install) or faiss (faster, explicit)
+    backend: str = "sklearn"  # sklearn (default, every install), faiss or torch (the
+    # embeddings' device: a GPU's), faster, explicit
     starts: int = 10  # k-means++ starts; the one with the lowest inertia is kept
     iterations: int = 300  # Lloyd iterations per start, at most
     init: str = "k-means++"  # or "random" (cheap at SOP size; not the paper's protocol)
@@ -56,19 +62,21 @@ class KMeansSettings:
                 f"iterations{protocol}")
 
 
-def kmeans_plus_plus(x: np.ndarray, n_clusters: int, rng: np.random.Generator,
-                     block: int = 65_536) -> np.ndarray:
+def kmeans_plus_plus(x: np.ndarray | Tensor, n_clusters: int, rng: np.random.Generator,
+                     block: int = 65_536) -> np.ndarray | Tensor:
     """Greedy k-means++ seeding (Arthur and Vassilvitskii 2007; the greedy form scikit-learn
-    uses): (n_clusters, d) rows of ``x`` (N, d). Each step draws 2 + log(k) candidates with
+    uses): (n_clusters, d) rows of ``x`` (N, d), numpy or a float32 tensor on any device (the
+    distances computed there; the draws on the host). Each step draws 2 + log(k) candidates with
     probability proportional to the squared distance to the nearest seed so far and keeps the one
     that lowers the total most. Distances update in blocks of ``block`` rows; memory O(N)."""
-    data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    data = x if isinstance(x, Tensor) else \
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     n = data.shape[0]
     trials = 2 + int(np.log(n_clusters))
     norms = (data * data).sum(1)  # (N,)
 
     def sq_dist(rows: Tensor) -> Tensor:  # (N, m): squared distances of every x to rows (m, d)
-        out = torch.empty(n, rows.shape[0])
+        out = torch.empty(n, rows.shape[0], device=data.device)
         for start in range(0, n, block):
             part = slice(start, start + block)
             out[part] = (norms[part, None] - 2 * data[part] @ rows.T
@@ -78,7 +86,7 @@ def kmeans_plus_plus(x: np.ndarray, n_clusters: int, rng: np.random.Generator,
     chosen = [int(rng.integers(n))]
     nearest = sq_dist(data[chosen])[:, 0]  # (N,)
     for _ in range(1, n_clusters):
-        weights = np.cumsum(nearest.double().numpy())
+        weights = np.cumsum(nearest.double().cpu().numpy())
         if weights[-1] <= 0:  # every point sits on a seed: take any not yet chosen
             chosen.append(int(rng.choice(np.setdiff1d(np.arange(n), chosen))))
             nearest = torch.minimum(nearest, sq_dist(data[chosen[-1:]])[:, 0])
@@ -88,7 +96,73 @@ def kmeans_plus_plus(x: np.ndarray, n_clusters: int, rng: np.random.Generator,
         best = int(candidates.sum(0).argmin())
         chosen.append(int(picks[best]))
         nearest = candidates[:, best].contiguous()
-    return x[np.array(chosen)]
+    return data[chosen] if isinstance(x, Tensor) else x[np.array(chosen)]
+
+
+ASSIGN_ELEMENTS = 2**26  # (rows x clusters) distances held at once by the torch backend
+
+
+def _assign(x: Tensor, norms: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's nearest center (N,) int64 and its squared distance (N,), in blocks of rows."""
+    block = max(1, ASSIGN_ELEMENTS // centers.shape[0])
+    center_norms = (centers * centers).sum(1)
+    labels, distances = [], []
+    for start in range(0, x.shape[0], block):
+        part = slice(start, start + block)
+        d = norms[part, None] - 2 * x[part] @ centers.T + center_norms[None, :]
+        nearest = d.min(dim=1)
+        labels.append(nearest.indices)
+        distances.append(nearest.values.clamp_min(0))
+    return torch.cat(labels), torch.cat(distances)
+
+
+def _lloyd(x: Tensor, centers: Tensor, iterations: int,
+           tol: float) -> tuple[Tensor, float]:
+    """scikit-learn's Lloyd iterations from ``centers`` (k, d): until the labels stop changing,
+    the centers move less than ``tol`` (summed squared shift), or ``iterations``; an empty
+    cluster takes the row farthest from its center. Returns the labels (N,) of the last centers
+    and their inertia (the summed squared distances)."""
+    k = centers.shape[0]
+    norms = (x * x).sum(1)
+    labels, distances = _assign(x, norms, centers)
+    for _ in range(iterations):
+        counts = torch.bincount(labels, minlength=k)
+        order = torch.argsort(labels, stable=True)  # each cluster's rows in index order
+        sums = torch.segment_reduce(x[order], "sum", lengths=counts, axis=0)  # (k, d)
+        moved = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
+        empty = torch.nonzero(counts == 0)[:, 0]
+        if len(empty):  # scikit-learn's relocation: the rows farthest from their centers
+            moved[empty] = x[distances.topk(len(empty)).indices]
+        shift = float(((moved - centers) ** 2).sum())
+        centers = moved
+        new_labels, distances = _assign(x, norms, centers)
+        unchanged = torch.equal(new_labels, labels)
+        labels = new_labels
+        if unchanged or shift <= tol:
+            break
+    return labels, float(distances.double().sum())
+
+
+def _torch_kmeans(x: Tensor, n_clusters: int, settings: KMeansSettings, seed: int) -> np.ndarray:
+    """The protocol on ``x``'s device: ``settings.starts`` starts, the lowest inertia kept."""
+    from softtriple.evaluation.float32 import float32_products
+
+    rng = np.random.default_rng(seed)
+    tol = 1e-4 * float(x.var(dim=0, unbiased=False).mean())  # scikit-learn's tol=1e-4, scaled
+    best: tuple[float, Tensor] | None = None
+    with float32_products(x.device):  # not a caller's autocast or TF32
+        for _ in range(settings.starts):
+            if settings.init == "k-means++":
+                centers = kmeans_plus_plus(x, n_clusters, rng)
+            else:  # random rows, as scikit-learn's "random"
+                rows = rng.choice(x.shape[0], n_clusters, replace=False)
+                centers = x[torch.from_numpy(rows).to(x.device)]
+            assert isinstance(centers, Tensor)
+            labels, inertia = _lloyd(x, centers.clone(), settings.iterations, tol)
+            if best is None or inertia < best[0]:
+                best = (inertia, labels)
+    assert best is not None
+    return best[1].cpu().numpy()
 
 
 def _faiss_kmeans(x: np.ndarray, n_clusters: int, settings: KMeansSettings,
@@ -116,13 +190,17 @@ def _faiss_kmeans(x: np.ndarray, n_clusters: int, settings: KMeansSettings,
     return best[1]
 
 
-def cluster_rows(x: np.ndarray, n_clusters: int, seed: int = 0,
+def cluster_rows(x: np.ndarray | Tensor, n_clusters: int, seed: int = 0,
                  settings: KMeansSettings = KMeansSettings()) -> np.ndarray:  # noqa: B008
     """Cluster ids (N,) int64 of the rows of ``x`` (N, d) as they are (``metrics.kmeans``
-    L2-normalizes embeddings first)."""
+    L2-normalizes embeddings first). The torch backend clusters a tensor on its own device;
+    the others copy the rows to the host."""
     settings.check()
-    x = np.ascontiguousarray(x, dtype=np.float32)
     n_clusters = check_k(n_clusters, x.shape[0], "n_clusters", "embeddings to cluster")
+    if settings.backend == "torch":
+        rows = torch.as_tensor(x).float().contiguous()
+        return _torch_kmeans(rows, n_clusters, settings, seed)
+    x = np.ascontiguousarray(x.cpu().numpy() if isinstance(x, Tensor) else x, dtype=np.float32)
     if settings.backend == "faiss":
         return _faiss_kmeans(x, n_clusters, settings, seed)
     from sklearn.cluster import KMeans

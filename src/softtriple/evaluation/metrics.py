@@ -258,7 +258,7 @@ def kmeans(embeddings: ArrayLike, n_clusters: int, seed: int = 0,
     """Cluster ids (N,) of the L2-normalized embeddings; by default the paper's protocol
     (scikit-learn, k-means++, best of 10 starts; see ``softtriple.evaluation.clustering``)."""
     x = torch.nn.functional.normalize(as_tensor(embeddings, "embeddings").float(), dim=1)
-    return cluster_rows(x.cpu().numpy(), n_clusters, seed, settings)
+    return cluster_rows(x, n_clusters, seed, settings)
 
 
 def nmi(embeddings: ArrayLike, labels: ArrayLike, n_clusters: int | None = None,

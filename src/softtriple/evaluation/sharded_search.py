@@ -157,6 +157,6 @@ def sharded_evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int]
     if cluster:
         parts = gather_to_main(x.cpu())
         if me == 0:
-            out.update(evaluate(torch.cat(parts), y, ks, cluster, seed=seed,
+            out.update(evaluate(torch.cat(parts).to(x.device), y, ks, cluster, seed=seed,
                                 kmeans_settings=kmeans_settings))
     return out

@@ -287,8 +287,9 @@ def check_config(config: Config) -> Config:
     if ev.kmeans.backend == "faiss" and {"nmi", "ami"} & set(ev.metrics) and \
             "faiss" not in available():  # said now, not at the first evaluation
         raise ConfigError("evaluation.kmeans.backend is faiss but faiss is not installed: pip "
-                          "install 'softtriple[faiss]', or set evaluation.kmeans.backend=sklearn "
-                          "(slow at SOP size), or leave nmi and ami out of evaluation.metrics")
+                          "install 'softtriple[faiss]', or set evaluation.kmeans.backend=torch "
+                          "(on the run's device: a GPU's) or sklearn (slow at SOP size), or "
+                          "leave nmi and ami out of evaluation.metrics")
     check_loss(config)
     if config.model.cuda_graph and (config.model.compile or config.data.feature_cache):
         raise ConfigError("model.cuda_graph captures the eager image network: set "
