@@ -3,21 +3,24 @@
 Clustered random unit embeddings with the CUB-2011 test shape at the paper's 64-d (5,924 x 64,
 100 classes: class means on the sphere, Gaussian noise, normalized), three seeds. Compared:
 the old default (faiss, random start, one run of 20 iterations), scikit-learn's k-means++ with
-one start, the new default (scikit-learn, k-means++, best of 10 starts: the official protocol) and
-the faiss backend with the same protocol (our k-means++ seeding, 10 starts, best by inertia).
+one start, the new default (scikit-learn, k-means++, best of 10 starts: the official protocol),
+the faiss backend with the same protocol (our k-means++ seeding, 10 starts, best by inertia) and
+the torch backend with it too (on the rows' device: here the CPU, the code a GPU runs).
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/nmi_protocol.py
+    .venv/bin/python benchmarks/nmi_protocol.py [--json FILE] [--noisy]
 
-Writes benchmarks/results/nmi_protocol.json; docs/PERFORMANCE.md quotes it.
+Writes benchmarks/results/nmi_protocol.json (or FILE) with the machine's conditions (CPU, BLAS,
+threads, load; refused on a busy machine unless --noisy); docs/PERFORMANCE.md quotes it.
 """
 
 from __future__ import annotations
 
-import platform
+import argparse
 import time
 from pathlib import Path
 
 import numpy as np
+from conditions import Conditions
 
 from softtriple.atomic import write_json
 from softtriple.evaluation import KMeansSettings, normalized_mutual_info
@@ -53,10 +56,18 @@ PROTOCOLS = {
         lambda x, s: cluster_rows(x, CLASSES, s, KMeansSettings()),
     "faiss backend: our k-means++, best of 10":
         lambda x, s: cluster_rows(x, CLASSES, s, KMeansSettings(backend="faiss")),
+    "torch backend: our k-means++, best of 10":
+        lambda x, s: cluster_rows(x, CLASSES, s, KMeansSettings(backend="torch")),
 }
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--noisy", action="store_true",
+                        help="measure on a busy machine (the results say so)")
+    args = parser.parse_args()
+    conditions = Conditions.start(threads=None, allow_noisy=args.noisy)
     rows = []
     for name, cluster in PROTOCOLS.items():
         scores, seconds = [], []
@@ -69,8 +80,9 @@ def main() -> None:
         rows.append({"protocol": name, "nmi": scores, "seconds": seconds})
         print(f"{name:<58} NMI {' '.join(f'{s:.3f}' for s in scores)}   "
               f"{np.median(seconds):.2f} s")
-    write_json(RESULTS, {"shape": [N, D], "classes": CLASSES, "noise": NOISE,
-                         "machine": platform.machine(), "rows": rows})
+    write_json(args.json, {"conditions": conditions.finish(), "shape": [N, D],
+                           "classes": CLASSES, "noise": NOISE, "rows": rows})
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
