@@ -37,7 +37,10 @@ and named, to run in a second call with ``--parts``):
    (in a child process, capped at a few times the floor), each with the float32 and the bf16
    engine (tensor cores), against the matmul + top-k floor;
 8. **trainer_no_autotuning**: part 2 again, 2 epochs, with ``run.cudnn_benchmark=false``, in a
-   fresh process: what cuDNN's autotuning costs the first epoch and gains the steady ones.
+   fresh process: what cuDNN's autotuning costs the first epoch and gains the steady ones;
+9. **kmeans**: one start of the paper's k-means protocol by ``evaluation.kmeans.backend=torch``
+   on the device at SOP's size (11,316 clusters of 60,502 x 512), seeding and Lloyd iterations
+   timed apart: whether the official NMI protocol fits a GPU run at SOP scale (ten starts).
 
 Results are written after each part, so a call cut short keeps what it measured.
 
@@ -80,12 +83,12 @@ DEMO_DATA = ROOT / ".gpu_data"  # $SOFTTRIPLE_DATA of the demo part: the demo's 
 LOSS_SHAPES = [(256, 512, 11318, 10), (512, 512, 100000, 10)]  # (B, d, C, K)
 TINY_LOSS_SHAPES = [(16, 32, 50, 4)]
 PARTS = ("loss", "trainer", "demo", "tests", "demo_graphed", "loader", "eval",  # in this order
-         "trainer_no_autotuning")
+         "trainer_no_autotuning", "kmeans")
 GRAPHED_DEMO = ("model.cuda_graph=true",)  # the demo_graphed part's settings
 # the least each part needs on the GPU (guessed, the check not yet timed on one; the figures in
 # gpu.json's "seconds" will tell): a part is skipped when less of the budget is left
 LEAST_SECONDS = {"loss": 30, "trainer": 60, "demo": 45, "tests": 60, "demo_graphed": 30,
-                 "loader": 25, "eval": 30, "trainer_no_autotuning": 40}
+                 "loader": 25, "eval": 30, "trainer_no_autotuning": 40, "kmeans": 20}
 TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
               "tests/test_fused_similarity.py", "tests/test_knn_bf16.py"]
 
@@ -234,6 +237,52 @@ def loss_section(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
         rows.append(row)
         print("loss", json.dumps(row), flush=True)
     return rows
+
+
+def kmeans_section(device: torch.device, tiny: bool) -> dict[str, Any]:
+    """One start of the paper's k-means protocol by the torch backend on the device at SOP's
+    size (60,502 x 512 unit rows in 11,316 classes of about 5, clustered as trained embeddings
+    are): the greedy k-means++ seeding and the Lloyd iterations (at most 300, scikit-learn's
+    tolerance) timed apart; the official protocol is ten such starts."""
+    import numpy as np
+
+    from softtriple.evaluation import clustering, normalized_mutual_info
+
+    n, d, c = (600, 32, 120) if tiny else (60502, 512, 11316)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, c, (n,), generator=g)
+    means = torch.nn.functional.normalize(torch.randn(c, d, generator=g), dim=1)
+    x = torch.nn.functional.normalize(means[labels] + 0.5 * d**-0.5 * torch.randn(
+        n, d, generator=g), dim=1).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    passes = 0
+    assign = clustering._assign
+
+    def counted(*args: Any) -> Any:
+        nonlocal passes
+        passes += 1
+        return assign(*args)
+
+    clustering._assign = counted  # type: ignore[assignment]
+    try:
+        sync()
+        start = time.perf_counter()
+        centers = clustering.kmeans_plus_plus(x, c, np.random.default_rng(0))
+        sync()
+        seeding = time.perf_counter() - start
+        tol = 1e-4 * float(x.var(dim=0, unbiased=False).mean())
+        start = time.perf_counter()
+        found, inertia = clustering._lloyd(x, centers.clone(), 300, tol)  # type: ignore[union-attr]
+        sync()
+        lloyd = time.perf_counter() - start
+    finally:
+        clustering._assign = assign  # type: ignore[assignment]
+    out = {"N": n, "d": d, "clusters": c, "seeding_seconds": seeding, "lloyd_seconds": lloyd,
+           "lloyd_iterations": passes - 1, "one_start_seconds": seeding + lloyd,
+           "ten_starts_seconds_estimate": 10 * (seeding + lloyd), "inertia": inertia,
+           "nmi": normalized_mutual_info(labels.numpy(), found.cpu().numpy())}
+    print("kmeans", json.dumps(out), flush=True)
+    return out
 
 
 def knn_floor(x: torch.Tensor, k: int, block: int) -> Callable[[], Any]:
@@ -658,7 +707,8 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
                                                  GRAPHED_DEMO),
             "eval": lambda: eval_section(device, args.tiny),
             "trainer_no_autotuning": lambda: no_autotuning_child(
-                args.tiny, work, ends - time.perf_counter())}
+                args.tiny, work, ends - time.perf_counter()),
+            "kmeans": lambda: kmeans_section(device, args.tiny)}
         for name in (p for p in PARTS if p in asked):
             left = ends - time.perf_counter()
             # toy sizes and the no-autotuning child (its parent checked) need no least

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny",
-                           "--parts", "loss,eval,trainer,loader,trainer_no_autotuning",
+                           "--parts", "loss,eval,trainer,loader,trainer_no_autotuning,kmeans",
                            "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -42,6 +42,9 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
                                                 "uint8 decoded once", "float32 decoded once"}
     assert all(rate > 0 for rate in loader["images_per_second"].values())
     assert loader["per_image_one_thread"]["decode_ms"] > 0
+    kmeans = results["kmeans"]
+    assert kmeans["lloyd_iterations"] >= 1 and kmeans["one_start_seconds"] > 0
+    assert 0 < kmeans["nmi"] <= 1
     untuned = results["trainer_no_autotuning"]
     assert "run.cudnn_benchmark=false" in untuned["settings"]
     assert len(untuned["epoch_seconds"]) == 2 and untuned["first_epoch"]["median_step_ms"] > 0
