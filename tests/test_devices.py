@@ -4,6 +4,7 @@ here, and on CUDA too where a GPU is present, so a GPU run exercises code that r
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -335,3 +336,28 @@ def test_searches_in_two_threads_leave_the_callers_settings_as_they_were():
         seen.append(matmul.fp32_precision)  # the first thread has left; this one holds them
     thread.join(10)
     assert seen == ["ieee"] and matmul.fp32_precision == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine without a GPU is the case")
+def test_a_run_trained_on_cuda_is_evaluated_and_embedded_where_no_gpu_is(data_root, tmp_path,
+                                                                        capsys):
+    """A run that named run.device: cuda (and fp16) is used on a machine without a GPU: on the
+    CPU in fp32, said in one line, with the metrics of the same model on the CPU, where it was
+    refused ("run.device is cuda but no GPU is visible"), with no way to ask for the CPU."""
+    from softtriple.cli import main
+    from softtriple.training import Trainer
+    from test_training import tiny
+
+    run = tmp_path / "run"
+    Trainer(tiny(run, "schedule.epochs=1", "evaluation.before_training=false",
+                 "evaluation.metrics=[recall]")).train()
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    state["config"]["run"] |= {"device": "cuda", "precision": "fp16"}
+    torch.save(state, tmp_path / "gpu_run.pt")
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "gpu_run.pt"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "no GPU is visible here, so its model runs on the CPU in fp32" in captured.err
+    assert json.loads(captured.out)["recall@1"] == pytest.approx(
+        json.loads((run / "results.json").read_text())["metrics"]["recall@1"])
+    assert main(["embed", str(tmp_path / "gpu_run.pt"), "--out", str(tmp_path / "e.npz")]) == 0

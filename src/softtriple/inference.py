@@ -5,6 +5,7 @@ whose build.py makes the model and loss from a config), and neither imports the 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from softtriple.models import EmbeddingModel, embed
 
 def load_model(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]]:
     """The trained embedding model of a run folder or checkpoint (eval mode, on the CPU), its
-    config and the checkpoint's state."""
+    config and the checkpoint's state. A run that named ``run.device: cuda`` is used on the CPU
+    where no GPU is visible (``runs_here``)."""
     state = load_checkpoint(path)
-    config = config_from_dict(state["config"])
+    config = runs_here(config_from_dict(state["config"]), path)
     model = build_model(config, pretrained=False)
     try:
         model.load_state_dict(state["model"])
@@ -33,6 +35,20 @@ def load_model(path: str | Path) -> tuple[EmbeddingModel, Config, dict[str, Any]
         raise CheckpointError(f"checkpoint {path} does not fit its own model config: "
                               f"{mismatch_detail(error)}") from error
     return model.eval(), config, state
+
+
+def runs_here(config: Config, path: str | Path) -> Config:
+    """``config`` as this machine can use it: a run trained with ``run.device: cuda`` is
+    evaluated, embedded, searched and exported on the CPU where no GPU is visible (with fp32 for
+    its fp16, which has no fast CPU kernels), said in one line, instead of refused; the numbers
+    can differ from the run's own in float rounding."""
+    if config.run.device == "cuda" and not torch.cuda.is_available():
+        precision = "fp32" if config.run.precision == "fp16" else config.run.precision
+        print(f"{path} ran on CUDA (run.device: cuda); no GPU is visible here, so its model runs "
+              f"on the CPU in {precision} (numbers can differ from the run's in float rounding)",
+              file=sys.stderr)
+        config.run.device, config.run.precision = "cpu", precision
+    return config
 
 
 def split_dataset(model: EmbeddingModel, config: Config,
