@@ -39,17 +39,43 @@ def test_every_comparison_suite_resolves():
         assert len(runs(suite)) == len(suite.variants) * len(suite.seeds)
 
 
-def test_a_faiss_kmeans_without_faiss_is_refused_when_the_config_is_read(monkeypatch):
-    """configs/sop.yaml clusters with faiss: on a machine without it, the run stops when its
-    config is read, not at its first evaluation (after the test split is embedded, or, with
-    evaluation.before_training=false, after whole epochs)."""
+def test_a_faiss_kmeans_without_faiss_is_refused_before_the_work(monkeypatch, data_root,
+                                                                  tmp_path, capsys):
+    """configs/sop.yaml clusters with faiss: on a machine without it, training and evaluate stop
+    before their work (not at the first evaluation, after the test split is embedded or whole
+    epochs), while reading such a run's config to embed, export or serve it still works."""
+    from softtriple.cli import main
     from softtriple.experiment import ConfigError
+    from softtriple.experiment.config import check_clustering_runs_here
+    from softtriple.training import Trainer
+    from test_training import tiny
 
     sop = Path(__file__).parent.parent / "configs" / "sop.yaml"
+    faiss = ["evaluation.kmeans.backend=faiss", "evaluation.metrics=[recall, nmi]"]
+    run = tmp_path / "run"
+    Trainer(tiny(run, "schedule.epochs=1", "evaluation.before_training=false",
+                 *faiss)).train()  # where faiss is installed
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
-    with pytest.raises(ConfigError, match=r"faiss is not installed: pip install 'softtriple"
-                                          r"\[faiss\]', or set evaluation.kmeans.backend=torch"):
-        load_config(sop)
-    load_config(sop, ["evaluation.kmeans.backend=torch"])
-    load_config(sop, ["evaluation.kmeans.backend=sklearn"])
-    load_config(sop, ["evaluation.metrics=[recall, map_at_r]"])  # no clustering, no faiss
+    refusal = (r"faiss is not installed: pip install 'softtriple\[faiss\]', or set "
+               r"evaluation.kmeans.backend=torch")
+    config = load_config(sop)  # reading it is fine
+    with pytest.raises(ConfigError, match=refusal):
+        check_clustering_runs_here(config.evaluation)
+    check_clustering_runs_here(config.evaluation, ["recall", "map_at_r"])
+    for fix in ("evaluation.kmeans.backend=torch", "evaluation.kmeans.backend=sklearn",
+                "evaluation.metrics=[recall, map_at_r]"):
+        check_clustering_runs_here(load_config(sop, [fix]).evaluation)
+    with pytest.raises(ConfigError, match=refusal):
+        Trainer(tiny(tmp_path / "new", *faiss))
+    assert not (tmp_path / "new").exists()  # refused before the run folder
+    from softtriple import inference
+
+    embedded = []
+    embed_split = inference.embed_split
+    monkeypatch.setattr(inference, "embed_split",
+                        lambda *args: embedded.append(1) or embed_split(*args))
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 2 and not embedded  # refused before embedding
+    assert "faiss is not installed" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--metrics", "recall"]) == 0
+    assert main(["embed", str(run), "--out", str(tmp_path / "e.npz")]) == 0

@@ -73,8 +73,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from softtriple.evaluation import evaluate
     from softtriple.experiment.build import resolve_device
+    from softtriple.experiment.config import check_clustering_runs_here
+    from softtriple.inference import embed_split, load_model
 
-    embeddings, labels, _, _, config = _embed(args.checkpoint, args.split)
+    model, config, _ = load_model(args.checkpoint)
+    check_clustering_runs_here(config.evaluation, args.metrics)  # before the embedding
+    embeddings, labels, _, _ = embed_split(model, config, args.split)
     on_device = torch.from_numpy(embeddings).to(resolve_device(config.run.device))
     metrics = evaluate(on_device, labels, ks=config.evaluation.ks,
                        metrics=args.metrics or config.evaluation.metrics, seed=config.run.seed,

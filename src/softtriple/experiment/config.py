@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,14 +283,6 @@ def check_config(config: Config) -> Config:
         ev.kmeans.check()
     except ValueError as error:
         raise ConfigError(f"evaluation.kmeans: {error}") from error
-    from softtriple.evaluation.engines import available
-
-    if ev.kmeans.backend == "faiss" and {"nmi", "ami"} & set(ev.metrics) and \
-            "faiss" not in available():  # said now, not at the first evaluation
-        raise ConfigError("evaluation.kmeans.backend is faiss but faiss is not installed: pip "
-                          "install 'softtriple[faiss]', or set evaluation.kmeans.backend=torch "
-                          "(on the run's device: a GPU's) or sklearn (slow at SOP size), or "
-                          "leave nmi and ami out of evaluation.metrics")
     check_loss(config)
     if config.model.cuda_graph and (config.model.compile or config.data.feature_cache):
         raise ConfigError("model.cuda_graph captures the eager image network: set "
@@ -299,6 +292,24 @@ def check_config(config: Config) -> Config:
         raise ConfigError("data.feature_cache needs model.freeze_backbone=true and "
                           "data.augment=false (features are computed once, unaugmented)")
     return config
+
+
+def check_clustering_runs_here(evaluation: EvaluationConfig,
+                               metrics: Sequence[str] | None = None) -> None:
+    """ConfigError when NMI or AMI (among ``metrics``, by default ``evaluation.metrics``) would
+    cluster with faiss and faiss is not installed here: the trainer and ``evaluate`` ask before
+    their work, not at the first evaluation (after the test split is embedded, or whole epochs).
+    Not part of ``check_config``: a run's config is also read to embed, export or serve it,
+    which cluster nothing."""
+    from softtriple.evaluation.engines import available
+
+    wanted = evaluation.metrics if metrics is None else metrics
+    if evaluation.kmeans.backend == "faiss" and {"nmi", "ami"} & set(wanted) and \
+            "faiss" not in available():
+        raise ConfigError("evaluation.kmeans.backend is faiss but faiss is not installed: pip "
+                          "install 'softtriple[faiss]', or set evaluation.kmeans.backend=torch "
+                          "(on the run's device: a GPU's) or sklearn (slow at SOP size), or "
+                          "leave nmi and ami out of evaluation.metrics")
 
 
 def check_loss(config: Config) -> None:

@@ -34,7 +34,7 @@ from softtriple.experiment.build import (
     seed_everything,
 )
 from softtriple.experiment.checkpoint import TrainingState, check_resumable, load_checkpoint
-from softtriple.experiment.config import Config, dump_config
+from softtriple.experiment.config import Config, check_clustering_runs_here, dump_config
 from softtriple.experiment.loaders import Loaders, build_loaders
 from softtriple.experiment.run_folder import RunDir, TrainingFolder, write_embeddings
 from softtriple.models import embed
@@ -49,6 +49,7 @@ class Trainer:
     def __init__(self, config: Config, resume: str | Path | None = None,
                  overwrite: bool = False) -> None:
         self.config = config
+        check_clustering_runs_here(config.evaluation)
         self.device = resolve_device(config.run.device)
         self.autocast_dtype = PRECISIONS[config.run.precision]
         configure_kernels(self.device, config.run.deterministic, config.run.cudnn_benchmark)
