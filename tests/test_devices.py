@@ -361,3 +361,28 @@ def test_a_run_trained_on_cuda_is_evaluated_and_embedded_where_no_gpu_is(data_ro
     assert json.loads(captured.out)["recall@1"] == pytest.approx(
         json.loads((run / "results.json").read_text())["metrics"]["recall@1"])
     assert main(["embed", str(tmp_path / "gpu_run.pt"), "--out", str(tmp_path / "e.npz")]) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kmeans_plus_plus_on_the_device_draws_the_host_paths_seeds(device):
+    """The seeding that never waits for the device (cumulative weights and choices there, the
+    random numbers drawn up front) picks the host path's seeds wherever float rounding does not
+    decide (on the CPU: all of them, duplicated rows included), and on rows that sit on fewer
+    distinct points than clusters it repeats a row rather than fail."""
+    from softtriple.evaluation import KMeansSettings
+    from softtriple.evaluation.clustering import cluster_rows, kmeans_plus_plus
+
+    x, _ = _data(n=600, d=16, classes=30)
+    rows = torch.from_numpy(np.concatenate([x, x[:200]])).to(device)  # 200 rows twice
+    seeds = kmeans_plus_plus(rows, 120, np.random.default_rng(4), on_device=True)
+    host = kmeans_plus_plus(rows.cpu(), 120, np.random.default_rng(4), on_device=False)
+    assert isinstance(seeds, torch.Tensor) and seeds.device.type == device
+    if device == "cpu":
+        assert torch.equal(seeds, host)
+    assert len(torch.unique(seeds, dim=0)) == 120  # distinct points, as the host path's
+    few = torch.from_numpy(x[:3]).repeat(20, 1).to(device)  # 3 distinct rows, 60 in all
+    for on_device in (False, True):
+        found = kmeans_plus_plus(few, 5, np.random.default_rng(0), on_device=on_device)
+        assert len(torch.unique(found, dim=0)) == 3
+    labels = cluster_rows(few, 5, 0, KMeansSettings(backend="torch"))
+    assert labels.shape == (60,) and labels.min() >= 0 and labels.max() < 5

@@ -19,6 +19,7 @@ records the settings that produced it (``describe``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,12 +64,20 @@ class KMeansSettings:
 
 
 def kmeans_plus_plus(x: np.ndarray | Tensor, n_clusters: int, rng: np.random.Generator,
-                     block: int = 65_536) -> np.ndarray | Tensor:
+                     block: int = 65_536, on_device: bool | None = None) -> np.ndarray | Tensor:
     """Greedy k-means++ seeding (Arthur and Vassilvitskii 2007; the greedy form scikit-learn
     uses): (n_clusters, d) rows of ``x`` (N, d), numpy or a float32 tensor on any device (the
-    distances computed there; the draws on the host). Each step draws 2 + log(k) candidates with
-    probability proportional to the squared distance to the nearest seed so far and keeps the one
-    that lowers the total most. Distances update in blocks of ``block`` rows; memory O(N)."""
+    distances computed there). Each step draws 2 + log(k) candidates with probability
+    proportional to the squared distance to the nearest seed so far and keeps the one that lowers
+    the total most. Distances update in blocks of ``block`` rows; memory O(N).
+
+    ``on_device`` (default: where ``x`` is not on the CPU): the draws' cumulative weights and
+    choices stay on the device, the random numbers drawn up front in the host path's order, so
+    that no step waits for the device (the host path copies N distances to the host each step:
+    11,316 waits and copies a start at SOP's size). The same seeds as the host path where no
+    float rounding of the cumulative sums decides; where every row already sits on a seed it
+    picks row 0 again (an empty cluster, which Lloyd's iterations move) instead of an unchosen
+    row."""
     data = x if isinstance(x, Tensor) else \
         torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     n = data.shape[0]
@@ -83,6 +92,11 @@ def kmeans_plus_plus(x: np.ndarray | Tensor, n_clusters: int, rng: np.random.Gen
                          + (rows * rows).sum(1)[None, :]).clamp_min_(0)
         return out
 
+    if on_device is None:
+        on_device = data.device.type != "cpu"
+    if on_device:
+        seeds = _seeds_on_device(n_clusters, trials, rng, sq_dist, data)
+        return data[seeds] if isinstance(x, Tensor) else x[seeds.numpy()]
     chosen = [int(rng.integers(n))]
     nearest = sq_dist(data[chosen])[:, 0]  # (N,)
     for _ in range(1, n_clusters):
@@ -97,6 +111,25 @@ def kmeans_plus_plus(x: np.ndarray | Tensor, n_clusters: int, rng: np.random.Gen
         chosen.append(int(picks[best]))
         nearest = candidates[:, best].contiguous()
     return data[chosen] if isinstance(x, Tensor) else x[np.array(chosen)]
+
+
+def _seeds_on_device(n_clusters: int, trials: int, rng: np.random.Generator,
+                     sq_dist: Callable[[Tensor], Tensor], data: Tensor) -> Tensor:
+    """``kmeans_plus_plus``'s seed indices (n_clusters,) with every step on ``data``'s device."""
+    n = data.shape[0]
+    first = int(rng.integers(n))
+    draws = torch.from_numpy(rng.random((n_clusters - 1, trials))).to(data.device)
+    chosen = torch.empty(n_clusters, dtype=torch.long, device=data.device)
+    chosen[0] = first
+    nearest = sq_dist(data[first:first + 1])[:, 0]  # (N,)
+    for step in range(1, n_clusters):
+        weights = nearest.double().cumsum(0)
+        picks = torch.searchsorted(weights, draws[step - 1] * weights[-1]).clamp_max_(n - 1)
+        candidates = torch.minimum(nearest[:, None], sq_dist(data[picks]))  # (N, trials)
+        best = candidates.sum(0).argmin()
+        chosen[step] = picks[best]
+        nearest = candidates.index_select(1, best.view(1))[:, 0]
+    return chosen
 
 
 ASSIGN_ELEMENTS = 2**26  # (rows x clusters) distances held at once by the torch backend
