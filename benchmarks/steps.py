@@ -49,10 +49,13 @@ class RecipeStep:
             build_objective,
             build_optimizer,
             build_training_model,
+            configure_kernels,
             graph_network,
             resolve_device,
         )
         device = resolve_device(config.run.device)
+        # the recipe's kernel settings (cuDNN autotuning, determinism), whatever ran before
+        configure_kernels(device, config.run.deterministic, config.run.cudnn_benchmark)
         model = build_training_model(config, device)
         if config.model.cuda_graph:
             graph_network(model, config, device)
