@@ -230,8 +230,21 @@ def loss_section(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
     rows = []
     reps = 5 if tiny else 20
     for b, d, c, k in TINY_LOSS_SHAPES if tiny else LOSS_SHAPES:
+        cold = None
+        if not rows:  # the process's first SoftTriple step: on CUDA it compiles the Triton
+            # kernels (Triton's disk cache is empty on a fresh machine), a cost the first
+            # epoch of every run on such a machine pays
+            step = make_step("ours", b, d, c, k, device)
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            start = time.perf_counter()
+            step()
+            sync()
+            cold = time.perf_counter() - start
+            del step
         row: dict[str, Any] = {"B": b, "d": d, "C": c, "K": k,
                                **loss_times(b, d, c, k, device, reps)}
+        if cold is not None:
+            row["ours_first_call_seconds"] = cold
         with tf32_products():
             row["tf32"] = loss_times(b, d, c, k, device, reps)
         row["tf32"]["ours_over_ieee_ours"] = row["tf32"]["ours"]["ms"] / row["ours"]["ms"]
