@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softtriple.evaluation.float32 import float32_products
 from softtriple.evaluation.knn import check_k
 
 KMEANS_BACKENDS = ("sklearn", "faiss", "torch")
@@ -178,22 +179,19 @@ def _lloyd(x: Tensor, centers: Tensor, iterations: int,
 
 def _torch_kmeans(x: Tensor, n_clusters: int, settings: KMeansSettings, seed: int) -> np.ndarray:
     """The protocol on ``x``'s device: ``settings.starts`` starts, the lowest inertia kept."""
-    from softtriple.evaluation.float32 import float32_products
-
     rng = np.random.default_rng(seed)
     tol = 1e-4 * float(x.var(dim=0, unbiased=False).mean())  # scikit-learn's tol=1e-4, scaled
     best: tuple[float, Tensor] | None = None
-    with float32_products(x.device):  # not a caller's autocast or TF32
-        for _ in range(settings.starts):
-            if settings.init == "k-means++":
-                centers = kmeans_plus_plus(x, n_clusters, rng)
-            else:  # random rows, as scikit-learn's "random"
-                rows = rng.choice(x.shape[0], n_clusters, replace=False)
-                centers = x[torch.from_numpy(rows).to(x.device)]
-            assert isinstance(centers, Tensor)
-            labels, inertia = _lloyd(x, centers.clone(), settings.iterations, tol)
-            if best is None or inertia < best[0]:
-                best = (inertia, labels)
+    for _ in range(settings.starts):
+        if settings.init == "k-means++":
+            centers = kmeans_plus_plus(x, n_clusters, rng)
+        else:  # random rows, as scikit-learn's "random"
+            rows = rng.choice(x.shape[0], n_clusters, replace=False)
+            centers = x[torch.from_numpy(rows).to(x.device)]
+        assert isinstance(centers, Tensor)
+        labels, inertia = _lloyd(x, centers.clone(), settings.iterations, tol)
+        if best is None or inertia < best[0]:
+            best = (inertia, labels)
     assert best is not None
     return best[1].cpu().numpy()
 
@@ -230,6 +228,14 @@ def cluster_rows(x: np.ndarray | Tensor, n_clusters: int, seed: int = 0,
     the others copy the rows to the host."""
     settings.check()
     n_clusters = check_k(n_clusters, x.shape[0], "n_clusters", "embeddings to cluster")
+    # the distances in float32 (the torch backend's, and k-means++'s for faiss), not in a
+    # caller's autocast or TF32
+    with float32_products(x.device if isinstance(x, Tensor) else torch.device("cpu")):
+        return _cluster_rows(x, n_clusters, seed, settings)
+
+
+def _cluster_rows(x: np.ndarray | Tensor, n_clusters: int, seed: int,
+                  settings: KMeansSettings) -> np.ndarray:
     if settings.backend == "torch":
         rows = torch.as_tensor(x).float().contiguous()
         return _torch_kmeans(rows, n_clusters, settings, seed)
