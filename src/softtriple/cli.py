@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start over in a run folder that already holds a run (deletes it)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its last completed epoch; the config must be "
-                            "the run's own (only epochs, workers and progress may change)")
+                            "the run's own (only epochs, workers, progress and how NMI "
+                            "clusters, evaluation.kmeans, may change)")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(

@@ -27,7 +27,10 @@ from softtriple.models.backbones import refused_global
 # keys a resumed run may change: data.workers and data.decode_once_mib too, as the data order
 # and every augmentation depend on (seed, epoch, sample) only, and decoding once is bitwise
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
-               ("data", "workers"), ("data", "decode_once_mib"), ("schedule", "epochs")}
+               ("data", "workers"), ("data", "decode_once_mib"), ("schedule", "epochs"),
+               # how NMI clusters (its own random streams; each row names it): a run clustering
+               # with faiss goes on where faiss is not installed, with backend torch or sklearn
+               ("evaluation", "kmeans")}
 
 
 class CheckpointError(ValueError):
