@@ -394,3 +394,29 @@ def test_kmeans_plus_plus_on_the_device_draws_the_host_paths_seeds(device):
         assert len(torch.unique(found, dim=0)) == 3
     labels = cluster_rows(few, 5, 0, KMeansSettings(backend="torch"))
     assert labels.shape == (60,) and labels.min() >= 0 and labels.max() < 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_neighbours_of_an_embeddings_file_search_on_the_device(device, tmp_path, capsys):
+    """`softtriple neighbours` (one process) searches where it is told, a GPU by default where
+    one is visible, and finds knn's neighbours; --device cuda without a GPU is one line."""
+    from softtriple.cli import main
+    from softtriple.experiment.run_folder import write_embeddings
+    from softtriple.search import file_neighbours
+
+    x, y = _data()
+    gallery = write_embeddings(tmp_path / "g.npz", x, y, [f"{i}.png" for i in range(len(y))])
+    queries = write_embeddings(tmp_path / "q.npz", x[:40], y[:40], [str(i) for i in range(40)])
+    expected = knn(x, 5)
+    found = file_neighbours(gallery, 5, device=device)
+    assert found is not None and np.array_equal(found.indices, expected[1].numpy())
+    np.testing.assert_allclose(found.similarities, expected[0].numpy(), rtol=0, atol=1e-5)
+    of_queries = file_neighbours(gallery, 7, queries, device=device)
+    assert of_queries is not None
+    assert np.array_equal(of_queries.indices, knn(x[:40], 7, x)[1].numpy())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no GPU is visible; use auto or cpu"):
+            file_neighbours(gallery, 5, device="cuda")
+        assert main(["neighbours", str(gallery), "-k", "5", "--out", str(tmp_path / "n.npz"),
+                     "--device", "cuda"]) == 2
+        assert "no GPU is visible" in capsys.readouterr().err

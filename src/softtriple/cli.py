@@ -134,7 +134,7 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     reads = [args.gallery, *([args.queries] if args.queries else [])]
     check_output(args.out, reads)  # before the search, and again where the file is opened
     dist.setup(torch.device("cpu"))
-    found = file_neighbours(args.gallery, args.k, args.queries)
+    found = file_neighbours(args.gallery, args.k, args.queries, args.device)
     if found is not None:
         out = write_neighbours(args.out, found.indices, found.similarities, reads)
         gallery = len(found.query_labels if found.gallery_labels is None else found.gallery_labels)
@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "gallery, each item leaving itself out)")
     neighbours.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     neighbours.add_argument("--out", required=True, help="where to write the neighbours (.npz)")
+    neighbours.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                            help="where one process searches (default auto: a GPU where one is "
+                                 "visible); under torchrun the processes search on the CPU")
     neighbours.set_defaults(func=cmd_neighbours)
 
     report = commands.add_parser(

@@ -141,16 +141,29 @@ class FileNeighbours:
 
 
 def file_neighbours(gallery_file: str | Path, k: int,
-                    queries_file: str | Path | None = None) -> FileNeighbours | None:
+                    queries_file: str | Path | None = None,
+                    device: str = "auto") -> FileNeighbours | None:
     """The exact k nearest neighbours (cosine) of each row of ``queries_file`` among
     ``gallery_file``'s rows (of each gallery row among the others without ``queries_file``).
     Under torchrun each process memory-maps only its block of the rows and the blocks go round
-    (``evaluation.sharded_search.sharded_knn``); the result reaches rank 0, the others get None."""
+    (``evaluation.sharded_search.sharded_knn``, on the CPU); the result reaches rank 0, the
+    others get None. One process searches on ``device``: ``auto`` (a GPU where one is visible),
+    ``cpu`` or ``cuda`` (the rows copied there; the result comes back to the host)."""
+    import torch
+
     from softtriple import distributed as dist
     from softtriple.distributed import block
     from softtriple.evaluation.sharded_search import sharded_knn
 
     world, rank = dist.world_size(), dist.rank()
+    if device == "cuda" and (world > 1 or not torch.cuda.is_available()):
+        raise ValueError("--device cuda: " + ("under torchrun the processes search on the CPU, "
+                         "each its shard; run one process" if world > 1 else
+                         "no GPU is visible; use auto or cpu"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda; got {device!r}")
+    gpu = world == 1 and device != "cpu" and torch.cuda.is_available()
+    where = torch.device("cuda" if gpu else "cpu")
     query_file = queries_file or gallery_file
     query_labels = read_embedding_labels(query_file)
     gallery_labels = read_embedding_labels(gallery_file) if queries_file else None
@@ -159,10 +172,16 @@ def file_neighbours(gallery_file: str | Path, k: int,
     if query_rows < world or gallery_rows < world:
         raise ValueError(f"{min(query_rows, gallery_rows)} rows cannot be shared by {world} "
                          f"processes; use fewer")
-    queries = read_embedding_rows(query_file, *block(query_rows, world, rank), query_rows)
-    gallery = read_embedding_rows(gallery_file, *block(gallery_rows, world, rank),
-                                  gallery_rows) if queries_file else None
+    def rows(file: str | Path, count: int) -> np.ndarray | torch.Tensor:
+        part = read_embedding_rows(file, *block(count, world, rank), count)
+        if where.type == "cpu":
+            return part  # memory-mapped: a process reads only its shard
+        return torch.from_numpy(np.ascontiguousarray(part)).to(where)  # one copy there
+
+    queries = rows(query_file, query_rows)
+    gallery = rows(gallery_file, gallery_rows) if queries_file else None
     sims, index = sharded_knn(queries, gallery, k)
+    sims, index = sims.cpu(), index.cpu()
     parts = list(dist.stream_to_main((sims.numpy(), index.numpy())))
     if not dist.is_main():
         return None
