@@ -59,15 +59,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(checkpoint: str, split: str) -> tuple[Any, Any, list[str], list[str], Any]:
-    """The embeddings, labels, paths and class names of a split by a checkpoint's model (on
-    the run's device and precision), and its config."""
-    from softtriple.inference import embed_split, load_model
-
-    model, config, _ = load_model(checkpoint)
-    return (*embed_split(model, config, split), config)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -93,9 +84,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from softtriple.experiment.run_folder import check_output, write_embeddings
+    from softtriple.inference import embed_split, load_model
 
     check_output(args.out, [args.checkpoint])  # before the work, and again where it is opened
-    embeddings, labels, paths, names, _ = _embed(args.checkpoint, args.split)
+    model, config, _ = load_model(args.checkpoint)
+    embeddings, labels, paths, names = embed_split(model, config, args.split)
     out = write_embeddings(args.out, embeddings, labels, paths, names, reads=[args.checkpoint])
     print(f"wrote {out}: {embeddings.shape[0]} embeddings of width {embeddings.shape[1]}")
     return 0
