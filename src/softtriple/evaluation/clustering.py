@@ -150,16 +150,23 @@ def _assign(x: Tensor, norms: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(labels), torch.cat(distances)
 
 
+def lloyd_tolerance(x: Tensor) -> float:
+    """scikit-learn's tol=1e-4, scaled as it scales it: by the rows' mean variance."""
+    return 1e-4 * float(x.var(dim=0, unbiased=False).mean())
+
+
 def _lloyd(x: Tensor, centers: Tensor, iterations: int,
-           tol: float) -> tuple[Tensor, float]:
+           tol: float) -> tuple[Tensor, float, int]:
     """scikit-learn's Lloyd iterations from ``centers`` (k, d): until the labels stop changing,
     the centers move less than ``tol`` (summed squared shift), or ``iterations``; an empty
-    cluster takes the row farthest from its center. Returns the labels (N,) of the last centers
-    and their inertia (the summed squared distances)."""
+    cluster takes the row farthest from its center. Returns the labels (N,) of the last centers,
+    their inertia (the summed squared distances) and the iterations run."""
     k = centers.shape[0]
     norms = (x * x).sum(1)
     labels, distances = _assign(x, norms, centers)
+    done = 0
     for _ in range(iterations):
+        done += 1
         counts = torch.bincount(labels, minlength=k)
         order = torch.argsort(labels, stable=True)  # each cluster's rows in index order
         sums = torch.segment_reduce(x[order], "sum", lengths=counts, axis=0)  # (k, d)
@@ -174,13 +181,13 @@ def _lloyd(x: Tensor, centers: Tensor, iterations: int,
         labels = new_labels
         if unchanged or shift <= tol:
             break
-    return labels, float(distances.double().sum())
+    return labels, float(distances.double().sum()), done
 
 
 def _torch_kmeans(x: Tensor, n_clusters: int, settings: KMeansSettings, seed: int) -> np.ndarray:
     """The protocol on ``x``'s device: ``settings.starts`` starts, the lowest inertia kept."""
     rng = np.random.default_rng(seed)
-    tol = 1e-4 * float(x.var(dim=0, unbiased=False).mean())  # scikit-learn's tol=1e-4, scaled
+    tol = lloyd_tolerance(x)
     best: tuple[float, Tensor] | None = None
     for _ in range(settings.starts):
         if settings.init == "k-means++":
@@ -189,7 +196,7 @@ def _torch_kmeans(x: Tensor, n_clusters: int, settings: KMeansSettings, seed: in
             rows = rng.choice(x.shape[0], n_clusters, replace=False)
             centers = x[torch.from_numpy(rows).to(x.device)]
         assert isinstance(centers, Tensor)
-        labels, inertia = _lloyd(x, centers.clone(), settings.iterations, tol)
+        labels, inertia, _ = _lloyd(x, centers.clone(), settings.iterations, tol)
         if best is None or inertia < best[0]:
             best = (inertia, labels)
     assert best is not None
