@@ -43,9 +43,13 @@ and named, to run in a second call with ``--parts``):
    with the host path's per-step copies) and Lloyd iterations timed apart: whether the official
    NMI protocol fits a GPU run at SOP scale (ten starts).
 
-Results are written after each part, so a call cut short keeps what it measured.
+Results are written after each part, so a call cut short keeps what it measured, with the
+issue's goals judged on what is there (``acceptance``: met, missed or not measured, also printed
+at the end). ``--update`` adds a second call's parts (those the first skipped) to the first
+call's file, on the same device.
 
     .venv/bin/python benchmarks/gpu.py [--json FILE] [--tiny] [--budget S] [--parts loss,...]
+    .venv/bin/python benchmarks/gpu.py --update --parts trainer_no_autotuning,kmeans
     .venv/bin/python benchmarks/gpu.py --pack-demo   # before the call: .gpu_data/, to carry
 
 ``--tiny`` runs every part at toy sizes (on the CPU where no GPU is visible) to check the script;
@@ -90,6 +94,7 @@ GRAPHED_DEMO = ("model.cuda_graph=true",)  # the demo_graphed part's settings
 # gpu.json's "seconds" will tell): a part is skipped when less of the budget is left
 LEAST_SECONDS = {"loss": 30, "trainer": 60, "demo": 45, "tests": 60, "demo_graphed": 30,
                  "loader": 25, "eval": 30, "trainer_no_autotuning": 40, "kmeans": 20}
+DEMO_RECALL_TOLERANCE = 0.01  # "at the accuracy of the CPU demo": Recall@1 at most this lower
 TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
               "tests/test_fused_similarity.py", "tests/test_knn_bf16.py"]
 
@@ -227,7 +232,7 @@ def loss_section(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
     """Each shape in float32 as torch multiplies it by default (IEEE) and again with TF32
     products (under ``"tf32"``): the losses compute in float32 even under bf16 autocast, so TF32
     is what would put their three products on the tensor cores."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     reps = 5 if tiny else 20
     for b, d, c, k in TINY_LOSS_SHAPES if tiny else LOSS_SHAPES:
         cold = None
@@ -660,6 +665,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=280.0,
                         help="seconds for the whole check (default 280): a part is skipped when "
                              "less than it needs is left, and stopped when the budget runs out")
+    parser.add_argument("--update", action="store_true",
+                        help="add this call's parts to the results file of an earlier call on "
+                             "the same device (--json, default benchmarks/results/gpu.json), "
+                             "replacing the parts run again")
     parser.add_argument("--knn-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-autotuning", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None)
@@ -696,7 +705,15 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
     part's start; the results written after each part, so that a call cut short keeps what it
     measured."""
     results: dict[str, Any] = {"command": " ".join(sys.argv), "budget_seconds": args.budget,
-                               "conditions": conditions(device)}
+                               "conditions": conditions(device), "tiny": args.tiny}
+    target = args.json or default_target(device, args.tiny)
+    if args.update:  # an earlier call's parts stay; the parts asked again are replaced
+        results = earlier_results(target, device)
+        results["command"] = f"{results['command']} ; {' '.join(sys.argv)}"
+        results.setdefault("later_conditions", []).append(conditions(device))
+        for name in args.parts.split(","):
+            for where in (results, results.get("seconds", {}), results.get("skipped", {})):
+                where.pop(name, None)
     ends = time.perf_counter() + args.budget
     asked = args.parts.split(",")
     unknown = sorted(set(asked) - set(PARTS))
@@ -740,13 +757,90 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
                 print(name, "failed:", results[name]["error"], flush=True)
             results.setdefault("seconds", {})[name] = time.perf_counter() - start
             write_results(results, args.json, device, args.tiny)  # each part's, if cut short
-    print("wrote", args.json or (RESULTS if device.type == "cuda" and not args.tiny else "$OUT"))
+    print("\n".join(verdict_lines(results["acceptance"])))
+    print("wrote", args.json or default_target(device, args.tiny) or "$OUT")
+
+
+def default_target(device: torch.device, tiny: bool) -> Path | None:
+    """Where results go without --json: a GPU run's benchmarks/results/gpu.json; a toy or CPU
+    run only to $OUT."""
+    return RESULTS if device.type == "cuda" and not tiny else None
+
+
+def earlier_results(target: Path | None, device: torch.device) -> dict[str, Any]:
+    """``--update``: the results file this call adds its parts to (an earlier call's, on the
+    same kind of device), or SystemExit naming what is wrong."""
+    if target is None or not target.is_file():
+        raise SystemExit(f"--update needs the earlier call's results at --json (no file "
+                         f"{target}); copy its $OUT/gpu.json there first")
+    earlier: dict[str, Any] = json.loads(target.read_text())
+    now = conditions(device)
+    if earlier["conditions"].get("gpu") != now.get("gpu"):
+        raise SystemExit(f"{target} was measured on {earlier['conditions'].get('gpu')}, this "
+                         f"machine is {now.get('gpu')}: figures of two devices do not mix; "
+                         f"write this call's to another --json")
+    return earlier
+
+
+def goal(text: str, value: float | None, limit: float, at_most: bool = True) -> dict[str, Any]:
+    """One of the issue's goals: ``met`` is None where the value was not measured."""
+    met = None if value is None else (value <= limit if at_most else value >= limit)
+    return {"goal": text, "value": value, "limit": limit,
+            "at": "most" if at_most else "least", "met": met}
+
+
+def acceptance(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's must-show goals against what ``results`` measured, in the parts' order; a
+    part not run, skipped or failed leaves its goals unmeasured (met None), never met."""
+    def part(name: str) -> dict[str, Any]:
+        found = results.get(name)
+        return found if isinstance(found, dict) and "error" not in found else {}
+
+    goals = []
+    rows = results.get("loss")
+    shapes = [row for row in rows if "error" not in row] if isinstance(rows, list) else []
+    for b, d, c, k in (TINY_LOSS_SHAPES if results.get("tiny") else LOSS_SHAPES):
+        row: dict[str, Any] = next(
+            (r for r in shapes if (r["B"], r["d"], r["C"], r["K"]) == (b, d, c, k)), {})
+        shape = f"B {b}, d {d}, C {c:,}, K {k}"
+        goals += [goal(f"loss at {shape}: time over the three products",
+                       row.get("ours_over_floor"), 1.5),
+                  goal(f"loss at {shape}: time over PML's", row.get("ours_over_pml"), 0.5),
+                  goal(f"loss at {shape}: peak memory over PML's",
+                       row.get("memory_over_pml"), 0.7)]
+    trainer = part("trainer")
+    goals += [goal("trainer at 224 px: steady epoch's images/s over the in-memory step floor's",
+                   trainer.get("steady_over_floor"), 0.8, at_most=False),
+              goal("trainer: first epoch over a steady one", trainer.get("first_over_steady_epoch"),
+                   1.5),
+              goal("trainer: first evaluation over a later one",
+                   trainer.get("first_over_later_eval"), 2.0)]
+    demo = part("demo")
+    goals += [goal("demo recipe: seconds after imports", demo.get("seconds_after_imports"), 30.0),
+              goal("demo recipe: held-out Recall@1 minus the CPU demo's",
+                   demo.get("recall@1_minus_cpu"), -DEMO_RECALL_TOLERANCE, at_most=False)]
+    tests = part("tests")
+    goals.append(goal("device tests: failed or errored",
+                      tests["failures"] + tests["errors"] if tests else None, 0))
+    return goals
+
+
+def verdict_lines(goals: list[dict[str, Any]]) -> list[str]:
+    """One line a goal: met, MISSED or not measured, its value against its limit."""
+    lines = []
+    for g in goals:
+        state = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
+        value = "-" if g["value"] is None else f"{g['value']:.3g}"
+        lines.append(f"{state:>12}  {g['goal']}: {value} (at {g['at']} {g['limit']:g})")
+    return lines
 
 
 def write_results(results: dict[str, Any], target: Path | None, device: torch.device,
                   tiny: bool) -> None:
-    """To ``target`` (a GPU run's default: benchmarks/results/gpu.json) and $OUT/gpu.json."""
-    target = target or (RESULTS if device.type == "cuda" and not tiny else None)
+    """To ``target`` (a GPU run's default: benchmarks/results/gpu.json) and $OUT/gpu.json, with
+    the issue's goals judged on what is there (``acceptance``)."""
+    results["acceptance"] = acceptance(results)
+    target = target or default_target(device, tiny)
     if target is not None:
         write_json(target, results)
     out = os.environ.get("OUT")

@@ -48,6 +48,18 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     untuned = results["trainer_no_autotuning"]
     assert "run.cudnn_benchmark=false" in untuned["settings"]
     assert len(untuned["epoch_seconds"]) == 2 and untuned["first_epoch"]["median_step_ms"] > 0
+    judged = {g["goal"]: g for g in results["acceptance"]}
+    assert judged["trainer: first epoch over a steady one"]["met"] in (True, False)
+    assert judged["demo recipe: seconds after imports"]["met"] is None  # not run: not met
+    # a second call adds the parts the first left, replacing those it runs again
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny",
+                           "--parts", "kmeans", "--update", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    updated = json.loads(out.read_text())
+    assert updated["loss"] == results["loss"] and updated["trainer"] == results["trainer"]
+    assert 0 < updated["kmeans"]["nmi"] <= 1 and updated["seconds"]["kmeans"] > 0
+    assert updated["command"].count("gpu.py") == 2 and len(updated["later_conditions"]) == 1
 
 
 def test_the_gpu_check_keeps_to_its_budget_and_names_the_parts_it_left(tmp_path):
@@ -118,3 +130,31 @@ def test_the_gpu_check_packs_the_demos_classes_and_runs_the_demo_on_them(tmp_pat
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--pack-demo" in json.loads(out.read_text())["demo"]["error"]  # says what to do
+
+
+def test_the_gpu_check_judges_the_issues_goals_on_what_it_measured():
+    """Each goal met, missed, or not measured where its part did not run or failed (never met
+    by default)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu
+
+    sop, big = gpu.LOSS_SHAPES
+    results = {
+        "loss": [{"B": sop[0], "d": sop[1], "C": sop[2], "K": sop[3], "ours_over_floor": 1.4,
+                  "ours_over_pml": 0.6, "memory_over_pml": 0.7}],  # the C 100,000 row missing
+        "trainer": {"error": "RuntimeError: CUDA out of memory"},
+        "demo": {"seconds_after_imports": 29.0, "recall@1_minus_cpu": -0.02},
+        "tests": {"failures": 1, "errors": 0}}
+    judged = {g["goal"]: g["met"] for g in gpu.acceptance(results)}
+    shape = f"B {sop[0]}, d {sop[1]}, C {sop[2]:,}, K {sop[3]}"
+    assert judged[f"loss at {shape}: time over the three products"] is True
+    assert judged[f"loss at {shape}: time over PML's"] is False
+    assert judged[f"loss at {shape}: peak memory over PML's"] is True  # at most 0.7
+    assert judged[f"loss at B {big[0]}, d {big[1]}, C {big[2]:,}, K {big[3]}: time over PML's"] \
+        is None
+    assert judged["trainer: first epoch over a steady one"] is None
+    assert judged["demo recipe: seconds after imports"] is True
+    assert judged["demo recipe: held-out Recall@1 minus the CPU demo's"] is False
+    assert judged["device tests: failed or errored"] is False
+    lines = gpu.verdict_lines(gpu.acceptance(results))
+    assert sum(line.lstrip().startswith("MISSED") for line in lines) == 3
