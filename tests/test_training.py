@@ -68,20 +68,31 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(data_root, tmp_path):
     assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoints", "tensorboard"} <= files
 
 
-def test_resume_may_change_how_nmi_clusters_and_trains_the_same(data_root, tmp_path):
-    """evaluation.kmeans may change on resume (a faiss run goes on where faiss is missing): the
-    training is the uninterrupted run's bit for bit, and each NMI row names its clustering."""
+def test_resume_may_change_how_and_when_it_evaluates_and_trains_the_same(data_root, tmp_path):
+    """evaluation.kmeans, every, ks and metrics may change on resume (a faiss run goes on where
+    faiss is missing; a longer run evaluates less often, or by more metrics): the training is
+    the uninterrupted run's bit for bit, each NMI row names its clustering, the report draws the
+    mixed rows."""
+    from softtriple.analysis.report import write_report
     nmi = ["evaluation.metrics=[recall, nmi]", "evaluation.kmeans.starts=2"]
-    Trainer(tiny(tmp_path / "full", "schedule.epochs=2", *nmi)).train()
+    Trainer(tiny(tmp_path / "full", "schedule.epochs=4", *nmi)).train()
     Trainer(tiny(tmp_path / "cut", "schedule.epochs=1", *nmi)).train()
     Trainer(tiny(tmp_path / "cut", "schedule.epochs=2", *nmi, "evaluation.kmeans.backend=torch"),
+            resume=tmp_path / "cut").train()
+    Trainer(tiny(tmp_path / "cut", "schedule.epochs=4", "evaluation.every=0",
+                 "evaluation.metrics=[recall, map_at_r, ami]", "evaluation.ks=[1, 3]"),
             resume=tmp_path / "cut").train()
     a, b = _params(tmp_path / "full"), _params(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in
             (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [row["test/kmeans"].split()[0] for row in rows if "test/kmeans" in row] == \
-        ["sklearn", "sklearn", "torch"]
+        ["sklearn", "sklearn", "torch", "sklearn"]
+    assert ["test/recall@1" in row for row in rows] == [True, True, True, False, True]
+    assert "test/recall@3" in rows[-1] and "test/map_at_r" in rows[-1] and "test/nmi" not in \
+        rows[-1]
+    write_report(tmp_path / "cut")
+    assert (tmp_path / "cut" / "report.html").is_file()
 
 
 def test_resume_with_a_different_config_is_refused(data_root, tmp_path):

@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start over in a run folder that already holds a run (deletes it)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its last completed epoch; the config must be "
-                            "the run's own (only epochs, workers, progress and how NMI "
-                            "clusters, evaluation.kmeans, may change)")
+                            "the run's own (only epochs, workers, progress and when and how "
+                            "it evaluates, evaluation.every/ks/metrics/kmeans, may change)")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(

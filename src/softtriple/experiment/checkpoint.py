@@ -28,9 +28,12 @@ from softtriple.models.backbones import refused_global
 # and every augmentation depend on (seed, epoch, sample) only, and decoding once is bitwise
 RESUME_FREE = {("run", "out"), ("run", "progress"), ("run", "threads"), ("run", "report"),
                ("data", "workers"), ("data", "decode_once_mib"), ("schedule", "epochs"),
-               # how NMI clusters (its own random streams; each row names it): a run clustering
-               # with faiss goes on where faiss is not installed, with backend torch or sklearn
-               ("evaluation", "kmeans")}
+               # when and what the held-out classes are scored by: every epoch re-seeds the
+               # training's generators, so evaluating moves no training bit (tested); how NMI
+               # clusters (its own random streams; each row names it), so a run clustering with
+               # faiss goes on where faiss is not installed, with backend torch or sklearn
+               ("evaluation", "every"), ("evaluation", "ks"), ("evaluation", "metrics"),
+               ("evaluation", "before_training"), ("evaluation", "kmeans")}
 
 
 class CheckpointError(ValueError):
