@@ -50,6 +50,7 @@ call's file, on the same device.
 
     .venv/bin/python benchmarks/gpu.py [--json FILE] [--tiny] [--budget S] [--parts loss,...]
     .venv/bin/python benchmarks/gpu.py --update --parts trainer_no_autotuning,kmeans
+    .venv/bin/python benchmarks/gpu.py --markdown benchmarks/results/gpu.json  # the docs' table
     .venv/bin/python benchmarks/gpu.py --pack-demo   # before the call: .gpu_data/, to carry
 
 ``--tiny`` runs every part at toy sizes (on the CPU where no GPU is visible) to check the script;
@@ -669,6 +670,9 @@ def main() -> None:
                         help="add this call's parts to the results file of an earlier call on "
                              "the same device (--json, default benchmarks/results/gpu.json), "
                              "replacing the parts run again")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="GPU_JSON",
+                        help="print the goals judged in a results file as a markdown table "
+                             "(for docs/PERFORMANCE.md; measures nothing)")
     parser.add_argument("--knn-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-autotuning", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None)
@@ -683,6 +687,9 @@ def main() -> None:
     parser.add_argument("--demo-data", type=Path, default=DEMO_DATA,
                         help="$SOFTTRIPLE_DATA of the demo part (default: .gpu_data)")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown_table(json.loads(args.markdown.read_text())))
+        return
     if args.demo_child:
         demo_child(json.loads(args.demo_child), args.json, args.tiny)
         return
@@ -833,6 +840,23 @@ def verdict_lines(goals: list[dict[str, Any]]) -> list[str]:
         value = "-" if g["value"] is None else f"{g['value']:.3g}"
         lines.append(f"{state:>12}  {g['goal']}: {value} (at {g['at']} {g['limit']:g})")
     return lines
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The goals of a results file as docs/PERFORMANCE.md's table: goal, measured, limit,
+    verdict, with the device it was measured on."""
+    conditions = results["conditions"]
+    device = conditions.get("gpu") or conditions["device"]
+    driver = conditions.get("nvidia_smi", {})
+    driver = driver.get("driver_version") if isinstance(driver, dict) else None
+    lines = [f"Measured on {device}" + (f" (driver {driver})" if driver else "") +
+             f", torch {conditions['torch']}, by `{results['command']}`:", "",
+             "| goal | measured | limit | verdict |", "|---|---:|---:|---|"]
+    for g in acceptance(results):
+        state = {True: "met", False: "**missed**", None: "not measured"}[g["met"]]
+        value = "-" if g["value"] is None else f"{g['value']:.3g}"
+        lines.append(f"| {g['goal']} | {value} | at {g['at']} {g['limit']:g} | {state} |")
+    return "\n".join(lines)
 
 
 def write_results(results: dict[str, Any], target: Path | None, device: torch.device,

@@ -158,3 +158,9 @@ def test_the_gpu_check_judges_the_issues_goals_on_what_it_measured():
     assert judged["device tests: failed or errored"] is False
     lines = gpu.verdict_lines(gpu.acceptance(results))
     assert sum(line.lstrip().startswith("MISSED") for line in lines) == 3
+    results |= {"command": "benchmarks/gpu.py", "conditions": {
+        "device": "cuda", "gpu": "NVIDIA H200", "torch": "2.11.0",
+        "nvidia_smi": {"driver_version": "580.65"}}}
+    table = gpu.markdown_table(results)  # the docs' table
+    assert table.startswith("Measured on NVIDIA H200 (driver 580.65), torch 2.11.0")
+    assert table.count("| **missed** |") == 3 and table.count("| met |") == 3
