@@ -95,6 +95,24 @@ def test_torch_kmeans_clusters_on_the_embeddings_device(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_default_kmeans_clusters_where_the_embeddings_are(device):
+    """backend auto (the default): scikit-learn for embeddings on the CPU, torch for those on a
+    GPU (clustered there, not copied to the host's scikit-learn); the result names the one that
+    ran."""
+    from softtriple.evaluation import KMeansSettings
+
+    x, y = _data(n=600, d=32, classes=30)
+    on_device, labels = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    ran = "sklearn" if device == "cpu" else "torch"
+    default = evaluate(on_device, labels, metrics=("nmi", "ami"))
+    explicit = evaluate(on_device, labels, metrics=("nmi", "ami"),
+                        kmeans_settings=KMeansSettings(backend=ran))
+    assert default == explicit and default["kmeans"].startswith(f"{ran} k-means++")
+    assert KMeansSettings().resolved(torch.device("meta")).backend == "torch"
+    assert KMeansSettings(backend="sklearn").resolved(torch.device("meta")).backend == "sklearn"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 def test_embed_moves_batches_to_the_device_and_returns_float32_on_the_host(device,
                                                                            autocast_dtype):

@@ -317,7 +317,8 @@ def test_default_nmi_is_the_same_without_faiss(monkeypatch):
 
 def test_kmeans_settings_are_checked():
     from softtriple.evaluation import KMeansSettings
-    with pytest.raises(ValueError, match="unknown k-means backend 'scipy'; valid: sklearn, faiss"):
+    with pytest.raises(ValueError,
+                       match="unknown k-means backend 'scipy'; valid: auto, sklearn, faiss"):
         KMeansSettings(backend="scipy")
     with pytest.raises(ValueError, match="starts and iterations must be >= 1"):
         KMeansSettings(starts=0)

@@ -55,7 +55,7 @@ def raw_pixel_metrics(table: ImageTable, seed: int = 0) -> dict[str, float]:
     version (path, size, modification time), the metrics, the seed, the k-means protocol and
     this package's version: it needs no model, and its NMI's k-means (the paper's protocol, 300
     clusters of 1,024-wide rows) took 13.5-14.9 s of each demo on 2 cores."""
-    settings = KMeansSettings()
+    settings = KMeansSettings().resolved(torch.device("cpu"))  # the pixels are on the host
     parts = [*image_keys(table).tolist(), *RAW_PIXEL_METRICS, str(RAW_PIXEL_KS), str(seed),
              settings.describe(), softtriple.__version__]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

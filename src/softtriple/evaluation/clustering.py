@@ -2,8 +2,12 @@
 
 The paper's NMI comes from scikit-learn's ``KMeans(n_clusters=number of test classes)`` with its
 2019 defaults: k-means++ seeding, the best of 10 starts by inertia, at most 300 Lloyd iterations.
-That is the default here (``backend="sklearn"``, ``starts=10``): every install has scikit-learn,
-and the same embeddings and seed give the same clusters everywhere, faiss installed or not.
+That is the default here for embeddings on the CPU (``backend="auto"``, ``starts=10``): every
+install has scikit-learn, and the same embeddings and seed give the same clusters everywhere,
+faiss installed or not. Embeddings on a GPU (the trainer's and ``softtriple evaluate``'s, on a GPU
+machine) are clustered there by default by the torch backend below, the same protocol: scikit-learn
+runs on the host, where the paper's protocol takes over 10 minutes at Stanford Online Products'
+size. ``backend="sklearn"`` asks for scikit-learn on any device.
 
 ``backend="faiss"`` is an explicit, faster option for large data (Stanford Online Products):
 the same protocol (k-means++ seeding written here, ``starts`` starts, the best by inertia), with
@@ -19,6 +23,7 @@ records the settings that produced it (``describe``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,15 +34,15 @@ from torch import Tensor
 from softtriple.evaluation.float32 import float32_products
 from softtriple.evaluation.knn import check_k
 
-KMEANS_BACKENDS = ("sklearn", "faiss", "torch")
+KMEANS_BACKENDS = ("auto", "sklearn", "faiss", "torch")
 
 
 @dataclass
 class KMeansSettings:
     """How NMI/AMI cluster the embeddings. The defaults are the official protocol."""
 
-    backend: str = "sklearn"  # sklearn (default, every install), faiss or torch (the
-    # embeddings' device: a GPU's), faster, explicit
+    backend: str = "auto"  # auto: sklearn for embeddings on the CPU, torch for those on a GPU
+    # (clustered there); or sklearn (every install, any device: copied to the host), faiss, torch
     starts: int = 10  # k-means++ starts; the one with the lowest inertia is kept
     iterations: int = 300  # Lloyd iterations per start, at most
     init: str = "k-means++"  # or "random" (cheap at SOP size; not the paper's protocol)
@@ -56,8 +61,16 @@ class KMeansSettings:
             raise ValueError(f"k-means starts and iterations must be >= 1; got {self.starts} "
                              f"and {self.iterations}")
 
+    def resolved(self, device: torch.device) -> KMeansSettings:
+        """These settings with ``auto`` made concrete for rows on ``device``: scikit-learn on
+        the CPU, torch on any other device (the rows clustered where they are)."""
+        if self.backend != "auto":
+            return self
+        return dataclasses.replace(self, backend="sklearn" if device.type == "cpu" else "torch")
+
     def describe(self) -> str:
-        """One line for results files, e.g. 'sklearn k-means++, best of 10 starts, 300 iter'."""
+        """One line for results files, e.g. 'sklearn k-means++, best of 10 starts, 300 iter'
+        (the backend as given: describe ``resolved`` settings to name the one that ran)."""
         official = (self.starts, self.iterations, self.init) == (10, 300, "k-means++")
         protocol = "" if official else " (not the paper's)"
         return (f"{self.backend} {self.init}, best of {self.starts} starts, {self.iterations} "
@@ -235,10 +248,11 @@ def cluster_rows(x: np.ndarray | Tensor, n_clusters: int, seed: int = 0,
     the others copy the rows to the host."""
     settings.check()
     n_clusters = check_k(n_clusters, x.shape[0], "n_clusters", "embeddings to cluster")
+    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
     # the distances in float32 (the torch backend's, and k-means++'s for faiss), not in a
     # caller's autocast or TF32
-    with float32_products(x.device if isinstance(x, Tensor) else torch.device("cpu")):
-        return _cluster_rows(x, n_clusters, seed, settings)
+    with float32_products(device):
+        return _cluster_rows(x, n_clusters, seed, settings.resolved(device))
 
 
 def _cluster_rows(x: np.ndarray | Tensor, n_clusters: int, seed: int,

@@ -256,7 +256,8 @@ def normalized_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> fl
 def kmeans(embeddings: ArrayLike, n_clusters: int, seed: int = 0,
            settings: KMeansSettings = KMeansSettings()) -> np.ndarray:  # noqa: B008
     """Cluster ids (N,) of the L2-normalized embeddings; by default the paper's protocol
-    (scikit-learn, k-means++, best of 10 starts; see ``softtriple.evaluation.clustering``)."""
+    (k-means++, best of 10 starts: by scikit-learn for embeddings on the CPU, by torch on their
+    GPU; see ``softtriple.evaluation.clustering``)."""
     x = torch.nn.functional.normalize(as_tensor(embeddings, "embeddings").float(), dim=1)
     return cluster_rows(x, n_clusters, seed, settings)
 
@@ -310,9 +311,10 @@ def evaluate(embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2
         nb = Neighbours(embeddings, labels, k, gallery, gallery_labels, backend)
         out.update(retrieval_metrics(nb, ks, metrics))
     if set(metrics) & set(CLUSTER_METRICS):
-        y = _labels(labels, as_tensor(embeddings, "embeddings").shape[0], "labels")
-        clusters = kmeans(embeddings, len(np.unique(y)), seed, kmeans_settings)
-        out["kmeans"] = kmeans_settings.describe()
+        rows = as_tensor(embeddings, "embeddings")
+        y = _labels(labels, rows.shape[0], "labels")
+        clusters = kmeans(rows, len(np.unique(y)), seed, kmeans_settings)
+        out["kmeans"] = kmeans_settings.resolved(rows.device).describe()  # the one that ran
         if "nmi" in metrics:
             out["nmi"] = normalized_mutual_info(y, clusters)
         if "ami" in metrics:

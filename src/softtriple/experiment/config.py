@@ -121,7 +121,8 @@ class EvaluationConfig:
     # AMI (adjusted for chance) is reported beside it
     metrics: list[str] = field(default_factory=lambda: ["recall", "map_at_r", "nmi", "ami"])
     batch_size: int = 128
-    # NMI/AMI's k-means; the default is the paper's protocol (sklearn, k-means++, best of 10)
+    # NMI/AMI's k-means; the default is the paper's protocol (k-means++, best of 10), run by
+    # scikit-learn for embeddings on the CPU and by torch on the run's GPU (backend: auto)
     kmeans: KMeansSettings = field(default_factory=KMeansSettings)
     before_training: bool = True  # evaluate the untrained model first (epoch 0)
 
