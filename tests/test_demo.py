@@ -4,12 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from softtriple import demo
 from softtriple.cli import main
 from softtriple.data.builtin import glyphs
 from softtriple.experiment import load_config
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 needs_fonts = pytest.mark.skipif(bool(glyphs.missing_packages()),
                                  reason="Debian CJK font packages not installed")
 
@@ -45,9 +47,10 @@ def test_demo_runs_and_reports_three_columns(tmp_path, monkeypatch, capsys):
         assert f"{summary[column]['recall@1']:.3f}" in out
 
 
-def test_the_raw_pixel_baseline_is_cached_per_image_version(tmp_path, monkeypatch):
-    """The baseline needs no model: computed once, read back equal; an image that changes on
-    disk computes it again."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_raw_pixel_baseline_is_cached_per_image_version(tmp_path, monkeypatch, device):
+    """The baseline needs no model: computed on the run's device once, read back equal; an
+    image that changes on disk computes it again."""
     import os
 
     import numpy as np
@@ -61,11 +64,13 @@ def test_the_raw_pixel_baseline_is_cached_per_image_version(tmp_path, monkeypatc
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)).save(paths[-1])
     table = ImageTable(paths, np.arange(12) // 3, np.array(["test"] * 12), tmp_path)
-    first = demo.raw_pixel_metrics(table)
+    first = demo.raw_pixel_metrics(table, device=torch.device(device))
     assert list((tmp_path / ".softtriple-cache").glob("raw-pixels-*.json"))
     calls = []
     evaluate = demo.evaluate
-    monkeypatch.setattr(demo, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
-    assert demo.raw_pixel_metrics(table) == first and not calls
+    monkeypatch.setattr(demo, "evaluate", lambda *a, **k: calls.append(a[0].device.type)
+                        or evaluate(*a, **k))
+    assert demo.raw_pixel_metrics(table, device=torch.device(device)) == first and not calls
     os.utime(paths[0], ns=(1, 1))  # another version of one image
-    assert demo.raw_pixel_metrics(table) == first and calls == [1]
+    assert demo.raw_pixel_metrics(table, device=torch.device(device)) == first
+    assert calls == [device]
