@@ -120,6 +120,7 @@ def test_the_gpu_check_packs_the_demos_classes_and_runs_the_demo_on_them(tmp_pat
     assert "error" not in demo, demo
     assert demo["seconds_after_imports"] > 0 and len(demo["epoch_seconds"]) == 2
     assert demo["baseline_seconds"] > 0
+    assert demo["recipe_baseline_seconds"] < demo["baseline_seconds"]  # read from its cache
     assert demo["report_seconds"] > 0
     assert demo["floor"]["ms"] > 0 and demo["floor"]["profile"]["host_ms_per_step"]
     assert demo["steps_per_epoch"] > 0 and demo["steady_step_over_floor"] > 0
