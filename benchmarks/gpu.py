@@ -99,7 +99,7 @@ LEAST_SECONDS = {"loss": 30, "trainer": 60, "demo": 45, "tests": 60, "demo_graph
                  "loader": 25, "eval": 30, "trainer_no_autotuning": 40, "kmeans": 20}
 DEMO_RECALL_TOLERANCE = 0.01  # "at the accuracy of the CPU demo": Recall@1 at most this lower
 TEST_FILES = ["tests/test_devices.py", "tests/test_precision.py", "tests/test_training.py",
-              "tests/test_fused_similarity.py", "tests/test_knn_bf16.py"]
+              "tests/test_fused_similarity.py", "tests/test_knn_bf16.py", "tests/test_demo.py"]
 
 
 def conditions(device: torch.device) -> dict[str, Any]:
