@@ -31,9 +31,10 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> Path:
         if points:
             axes[2].plot(*zip(*points, strict=True), "o-", label=label)
     axes[2].set(title="held-out classes", xlabel="epoch", ylim=(0, 1))
-    for ax in axes[1:]:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend()
+    if axes[2].get_legend_handles_labels()[0]:  # beside the panel: its curves fill 0 to 1
+        axes[2].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=100)
