@@ -41,9 +41,10 @@ def test_every_comparison_suite_resolves():
 
 def test_a_faiss_kmeans_without_faiss_is_refused_before_the_work(monkeypatch, data_root,
                                                                   tmp_path, capsys):
-    """configs/sop.yaml clusters with faiss: on a machine without it, training and evaluate stop
-    before their work (not at the first evaluation, after the test split is embedded or whole
-    epochs), while reading such a run's config to embed, export or serve it still works."""
+    """A config that clusters with faiss (configs/sop.yaml as it did): on a machine without it,
+    training and evaluate stop before their work (not at the first evaluation, after the test
+    split is embedded or whole epochs), while reading such a run's config to embed, export or
+    serve it still works."""
     from softtriple.cli import main
     from softtriple.experiment import ConfigError
     from softtriple.experiment.config import check_clustering_runs_here
@@ -58,13 +59,14 @@ def test_a_faiss_kmeans_without_faiss_is_refused_before_the_work(monkeypatch, da
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     refusal = (r"faiss is not installed: pip install 'softtriple\[faiss\]', or set "
                r"evaluation.kmeans.backend=torch")
-    config = load_config(sop)  # reading it is fine
+    check_clustering_runs_here(load_config(sop).evaluation)  # it clusters where it runs
+    config = load_config(sop, faiss[:1])  # reading it is fine
     with pytest.raises(ConfigError, match=refusal):
         check_clustering_runs_here(config.evaluation)
     check_clustering_runs_here(config.evaluation, ["recall", "map_at_r"])
-    for fix in ("evaluation.kmeans.backend=torch", "evaluation.kmeans.backend=sklearn",
-                "evaluation.metrics=[recall, map_at_r]"):
-        check_clustering_runs_here(load_config(sop, [fix]).evaluation)
+    for fix in ("evaluation.kmeans.backend=auto", "evaluation.kmeans.backend=torch",
+                "evaluation.kmeans.backend=sklearn", "evaluation.metrics=[recall, map_at_r]"):
+        check_clustering_runs_here(load_config(sop, [*faiss[:1], fix]).evaluation)
     with pytest.raises(ConfigError, match=refusal):
         Trainer(tiny(tmp_path / "new", *faiss))
     assert not (tmp_path / "new").exists()  # refused before the run folder

@@ -309,8 +309,9 @@ def check_clustering_runs_here(evaluation: EvaluationConfig,
             "faiss" not in available():
         raise ConfigError("evaluation.kmeans.backend is faiss but faiss is not installed: pip "
                           "install 'softtriple[faiss]', or set evaluation.kmeans.backend=torch "
-                          "(on the run's device: a GPU's) or sklearn (slow at SOP size), or "
-                          "leave nmi and ami out of evaluation.metrics")
+                          "(on the run's device: a GPU's), sklearn (slow at SOP size) or auto "
+                          "(the one of the two where the embeddings are), or leave nmi and ami "
+                          "out of evaluation.metrics")
 
 
 def check_loss(config: Config) -> None:
