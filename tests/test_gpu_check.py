@@ -46,6 +46,8 @@ def test_the_gpu_check_runs_every_measuring_part_at_toy_sizes(tmp_path):
     assert kmeans["lloyd_iterations"] >= 1 and kmeans["one_start_seconds"] > 0
     assert 0 < kmeans["nmi"] <= 1
     assert kmeans["assign"]["assign_over_product"] > 0
+    assert kmeans["sop_yaml"]["kmeans"].endswith("(not the paper's)")
+    assert kmeans["sop_yaml"]["seconds"] > 0 and 0 < kmeans["sop_yaml"]["nmi"] <= 1
     assert kmeans["assign"]["same_labels_fraction"] > 0.99
     untuned = results["trainer_no_autotuning"]
     assert "run.cudnn_benchmark=false" in untuned["settings"]

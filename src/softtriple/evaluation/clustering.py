@@ -73,7 +73,8 @@ class KMeansSettings:
         (the backend as given: describe ``resolved`` settings to name the one that ran)."""
         official = (self.starts, self.iterations, self.init) == (10, 300, "k-means++")
         protocol = "" if official else " (not the paper's)"
-        return (f"{self.backend} {self.init}, best of {self.starts} starts, {self.iterations} "
+        starts = "1 start" if self.starts == 1 else f"best of {self.starts} starts"
+        return (f"{self.backend} {self.init}, {starts}, {self.iterations} "
                 f"iterations{protocol}")
 
 
