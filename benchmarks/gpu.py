@@ -785,7 +785,8 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
                 print(name, "failed:", results[name]["error"], flush=True)
             results.setdefault("seconds", {})[name] = time.perf_counter() - start
             write_results(results, args.json, device, args.tiny)  # each part's, if cut short
-    print("\n".join(verdict_lines(results["acceptance"])))
+    if not args.no_autotuning:  # the no-autotuning child's parent gives the verdicts
+        print("\n".join(verdict_lines(results["acceptance"])))
     print("wrote", args.json or default_target(device, args.tiny) or "$OUT")
 
 
