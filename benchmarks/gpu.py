@@ -82,7 +82,7 @@ from typing import Any
 import nmi_protocol
 import torch
 from loss_speed import make_step
-from steps import RecipeStep
+from steps import RecipeStep, device_sync
 
 from softtriple.atomic import write_json
 
@@ -127,7 +127,7 @@ def timed(step: Callable[[], Any], device: torch.device, reps: int,
           warmup: int = 3) -> dict[str, float]:
     """Median ms of ``reps`` warm calls (CUDA events on a GPU) and the peak memory above what
     was allocated before the first call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     for _ in range(warmup):
         step()
     sync()
@@ -154,7 +154,7 @@ def step_profile(step: Callable[[], Any], device: torch.device, steps: int = 5) 
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = device_sync(device)
     step()
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -244,7 +244,7 @@ def loss_section(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
             # kernels (Triton's disk cache is empty on a fresh machine), a cost the first
             # epoch of every run on such a machine pays
             step = make_step("ours", b, d, c, k, device)
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            sync = device_sync(device)
             start = time.perf_counter()
             step()
             sync()
@@ -277,7 +277,7 @@ def kmeans_section(device: torch.device, tiny: bool) -> dict[str, Any]:
     means = torch.nn.functional.normalize(torch.randn(c, d, generator=g), dim=1)
     x = torch.nn.functional.normalize(means[labels] + 0.5 * d**-0.5 * torch.randn(
         n, d, generator=g), dim=1).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     sync()
     start = time.perf_counter()  # the seeding whose draws go through the host, each step
     clustering.kmeans_plus_plus(x, c, np.random.default_rng(0), on_device=False)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from conditions import Conditions
+from steps import device_sync
 
 from softtriple.atomic import write_json
 from softtriple.evaluation import KMeansSettings, clustering, normalized_mutual_info
@@ -102,7 +103,7 @@ def assign_times(device: torch.device, size: tuple[int, int, int] = SOP_ASSIGN,
     centers = x[torch.randperm(n, generator=g)[:k].to(device)]
     norms = (x * x).sum(1)
     block = max(1, clustering.ASSIGN_ELEMENTS // k)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
 
     def product() -> None:
         for start in range(0, n, block):

@@ -4,12 +4,19 @@ training benchmarks (train_speed, backbone_speed) measure."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from softtriple.experiment.config import Config
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock is read: CUDA's synchronize, or
+    nothing (CPU work is done when its call returns)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def step_times(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
