@@ -732,13 +732,14 @@ def run_check(args: argparse.Namespace, device: torch.device) -> None:
     """The parts asked for, in PARTS' order, within ``args.budget`` seconds from the first
     part's start; the results written after each part, so that a call cut short keeps what it
     measured."""
+    now = conditions(device)
     results: dict[str, Any] = {"command": " ".join(sys.argv), "budget_seconds": args.budget,
-                               "conditions": conditions(device), "tiny": args.tiny}
+                               "conditions": now, "tiny": args.tiny}
     target = args.json or default_target(device, args.tiny)
     if args.update:  # an earlier call's parts stay; the parts asked again are replaced
-        results = earlier_results(target, device)
+        results = earlier_results(target, now)
         results["command"] = f"{results['command']} ; {' '.join(sys.argv)}"
-        results.setdefault("later_conditions", []).append(conditions(device))
+        results.setdefault("later_conditions", []).append(now)
         for name in args.parts.split(","):
             for where in (results, results.get("seconds", {}), results.get("skipped", {})):
                 where.pop(name, None)
@@ -796,14 +797,14 @@ def default_target(device: torch.device, tiny: bool) -> Path | None:
     return RESULTS if device.type == "cuda" and not tiny else None
 
 
-def earlier_results(target: Path | None, device: torch.device) -> dict[str, Any]:
+def earlier_results(target: Path | None, now: dict[str, Any]) -> dict[str, Any]:
     """``--update``: the results file this call adds its parts to (an earlier call's, on the
-    same kind of device), or SystemExit naming what is wrong."""
+    same kind of device as ``now``, this call's conditions), or SystemExit naming what is
+    wrong."""
     if target is None or not target.is_file():
         raise SystemExit(f"--update needs the earlier call's results at --json (no file "
                          f"{target}); copy its $OUT/gpu.json there first")
     earlier: dict[str, Any] = json.loads(target.read_text())
-    now = conditions(device)
     if earlier["conditions"].get("gpu") != now.get("gpu"):
         raise SystemExit(f"{target} was measured on {earlier['conditions'].get('gpu')}, this "
                          f"machine is {now.get('gpu')}: figures of two devices do not mix; "
