@@ -51,8 +51,9 @@ def float32_products(device: torch.device) -> Iterator[None]:
     global _depth
     with _lock:
         if _depth == 0:
-            _saved[:] = [(owner, name, getattr(owner, name)) for owner, name, _ in _settings()]
-            for owner, name, value in _settings():
+            held = _settings()
+            _saved[:] = [(owner, name, getattr(owner, name)) for owner, name, _ in held]
+            for owner, name, value in held:
                 setattr(owner, name, value)
         _depth += 1
     try:
