@@ -4,8 +4,8 @@ catalogues too large to replicate (in the spirit of Partial FC; model parallelis
 Rank r of W owns the contiguous block of classes ``distributed.block(C, W, r)`` and only their
 centers (and their optimizer state). One step:
 
-1. the embeddings of every rank are all-gathered (torch's functional collectives,
-   ``all_gather_single``, whose backward sums each rank's gradient of them back to their owner);
+1. the embeddings of every rank are all-gathered (``_GatherRows``, whose backward sums each
+   rank's gradient of them back to their owner);
 2. each rank computes its block's class similarities S (B, C_r) with the single-process fused
    kernel, the logits lambda (S - delta [c = y]), their row maximum m_r and
    sum_c exp(logit - m) over its block;
@@ -25,9 +25,10 @@ similarities.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as tdist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,6 +77,25 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather of every rank's (b, d) rows into (W b, d), in rank order; its backward is the
+    sum over ranks of the gradient of this rank's rows (an all_reduce, then this rank's block).
+    Public collectives only, so any torch the package supports and any backend (gloo, nccl) runs
+    it; the functional collectives' differentiable all_gather is a private module whose names
+    changed between releases (``all_gather_single`` is not in torch 2.6)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, group: tdist.ProcessGroup) -> Tensor:
+        parts = [torch.empty_like(rows) for _ in range(tdist.get_world_size(group))]
+        tdist.all_gather(parts, rows.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.rows = group, tdist.get_rank(group), rows.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        total = grad.contiguous().clone()
+        tdist.all_reduce(total, group=ctx.group)
+        return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
 
 
 class ShardedSoftTripleLoss(nn.Module):
@@ -137,7 +157,7 @@ class ShardedSoftTripleLoss(nn.Module):
             own = embeddings.view_as(embeddings)  # a fresh node for this step's hook
             world = self.world
             own.register_hook(lambda grad: grad * world)  # DDP's mean divides by W
-            embeddings = funcol.all_gather_single(own.contiguous(), 0, group)
+            embeddings = _GatherRows.apply(own, group)
             gathered = [torch.empty_like(labels) for _ in range(self.world)]
             tdist.all_gather(gathered, labels.contiguous(), group=group)
             labels = torch.cat(gathered)
