@@ -216,29 +216,51 @@ def test_the_bf16_engine_runs_on_the_inputs_device_and_matches_float32(device):
     assert torch.equal(gallery_index, knn(on_device[:40], 7, on_device, backend="torch")[1])
 
 
+# torch >= 2.9 sets float32 products' precision per backend; before, one process-wide switch
+PER_BACKEND = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+IEEE = "ieee" if PER_BACKEND else "highest"  # what the search holds, in this torch's words
+
+
+def fp32_products() -> str:
+    """How float32 products are computed now, in this torch's own setting."""
+    if PER_BACKEND:
+        return str(torch.backends.cuda.matmul.fp32_precision)
+    return torch.get_float32_matmul_precision()
+
+
 @contextlib.contextmanager
 def callers_reduced_precision(device: str) -> Iterator[None]:
     """What a training script sets for speed: autocast to bf16 on the device; on CUDA, TF32 for
     float32 products (``torch.set_float32_matmul_precision("high")``) and bf16 products reduced
-    in bf16 (torch's default); on a CPU, oneDNN's bf16 for float32 products."""
-    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
-    saved = (cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction,
-             mkldnn.fp32_precision)
-    cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction = "tf32", True
-    mkldnn.fp32_precision = "bf16"
+    in bf16 (torch's default); on a CPU, oneDNN's bf16 for float32 products (torch < 2.9: the
+    one switch, "medium", gives both)."""
+    cuda = torch.backends.cuda.matmul
+    if PER_BACKEND:
+        mkldnn = torch.backends.mkldnn.matmul
+        saved = (cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction,
+                 mkldnn.fp32_precision)
+        cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction = "tf32", True
+        mkldnn.fp32_precision = "bf16"
+    else:
+        saved = (torch.get_float32_matmul_precision(), cuda.allow_bf16_reduced_precision_reduction)
+        torch.set_float32_matmul_precision("medium")
+        cuda.allow_bf16_reduced_precision_reduction = True
     try:
         with torch.autocast(device, dtype=torch.bfloat16):
             yield
     finally:
-        (cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction,
-         mkldnn.fp32_precision) = saved
+        if PER_BACKEND:
+            (cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction,
+             mkldnn.fp32_precision) = saved
+        else:
+            torch.set_float32_matmul_precision(saved[0])
+            cuda.allow_bf16_reduced_precision_reduction = saved[1]
 
 
 def _precision_flags() -> tuple[object, ...]:
-    cuda = torch.backends.cuda.matmul
-    return (cuda.fp32_precision, cuda.allow_bf16_reduced_precision_reduction,
-            torch.backends.mkldnn.matmul.fp32_precision, torch.is_autocast_enabled("cpu"),
-            torch.is_autocast_enabled("cuda"))
+    mkldnn = torch.backends.mkldnn.matmul.fp32_precision if PER_BACKEND else None
+    return (fp32_products(), torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+            mkldnn, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -288,12 +310,12 @@ def test_the_search_gives_back_the_callers_tf32_setting_in_the_callers_api(setti
             torch.set_float32_matmul_precision("high")
         elif setting == "allow_tf32":
             matmul.allow_tf32 = True
-        before = (torch.get_float32_matmul_precision(), matmul.allow_tf32, matmul.fp32_precision)
+        before = (torch.get_float32_matmul_precision(), matmul.allow_tf32, fp32_products())
         with float32_products(torch.device("cuda")):
-            assert matmul.fp32_precision == "ieee"
+            assert fp32_products() == IEEE
             assert not matmul.allow_bf16_reduced_precision_reduction
         assert (torch.get_float32_matmul_precision(), matmul.allow_tf32,
-                matmul.fp32_precision) == before
+                fp32_products()) == before
         assert matmul.allow_bf16_reduced_precision_reduction
     finally:  # torch's defaults again, through the API the test wrote
         if setting == "set_float32_matmul_precision":
@@ -342,8 +364,7 @@ def test_searches_in_two_threads_leave_the_callers_settings_as_they_were():
 
     from softtriple.evaluation.float32 import float32_products
 
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
+    before = fp32_products()
     entered, leave_first, first_left = threading.Event(), threading.Event(), threading.Event()
     seen: list[str] = []
 
@@ -359,9 +380,9 @@ def test_searches_in_two_threads_leave_the_callers_settings_as_they_were():
     with float32_products(torch.device("cpu")):
         leave_first.set()
         assert first_left.wait(10)
-        seen.append(matmul.fp32_precision)  # the first thread has left; this one holds them
+        seen.append(fp32_products())  # the first thread has left; this one holds them
     thread.join(10)
-    assert seen == ["ieee"] and matmul.fp32_precision == before
+    assert seen == [IEEE] and fp32_products() == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine without a GPU is the case")

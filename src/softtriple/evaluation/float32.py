@@ -26,15 +26,31 @@ _depth = 0  # searches inside float32_products now, in every thread
 _saved: list[tuple[Any, str, object]] = []  # the settings the first of them found
 
 
+class _MatmulPrecision:
+    """torch < 2.9's one switch for float32 products, ``torch.set_float32_matmul_precision``, as
+    an attribute ``value``: "highest" is IEEE on CUDA and on oneDNN ("high" is TF32 on CUDA,
+    "medium" also bf16 in oneDNN's CPU products). ``allow_tf32`` is a view of it that cannot
+    tell "high" from "medium": saved and restored through it, a caller's "medium" came back
+    "high"."""
+
+    @property
+    def value(self) -> str:
+        return torch.get_float32_matmul_precision()
+
+    @value.setter
+    def value(self, precision: str) -> None:
+        torch.set_float32_matmul_precision(precision)
+
+
 def _settings() -> list[tuple[Any, str, object]]:
     """(owner, name, value to hold) of every process-wide setting written, where this torch has
-    it (the per-backend fp32_precision came with torch 2.9; before it, allow_tf32 is the only
-    switch). Only per-backend settings are written where they exist: torch refuses to read a mix
-    of its legacy and per-backend settings."""
+    it (the per-backend fp32_precision came with torch 2.9; before it, the float32 matmul
+    precision is the only switch). Only per-backend settings are written where they exist: torch
+    refuses to read a mix of its legacy and per-backend settings."""
     matmul = torch.backends.cuda.matmul
     out: list[tuple[Any, str, object]] = [
         (matmul, "fp32_precision", "ieee") if hasattr(matmul, "fp32_precision")
-        else (matmul, "allow_tf32", False),
+        else (_MatmulPrecision(), "value", "highest"),
         (matmul, "allow_bf16_reduced_precision_reduction", False)]
     mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
     if mkldnn is not None and hasattr(mkldnn, "fp32_precision"):
