@@ -222,8 +222,16 @@ def loss_times(b: int, d: int, c: int, k: int, device: torch.device,
 @contextmanager
 def tf32_products() -> Iterator[None]:
     """float32 products on TF32 tensor cores (``torch.set_float32_matmul_precision("high")``),
-    the caller's setting back after."""
+    the caller's setting back after (torch < 2.9 has only the process-wide switch)."""
     matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        return
     saved = matmul.fp32_precision
     matmul.fp32_precision = "tf32"
     try:

@@ -143,19 +143,24 @@ def test_triton_serves_cuda_tensors_only():
 
 
 HOPPER = """
+import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from softtriple.losses import _triton_kernels as kernels
 sizes = {"K": 10, "BLOCK_C": 128, "BLOCK_K": 16}
+by_index = "constexprs" in inspect.signature(ASTSource.__init__).parameters  # Triton >= 3.3
 for dtype in ("fp32", "fp64"):
     for fn in (kernels.forward, kernels.backward):
         signature = {n: f"*{dtype}" if n.endswith("_ptr") else "i32"
                      for n in fn.arg_names if n not in sizes}
-        signature |= dict.fromkeys(sizes, "constexpr")
-        constexprs = {(fn.arg_names.index(n),): v for n, v in sizes.items()}
-        out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                             target=GPUTarget("cuda", 90, 32))
+        if by_index:
+            signature |= dict.fromkeys(sizes, "constexpr")
+            source = ASTSource(fn=fn, signature=signature, constexprs={
+                (fn.arg_names.index(n),): v for n, v in sizes.items()})
+        else:  # Triton 3.2 (torch 2.6): the constants by name, apart from the signature
+            source = ASTSource(fn=fn, signature=signature, constants=dict(sizes))
+        out = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert out.asm["cubin"], fn
 print("compiled")
 """
