@@ -25,13 +25,24 @@ def run(data_root, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_export_round_trip_with_any_batch_size(run, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", [*FORMATS, "onnx via torchscript"])
+def test_export_round_trip_with_any_batch_size(run, tmp_path, fmt, monkeypatch):
+    """Each format, and ONNX through each of torch's exporters: torch.export's (torch >= 2.9)
+    and the TorchScript-based one that older torch uses (chosen here by hand)."""
+    if fmt == "onnx via torchscript":
+        import softtriple.export
+
+        monkeypatch.setattr(softtriple.export, "onnx_exporter", lambda: "torchscript")
+        fmt = "onnx"
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
     out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
     record = export(run, fmt, out)
     assert record["max_abs_difference"] <= 1e-4 and record["checked_images"] > 2
+    if fmt == "onnx":
+        from softtriple.export import onnx_exporter
+
+        assert record["exporter"] == f"torch.onnx ({onnx_exporter()}), torch {torch.__version__}"
     beside = json.loads(preprocessing_file(out).read_text())
     assert beside["image_size"] == 16 and len(beside["mean"]) == len(beside["std"]) == 3
     model, _, _ = load_model(run)

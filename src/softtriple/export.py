@@ -56,6 +56,16 @@ def _torchscript(model: EmbeddingModel, example: torch.Tensor, out: Path) -> Any
     return lambda x: loaded(torch.from_numpy(x)).detach().numpy()
 
 
+def onnx_exporter() -> str:
+    """Which of torch's ONNX exporters ``--format onnx`` uses: torch.export's ("dynamo"), its
+    default since torch 2.9, or before 2.9 the TorchScript-based one ("torchscript"): torch 2.6's
+    dynamo exporter failed with the onnxscript and onnx a fresh install brings (a batch norm it
+    could not translate, then an attribute onnx refused), and pinning them to torch's age is
+    not something an extra can say."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return "dynamo" if (major, minor) >= (2, 9) else "torchscript"
+
+
 def _onnx(model: EmbeddingModel, example: torch.Tensor, out: Path) -> Any:
     try:
         import onnxruntime
@@ -63,12 +73,17 @@ def _onnx(model: EmbeddingModel, example: torch.Tensor, out: Path) -> Any:
     except ImportError as error:
         raise ExportError("--format onnx needs onnx, onnxscript and onnxruntime: "
                           "pip install 'softtriple[export]'") from error
-    batch = torch.export.Dim("batch", min=1)
+    names: dict[str, Any] = {"input_names": ["images"], "output_names": ["embeddings"],
+                             "verbose": False}
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(tmp), input_names=["images"],
-                          output_names=["embeddings"], dynamic_shapes=({0: batch},),
-                          dynamo=True, verbose=False, external_data=False)
+        if onnx_exporter() == "dynamo":
+            torch.onnx.export(model, (example,), str(tmp), **names, dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              external_data=False)
+        else:
+            torch.onnx.export(model, (example,), str(tmp), **names, dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"images": x})[0]
 
@@ -101,7 +116,9 @@ def export(run: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
         out.unlink(missing_ok=True)
         raise ExportError(f"the {fmt} file's embeddings differ from PyTorch's by {difference:g} "
                           f"(allowed {TOLERANCE:g}); nothing was kept")
-    record = {"format": fmt, "model": out.name, "input": "images", "output": "embeddings",
+    record = {"format": fmt, "model": out.name,
+              **({"exporter": f"torch.onnx ({onnx_exporter()}), torch {torch.__version__}"}
+                 if fmt == "onnx" else {}), "input": "images", "output": "embeddings",
               "layout": "NCHW float32, RGB", "image_size": config.data.image_size,
               "resize": "shorter side to round(image_size * 256 / 224), center crop image_size",
               "interpolation": model.interpolation,  # a bicubic resize of bilinear weights
