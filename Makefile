@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test sources sources-demo sources-fonts setup clean gpu-carry
+.PHONY: demo test test-torch sources sources-demo sources-fonts setup clean gpu-carry
 
 setup: $(STAMP)
 
@@ -64,6 +64,19 @@ test: $(STAMP)
 	$(BIN)/pytest
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+
+# the whole suite under another torch, by default the oldest pyproject.toml allows, in an
+# environment of its own (.venv-torch<version>, about 5 GiB): make test-torch [TORCH=2.6.0
+# TORCHVISION=0.21.0]. Not part of `make test` (CI runs that); run it when code touches an API
+# torch added or changed (docs/RELIABILITY.md, supported versions)
+TORCH ?= 2.6.0
+TORCHVISION ?= 0.21.0
+OLD_VENV := .venv-torch$(TORCH)
+test-torch:
+	test -x $(OLD_VENV)/bin/python || $(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/pip install --quiet -e '.[dev,faiss,emoji,export,serve,timm,lite]' \
+	    torch==$(TORCH) torchvision==$(TORCHVISION)
+	$(OLD_VENV)/bin/pytest
 
 # what the lent GPU machine (no network, no CJK fonts) needs beside the checkout for
 # benchmarks/gpu.py: the wheels it lacks in .whl/ and the demo's classes of glyphs in .gpu_data/
