@@ -223,21 +223,17 @@ def loss_times(b: int, d: int, c: int, k: int, device: torch.device,
 def tf32_products() -> Iterator[None]:
     """float32 products on TF32 tensor cores (``torch.set_float32_matmul_precision("high")``),
     the caller's setting back after (torch < 2.9 has only the process-wide switch)."""
+    from softtriple.evaluation.float32 import _MatmulPrecision
+
     matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
-        return
-    saved = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    owner, name, tf32 = ((matmul, "fp32_precision", "tf32") if hasattr(matmul, "fp32_precision")
+                         else (_MatmulPrecision(), "value", "high"))
+    saved = getattr(owner, name)
+    setattr(owner, name, tf32)
     try:
         yield
     finally:
-        matmul.fp32_precision = saved
+        setattr(owner, name, saved)
 
 
 def loss_section(device: torch.device, tiny: bool) -> list[dict[str, Any]]:
